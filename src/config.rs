@@ -1,0 +1,320 @@
+//! Configuration: the command line and the YAML file, both turned into one [`Config`] (a list of
+//! relays, so one process can relay several masters).
+//!
+//! Sizes and durations use Redis's units: `64mb` is 64 × 1024², `1gb` is 1024³, `10s`, `5m`, `500ms`.
+//! Every error names the field and the value.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_LOG_SIZE: u64 = 64 << 20;
+pub const DEFAULT_REPL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {message}")]
+    File { file: String, message: String },
+    #[error("{field}: {message} (value: {value:?})")]
+    Field { field: String, value: String, message: String },
+}
+
+fn field_error(field: &str, value: &str, message: &str) -> ConfigError {
+    ConfigError::Field { field: field.to_string(), value: value.to_string(), message: message.to_string() }
+}
+
+/// Everything one process runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub metrics: Option<SocketAddr>,
+    pub relays: Vec<RelayConfig>,
+}
+
+/// One relay: one master upstream, one listen address, one data directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayConfig {
+    pub name: String,
+    pub upstream: String,
+    pub upstream_user: Option<String>,
+    pub upstream_password: Option<String>,
+    pub listen: SocketAddr,
+    pub dir: PathBuf,
+    pub log_size: u64,
+    pub repl_timeout: Duration,
+    /// Serve full syncs in the EOF-marked form to replicas that announce `capa eof` (Redis's
+    /// `repl-diskless-sync`); otherwise the `$<len>` form.
+    pub downstream_eof_form: bool,
+}
+
+/// Parses a size in Redis's units (`1024`, `64kb`, `64mb`, `1gb`, `1k` = 1000, `1m`, `1g`).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let lower = text.trim().to_ascii_lowercase();
+    let split = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
+    let (digits, unit) = lower.split_at(split);
+    let number: u64 = digits.parse().ok()?;
+    let multiplier: u64 = match unit {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1024,
+        "m" => 1000 * 1000,
+        "mb" => 1024 * 1024,
+        "g" => 1000 * 1000 * 1000,
+        "gb" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    number.checked_mul(multiplier)
+}
+
+/// Parses a duration (`60`, `60s`, `500ms`, `5m`, `1h`); a bare number is seconds, as in redis.conf.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let lower = text.trim().to_ascii_lowercase();
+    let split = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
+    let (digits, unit) = lower.split_at(split);
+    let number: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "" | "s" => Duration::from_secs(number),
+        "ms" => Duration::from_millis(number),
+        "m" => Duration::from_secs(number.checked_mul(60)?),
+        "h" => Duration::from_secs(number.checked_mul(3600)?),
+        _ => return None,
+    })
+}
+
+/// The YAML file's shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    metrics: Option<FileMetrics>,
+    #[serde(default)]
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    defaults: FileDefaults,
+    relays: Vec<FileRelay>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    listen: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDefaults {
+    log_size: Option<String>,
+    repl_timeout: Option<String>,
+    repl_diskless_sync: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRelay {
+    name: String,
+    upstream: FileUpstream,
+    listen: String,
+    dir: Option<PathBuf>,
+    log_size: Option<String>,
+    repl_timeout: Option<String>,
+    repl_diskless_sync: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    addr: String,
+    user: Option<String>,
+    password: Option<String>,
+}
+
+/// Replaces `${NAME}` with the environment variable NAME; an unset variable is an error.
+fn substitute_env(field: &str, text: &str) -> Result<String, ConfigError> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find('}') else {
+            return Err(field_error(field, text, "unterminated ${...}"));
+        };
+        let name = &rest[start + 2..start + end];
+        let value = std::env::var(name)
+            .map_err(|_| field_error(field, text, &format!("environment variable {name} is not set")))?;
+        out.push_str(&value);
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+pub fn parse_listen(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| field_error(field, text, "expected HOST:PORT with an IP address, e.g. 127.0.0.1:6380"))
+}
+
+pub fn check_upstream(field: &str, text: &str) -> Result<String, ConfigError> {
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(text.to_string()),
+        _ => Err(field_error(field, text, "expected HOST:PORT")),
+    }
+}
+
+fn size_field(field: &str, value: Option<&String>, default: u64) -> Result<u64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => parse_size(v).ok_or_else(|| field_error(field, v, "expected a size such as 64mb or 1gb")),
+    }
+}
+
+fn duration_field(field: &str, value: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => parse_duration(v).ok_or_else(|| field_error(field, v, "expected a duration such as 60s or 5m")),
+    }
+}
+
+impl Config {
+    /// Reads and validates a YAML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File { file: file.clone(), message: e.to_string() })?;
+        Config::from_yaml(&text).map_err(|e| match e {
+            ConfigError::Field { .. } => ConfigError::File { file, message: e.to_string() },
+            other => other,
+        })
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let parsed: FileConfig = serde_yaml_ng::from_str(text)
+            .map_err(|e| ConfigError::File { file: "<config>".into(), message: e.to_string() })?;
+        let metrics = match &parsed.metrics {
+            Some(m) => Some(parse_listen("metrics.listen", &m.listen)?),
+            None => None,
+        };
+        let default_log_size = size_field("defaults.log_size", parsed.defaults.log_size.as_ref(), DEFAULT_LOG_SIZE)?;
+        let default_timeout =
+            duration_field("defaults.repl_timeout", parsed.defaults.repl_timeout.as_ref(), DEFAULT_REPL_TIMEOUT)?;
+        let mut relays = Vec::new();
+        for (i, relay) in parsed.relays.iter().enumerate() {
+            let at = |name: &str| format!("relays[{i}].{name}");
+            let dir = match (&relay.dir, &parsed.data_dir) {
+                (Some(dir), _) => dir.clone(),
+                (None, Some(data_dir)) => data_dir.join(&relay.name),
+                (None, None) => return Err(field_error(&at("dir"), "", "set dir here or data_dir at the top level")),
+            };
+            let password = match &relay.upstream.password {
+                Some(p) => Some(substitute_env(&at("upstream.password"), p)?),
+                None => None,
+            };
+            let user = match &relay.upstream.user {
+                Some(u) => Some(substitute_env(&at("upstream.user"), u)?),
+                None => None,
+            };
+            relays.push(RelayConfig {
+                name: relay.name.clone(),
+                upstream: check_upstream(
+                    &at("upstream.addr"),
+                    &substitute_env(&at("upstream.addr"), &relay.upstream.addr)?,
+                )?,
+                upstream_user: user,
+                upstream_password: password,
+                listen: parse_listen(&at("listen"), &relay.listen)?,
+                dir,
+                log_size: size_field(&at("log_size"), relay.log_size.as_ref(), default_log_size)?,
+                repl_timeout: duration_field(&at("repl_timeout"), relay.repl_timeout.as_ref(), default_timeout)?,
+                downstream_eof_form: relay.repl_diskless_sync.or(parsed.defaults.repl_diskless_sync).unwrap_or(false),
+            });
+        }
+        let config = Config { metrics, relays };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-relay checks: at least one relay, unique names, listen addresses and directories.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.relays.is_empty() {
+            return Err(field_error("relays", "[]", "at least one relay is required"));
+        }
+        for (i, relay) in self.relays.iter().enumerate() {
+            for (j, other) in self.relays[..i].iter().enumerate() {
+                if relay.name == other.name {
+                    return Err(field_error(
+                        &format!("relays[{i}].name"),
+                        &relay.name,
+                        &format!("duplicate of relays[{j}].name"),
+                    ));
+                }
+                if relay.listen == other.listen {
+                    return Err(field_error(
+                        &format!("relays[{i}].listen"),
+                        &relay.listen.to_string(),
+                        &format!("duplicate of relays[{j}].listen"),
+                    ));
+                }
+                if relay.dir == other.dir {
+                    return Err(field_error(
+                        &format!("relays[{i}].dir"),
+                        &relay.dir.display().to_string(),
+                        &format!("duplicate of relays[{j}].dir"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_use_redis_units() {
+        assert_eq!(parse_size("64mb"), Some(64 << 20));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_size("1k"), Some(1000));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("12xb"), None);
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("soon"), None);
+    }
+
+    #[test]
+    fn yaml_parses_with_defaults_and_env() {
+        std::env::set_var("RELAY_TEST_PW", "s3cret");
+        let config = Config::from_yaml(
+            "metrics: {listen: 127.0.0.1:9121}\ndata_dir: /var/lib/relay\ndefaults: {log_size: 128mb}\nrelays:\n  - name: a\n    upstream: {addr: 127.0.0.1:6379, password: \"${RELAY_TEST_PW}\"}\n    listen: 127.0.0.1:7000\n",
+        )
+        .unwrap();
+        let relay = &config.relays[0];
+        assert_eq!(relay.dir, PathBuf::from("/var/lib/relay/a"));
+        assert_eq!(relay.log_size, 128 << 20);
+        assert_eq!(relay.upstream_password.as_deref(), Some("s3cret"));
+        assert_eq!(relay.repl_timeout, DEFAULT_REPL_TIMEOUT);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_value() {
+        let err = Config::from_yaml(
+            "data_dir: /d\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1'}\n  - {name: b, upstream: {addr: 'h:1'}, listen: '127.0.0.1:2', log_size: lots}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("relays[1].log_size") && err.contains("lots"), "{err}");
+        let err = Config::from_yaml(
+            "relays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', dir: /x, colour: red}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("colour"), "{err}");
+        let err = Config::from_yaml(
+            "data_dir: /d\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1'}\n  - {name: a, upstream: {addr: 'h:2'}, listen: '127.0.0.1:2'}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("relays[1].name") && err.contains("duplicate"), "{err}");
+    }
+}

@@ -1,0 +1,174 @@
+//! `INFO` and `ROLE`, with redis-server's field names and formats (redis-cli, Sentinel and
+//! redis_exporter parse them), plus a `# Relay` section for what only a relay has.
+
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use super::ReplicaState;
+use crate::log::NO_REPLID;
+use crate::protocol::Reply;
+use crate::relay::{RelayContext, ServedStats};
+use crate::upstream::LinkState;
+
+const SECTIONS: [&str; 4] = ["server", "replication", "stats", "relay"];
+
+/// Renders the requested sections (`INFO`, `INFO replication`, `INFO all`, several names).
+pub fn render(context: &RelayContext, args: &[Bytes]) -> String {
+    let requested: Vec<String> = args.iter().map(|a| String::from_utf8_lossy(a).to_ascii_lowercase()).collect();
+    let everything =
+        requested.is_empty() || requested.iter().any(|r| r == "all" || r == "everything" || r == "default");
+    let mut out = String::new();
+    for section in SECTIONS {
+        if !(everything || requested.iter().any(|r| r == section)) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str("\r\n");
+        }
+        match section {
+            "server" => server(context, &mut out),
+            "replication" => replication(context, &mut out),
+            "stats" => stats(context, &mut out),
+            _ => relay(context, &mut out),
+        }
+    }
+    out
+}
+
+fn line(out: &mut String, name: &str, value: impl std::fmt::Display) {
+    let _ = write!(out, "{name}:{value}\r\n");
+}
+
+fn server(context: &RelayContext, out: &mut String) {
+    let uptime = context.started.elapsed().as_secs();
+    out.push_str("# Server\r\n");
+    line(out, "redis_version", env!("CARGO_PKG_VERSION"));
+    line(out, "relay_version", env!("CARGO_PKG_VERSION"));
+    line(out, "redis_mode", "standalone");
+    line(out, "os", std::env::consts::OS);
+    line(out, "arch_bits", usize::BITS);
+    line(out, "process_id", std::process::id());
+    line(out, "run_id", &context.run_id);
+    line(out, "tcp_port", context.config.listen.port());
+    line(out, "server_time_usec", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0));
+    line(out, "uptime_in_seconds", uptime);
+    line(out, "uptime_in_days", uptime / 86400);
+    line(out, "executable", std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default());
+}
+
+fn replication(context: &RelayContext, out: &mut String) {
+    let upstream = context.upstream.borrow().clone();
+    let log = context.log.summary();
+    let ids = log.ids.clone();
+    let link_up = upstream.state == LinkState::Connected;
+    out.push_str("# Replication\r\n");
+    line(out, "role", "slave");
+    line(out, "master_host", context.upstream_config.host());
+    line(out, "master_port", context.upstream_config.port());
+    line(out, "master_link_status", if link_up { "up" } else { "down" });
+    line(out, "master_last_io_seconds_ago", upstream.last_io.map(|t| t.elapsed().as_secs() as i64).unwrap_or(-1));
+    line(out, "master_sync_in_progress", u8::from(upstream.state == LinkState::Sync));
+    line(out, "slave_read_repl_offset", if link_up { upstream.read_offset } else { log.end });
+    line(out, "slave_repl_offset", log.end);
+    if upstream.state == LinkState::Sync {
+        line(out, "master_sync_total_bytes", upstream.sync_total_bytes);
+        line(out, "master_sync_read_bytes", upstream.sync_read_bytes);
+        let left = if upstream.sync_total_bytes >= 0 {
+            upstream.sync_total_bytes - upstream.sync_read_bytes as i64
+        } else {
+            0
+        };
+        line(out, "master_sync_left_bytes", left);
+        let perc = if upstream.sync_total_bytes > 0 {
+            upstream.sync_read_bytes as f64 * 100.0 / upstream.sync_total_bytes as f64
+        } else {
+            0.0
+        };
+        line(out, "master_sync_perc", format!("{perc:.2}"));
+        line(
+            out,
+            "master_sync_last_io_seconds_ago",
+            upstream.last_io.map(|t| t.elapsed().as_secs() as i64).unwrap_or(-1),
+        );
+    }
+    if !link_up {
+        let since = upstream.link_down_since.map(|t| t.elapsed().as_secs() as i64).unwrap_or(-1);
+        line(out, "master_link_down_since_seconds", since);
+    }
+    line(out, "slave_priority", 0);
+    line(out, "slave_read_only", 1);
+    line(out, "replica_announced", 1);
+    let replicas = context.replicas.snapshot();
+    line(out, "connected_slaves", replicas.len());
+    for (i, replica) in replicas.iter().enumerate() {
+        let lag = if replica.state == ReplicaState::Online { replica.ack_time.elapsed().as_secs() } else { 0 };
+        let _ = write!(
+            out,
+            "slave{i}:ip={},port={},state={},offset={},lag={}\r\n",
+            replica.ip,
+            replica.port,
+            replica.state.name(),
+            replica.ack_offset,
+            lag
+        );
+    }
+    line(out, "master_failover_state", "no-failover");
+    line(out, "master_replid", ids.as_ref().map(|i| i.replid.as_str()).unwrap_or(NO_REPLID));
+    line(out, "master_replid2", ids.as_ref().map(|i| i.replid2.as_str()).unwrap_or(NO_REPLID));
+    line(out, "master_repl_offset", log.end);
+    line(out, "second_repl_offset", ids.as_ref().map(|i| i.second_repl_offset).unwrap_or(-1));
+    line(out, "repl_backlog_active", u8::from(ids.is_some()));
+    line(out, "repl_backlog_size", log.capacity);
+    line(out, "repl_backlog_first_byte_offset", log.first_byte_offset);
+    line(out, "repl_backlog_histlen", log.histlen());
+}
+
+fn stats(context: &RelayContext, out: &mut String) {
+    let s = &context.stats;
+    let upstream = context.upstream.borrow().clone();
+    out.push_str("# Stats\r\n");
+    line(out, "total_connections_received", ServedStats::get(&s.connections));
+    line(out, "total_commands_processed", ServedStats::get(&s.commands));
+    line(out, "sync_full", ServedStats::get(&s.sync_full));
+    line(out, "sync_partial_ok", ServedStats::get(&s.sync_partial_ok));
+    line(out, "sync_partial_err", ServedStats::get(&s.sync_partial_err));
+    line(out, "total_net_repl_input_bytes", upstream.read_offset.saturating_sub(0));
+    line(out, "total_net_repl_output_bytes", ServedStats::get(&s.repl_output_bytes));
+}
+
+fn relay(context: &RelayContext, out: &mut String) {
+    let upstream = context.upstream.borrow().clone();
+    let snapshot = context.snapshots.current();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    out.push_str("# Relay\r\n");
+    line(out, "relay_name", &context.config.name);
+    line(out, "upstream_link_state", upstream.state.role_name());
+    line(out, "upstream_reconnects", upstream.reconnects);
+    line(out, "upstream_partial_syncs", upstream.partial_syncs);
+    line(out, "rdb_fetches", upstream.rdb_fetches);
+    line(out, "rdb_rejected", upstream.rdb_rejected);
+    line(out, "snapshot_offset", snapshot.as_ref().map(|s| s.offset as i64).unwrap_or(-1));
+    line(out, "snapshot_size", snapshot.as_ref().map(|s| s.size).unwrap_or(0));
+    line(out, "snapshot_replid", snapshot.as_ref().map(|s| s.replid.as_str()).unwrap_or(NO_REPLID));
+    line(out, "snapshot_rdb_version", snapshot.as_ref().map(|s| s.rdb_version).unwrap_or(0));
+    line(
+        out,
+        "snapshot_age_seconds",
+        snapshot.as_ref().map(|s| now.saturating_sub(s.created_unix) as i64).unwrap_or(-1),
+    );
+}
+
+/// `ROLE` as a replica: `slave`, master host, port, link state, applied offset.
+pub fn role(context: &RelayContext) -> Reply {
+    let upstream = context.upstream.borrow().clone();
+    let offset = if upstream.ever_connected { context.log.summary().end as i64 } else { -1 };
+    Reply::Array(vec![
+        Reply::bulk("slave"),
+        Reply::bulk(context.upstream_config.host().to_string()),
+        Reply::Integer(context.upstream_config.port() as i64),
+        Reply::bulk(upstream.state.role_name()),
+        Reply::Integer(offset),
+    ])
+}

@@ -1,0 +1,286 @@
+//! The downstream side: the relay as a master on its listen address.
+//!
+//! Each connection is a client session that answers the commands redis-cli, Sentinel and exporters
+//! use (`PING`, `AUTH`, `INFO`, `ROLE`, ...) and the replica handshake (`REPLCONF`). A `PSYNC` or `SYNC`
+//! turns the session into a replica, served by [`replica`] from the snapshot cache and the log.
+
+mod connection;
+pub mod info;
+pub mod replica;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::protocol::{ClientCommand, Reply};
+use crate::relay::{RelayContext, ServedStats};
+pub use connection::{ClientConnection, ClientError};
+
+/// Replica states as `INFO replication` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaState {
+    WaitBgsave,
+    SendBulk,
+    Online,
+}
+
+impl ReplicaState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicaState::WaitBgsave => "wait_bgsave",
+            ReplicaState::SendBulk => "send_bulk",
+            ReplicaState::Online => "online",
+        }
+    }
+}
+
+/// One replica's row in `INFO replication` and `ROLE`.
+#[derive(Debug, Clone)]
+pub struct ReplicaEntry {
+    pub ip: String,
+    pub port: u16,
+    pub state: ReplicaState,
+    pub ack_offset: u64,
+    pub ack_time: Instant,
+}
+
+/// The replicas attached to a relay. Each row is written only by its replica's task.
+#[derive(Default)]
+pub struct ReplicaTable {
+    next_id: AtomicU64,
+    rows: Mutex<BTreeMap<u64, ReplicaEntry>>,
+}
+
+impl ReplicaTable {
+    fn rows(&self) -> MutexGuard<'_, BTreeMap<u64, ReplicaEntry>> {
+        self.rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Vec<ReplicaEntry> {
+        self.rows().values().cloned().collect()
+    }
+
+    pub fn register(self: &Arc<Self>, entry: ReplicaEntry) -> ReplicaRow {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.rows().insert(id, entry);
+        ReplicaRow { table: self.clone(), id }
+    }
+}
+
+/// A replica's handle on its row; removes it when dropped.
+pub struct ReplicaRow {
+    table: Arc<ReplicaTable>,
+    id: u64,
+}
+
+impl ReplicaRow {
+    pub fn update(&self, change: impl FnOnce(&mut ReplicaEntry)) {
+        if let Some(entry) = self.table.rows().get_mut(&self.id) {
+            change(entry);
+        }
+    }
+}
+
+impl Drop for ReplicaRow {
+    fn drop(&mut self) {
+        self.table.rows().remove(&self.id);
+    }
+}
+
+/// What a replica announced during its handshake (`REPLCONF`).
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaHandshake {
+    pub listening_port: u16,
+    pub ip_address: Option<String>,
+    pub capa_eof: bool,
+    pub capa_psync2: bool,
+    pub rdb_only: bool,
+}
+
+/// Accepts connections until shutdown.
+pub async fn serve(listener: TcpListener, context: Arc<RelayContext>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    ServedStats::add(&context.stats.connections, 1);
+                    let context = context.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        let mut session = Session { conn: ClientConnection::new(stream), peer, context, handshake: ReplicaHandshake::default() };
+                        if let Err(error) = session.run(shutdown).await {
+                            tracing::debug!(%peer, "client connection ended: {error}");
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!("accept failed: {error}");
+                    // Out of file descriptors and the like: give the system a moment instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            _ = crate::relay::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// A client connection that has not (yet) become a replica.
+pub struct Session {
+    pub conn: ClientConnection,
+    pub peer: SocketAddr,
+    pub context: Arc<RelayContext>,
+    pub handshake: ReplicaHandshake,
+}
+
+/// What handling a command leads to.
+enum Next {
+    Reply(Reply),
+    NoReply,
+    Close(Reply),
+    BecomeReplica,
+}
+
+impl Session {
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
+        loop {
+            let command = tokio::select! {
+                command = self.conn.next_command() => command,
+                _ = crate::relay::stopped(&mut shutdown) => return Ok(()),
+            };
+            let command = match command {
+                Ok(command) => command,
+                Err(ClientError::Protocol(error)) => {
+                    self.conn.queue(&Reply::error(format!("ERR Protocol error: {error}")));
+                    self.conn.flush().await?;
+                    return Err(error.into());
+                }
+                Err(other) => return Err(other),
+            };
+            ServedStats::add(&self.context.stats.commands, 1);
+            match self.dispatch(&command) {
+                Next::Reply(reply) => self.conn.queue(&reply),
+                Next::NoReply => {}
+                Next::Close(reply) => {
+                    self.conn.queue(&reply);
+                    return self.conn.flush().await;
+                }
+                Next::BecomeReplica => {
+                    self.conn.flush().await?;
+                    match replica::serve(self, &command, shutdown.clone()).await {
+                        Ok(replica::Outcome::Refused) => continue,
+                        Ok(replica::Outcome::Done) => return Ok(()),
+                        Err(error) => return Err(error),
+                    }
+                }
+            }
+            if !self.conn.has_buffered_input() {
+                self.conn.flush().await?;
+            }
+        }
+    }
+
+    fn dispatch(&mut self, command: &ClientCommand) -> Next {
+        if command.args.is_empty() {
+            return Next::NoReply;
+        }
+        let name = command.name();
+        let argc = command.args.len();
+        let reply = match name.as_str() {
+            "PING" => match argc {
+                1 => Reply::Simple("PONG".into()),
+                2 => Reply::Bulk(command.args[1].clone()),
+                _ => wrong_arity("ping"),
+            },
+            "ECHO" if argc == 2 => Reply::Bulk(command.args[1].clone()),
+            "AUTH" => Reply::error(
+                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+            ),
+            "INFO" => Reply::Bulk(Bytes::from(info::render(&self.context, &command.args[1..]))),
+            "ROLE" => info::role(&self.context),
+            "COMMAND" => Reply::Array(Vec::new()),
+            "CLIENT" => client_command(command),
+            "SELECT" => match command.arg_str(1).parse::<i64>() {
+                Ok(_) if argc == 2 => Reply::ok(),
+                _ => Reply::error("ERR value is not an integer or out of range"),
+            },
+            "QUIT" => return Next::Close(Reply::ok()),
+            "REPLCONF" => return self.replconf(command),
+            "PSYNC" | "SYNC" => return Next::BecomeReplica,
+            "REPLICAOF" | "SLAVEOF" => Reply::error(
+                "ERR redis-relay has no dataset of its own and cannot be promoted or repointed with REPLICAOF",
+            ),
+            "CONFIG" if command.arg_str(1).eq_ignore_ascii_case("rewrite") => Reply::ok(),
+            _ => unknown_command(command),
+        };
+        Next::Reply(reply)
+    }
+
+    /// `replconfCommand`: option pairs left to right, one `+OK` at the end; ACK/GETACK never answered.
+    fn replconf(&mut self, command: &ClientCommand) -> Next {
+        if command.args.len().is_multiple_of(2) {
+            return Next::Reply(Reply::error("ERR syntax error"));
+        }
+        for pair in command.args[1..].chunks(2) {
+            let option = String::from_utf8_lossy(&pair[0]).to_ascii_lowercase();
+            let value = String::from_utf8_lossy(&pair[1]).into_owned();
+            match option.as_str() {
+                "listening-port" => match value.parse::<u16>() {
+                    Ok(port) => self.handshake.listening_port = port,
+                    Err(_) => return Next::Reply(Reply::error("ERR value is not an integer or out of range")),
+                },
+                "ip-address" => {
+                    if value.len() >= 256 {
+                        return Next::Reply(Reply::error(format!(
+                            "ERR REPLCONF ip-address provided by replica instance is too long: {} bytes",
+                            value.len()
+                        )));
+                    }
+                    self.handshake.ip_address = Some(value);
+                }
+                "capa" => match value.to_ascii_lowercase().as_str() {
+                    "eof" => self.handshake.capa_eof = true,
+                    "psync2" => self.handshake.capa_psync2 = true,
+                    _ => {}
+                },
+                "ack" | "getack" => return Next::NoReply,
+                "rdb-only" => match value.as_str() {
+                    "0" | "1" => self.handshake.rdb_only = value == "1",
+                    _ => return Next::Reply(Reply::error("ERR value is not an integer or out of range")),
+                },
+                _ => return Next::Reply(Reply::error(format!("ERR Unrecognized REPLCONF option: {option}"))),
+            }
+        }
+        Next::Reply(Reply::ok())
+    }
+}
+
+fn wrong_arity(name: &str) -> Reply {
+    Reply::error(format!("ERR wrong number of arguments for '{name}' command"))
+}
+
+fn client_command(command: &ClientCommand) -> Reply {
+    match command.arg_str(1).to_ascii_uppercase().as_str() {
+        "SETNAME" | "SETINFO" | "KILL" | "REPLY" | "NO-EVICT" | "NO-TOUCH" => Reply::ok(),
+        "GETNAME" => Reply::Nil,
+        "ID" => Reply::Integer(0),
+        other => Reply::error(format!("ERR unknown subcommand '{other}'. Try CLIENT HELP.")),
+    }
+}
+
+/// Redis's wording for an unknown command.
+fn unknown_command(command: &ClientCommand) -> Reply {
+    let args: Vec<String> =
+        command.args[1..].iter().take(8).map(|a| format!("'{}'", String::from_utf8_lossy(a))).collect();
+    Reply::error(format!(
+        "ERR unknown command '{}', with args beginning with: {}",
+        String::from_utf8_lossy(&command.args[0]),
+        args.join(" ")
+    ))
+}

@@ -1,0 +1,366 @@
+//! Serving one replica: the PSYNC decision, a full sync from the snapshot cache, then the stream as a
+//! cursor into the log.
+//!
+//! The replica never gets a byte the master did not send: no PINGs, no SELECTs, and newline keepalives
+//! only before the payload. After an EOF-marked payload nothing follows until the replica's first ACK.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::{timeout, Instant};
+
+use super::connection::{read_more, write_all_vectored};
+use super::{ClientError, ReplicaEntry, ReplicaRow, ReplicaState, Session};
+use crate::log::ReadError;
+use crate::protocol::{parse_command, ClientCommand, Reply};
+use crate::relay::{random_hex_id, RelayContext, ServedStats};
+use crate::snapshot::SnapshotMeta;
+use crate::upstream::fetch::snapshot_is_current;
+
+/// How a replica session ended.
+pub enum Outcome {
+    /// The sync was refused with an error reply; the connection stays a normal client.
+    Refused,
+    /// The connection is finished (served, or dropped).
+    Done,
+}
+
+/// Most bytes handed to one vectored write.
+const WRITE_BATCH: usize = 1 << 20;
+const RDB_CHUNK: usize = 256 * 1024;
+const KEEPALIVE_PERIOD: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+enum Disconnect {
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] crate::protocol::ProtocolError),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("write stalled for longer than repl-timeout")]
+    WriteTimeout,
+    #[error("no ACK for longer than repl-timeout")]
+    AckTimeout,
+    #[error("replica fell off the start of the log (position {0}); it will full-sync")]
+    FellOff(u64),
+    #[error("the log's history changed (new full sync or replication id upstream)")]
+    HistoryChanged,
+    #[error("replica sent {0:?} on the replication link")]
+    UnexpectedCommand(String),
+    #[error("shutting down")]
+    Shutdown,
+}
+
+pub async fn serve(
+    session: &mut Session,
+    command: &ClientCommand,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Outcome, ClientError> {
+    let context = session.context.clone();
+    let is_psync = command.name() == "PSYNC";
+    if is_psync && command.args.len() > 3 {
+        return refuse(session, "ERR PSYNC FAILOVER is not supported: redis-relay cannot be promoted").await;
+    }
+    if is_psync && command.args.len() != 3 {
+        return refuse(session, "ERR wrong number of arguments for 'psync' command").await;
+    }
+    let summary = context.log.summary();
+    let Some(ids) = summary.ids.clone() else {
+        return refuse(session, "NOMASTERLINK Can't SYNC while not connected with my master").await;
+    };
+    let peer_ip = session.peer.ip().to_string();
+    let ip = session.handshake.ip_address.clone().unwrap_or(peer_ip);
+    let port = session.handshake.listening_port;
+    if is_psync {
+        let requested_id = command.arg_str(1);
+        let Ok(offset) = command.arg_str(2).parse::<i64>() else {
+            return refuse(session, "ERR value is not an integer or out of range").await;
+        };
+        if !session.handshake.rdb_only && summary.can_continue(&requested_id, offset) {
+            ServedStats::add(&context.stats.sync_partial_ok, 1);
+            let line = if session.handshake.capa_psync2 {
+                format!("+CONTINUE {}\r\n", ids.replid)
+            } else {
+                "+CONTINUE\r\n".to_string()
+            };
+            session.conn.queue_raw(line.as_bytes());
+            session.conn.flush().await?;
+            let position = offset as u64 - 1;
+            tracing::info!(replica = %session.peer, position, "partial resynchronization accepted");
+            let row = context.replicas.register(ReplicaEntry {
+                ip,
+                port,
+                state: ReplicaState::Online,
+                ack_offset: position,
+                ack_time: Instant::now(),
+            });
+            let result = stream(session, &row, summary.epoch, position, false, &mut shutdown).await;
+            log_drop(session, result);
+            return Ok(Outcome::Done);
+        }
+        if requested_id != "?" {
+            ServedStats::add(&context.stats.sync_partial_err, 1);
+            tracing::info!(replica = %session.peer, requested_id, offset, "partial resynchronization refused");
+        }
+    }
+    ServedStats::add(&context.stats.sync_full, 1);
+    let row = context.replicas.register(ReplicaEntry {
+        ip,
+        port,
+        state: ReplicaState::WaitBgsave,
+        ack_offset: 0,
+        ack_time: Instant::now(),
+    });
+    let result = full_sync(session, &row, is_psync, &mut shutdown).await;
+    log_drop(session, result);
+    Ok(Outcome::Done)
+}
+
+async fn refuse(session: &mut Session, message: &str) -> Result<Outcome, ClientError> {
+    session.conn.queue(&Reply::error(message));
+    session.conn.flush().await?;
+    Ok(Outcome::Refused)
+}
+
+fn log_drop(session: &Session, result: Result<(), Disconnect>) {
+    match result {
+        Ok(()) | Err(Disconnect::Shutdown) | Err(Disconnect::Client(ClientError::Closed)) => {
+            tracing::info!(replica = %session.peer, "replica connection closed")
+        }
+        Err(reason) => tracing::warn!(replica = %session.peer, "disconnecting replica: {reason}"),
+    }
+}
+
+/// Waits for a snapshot the log covers, sends it, then streams from its offset.
+async fn full_sync(
+    session: &mut Session,
+    row: &ReplicaRow,
+    is_psync: bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), Disconnect> {
+    let context = session.context.clone();
+    let mut snapshots = context.snapshots.subscribe();
+    let mut keepalive = tokio::time::interval_at(Instant::now() + KEEPALIVE_PERIOD, KEEPALIVE_PERIOD);
+    let (snapshot, epoch, replid, file) = loop {
+        let summary = context.log.summary();
+        let current = snapshots.borrow_and_update().clone();
+        if let (Some(snapshot), Some(ids)) = (current, summary.ids.clone()) {
+            if summary.can_continue(&snapshot.replid, snapshot.offset as i64 + 1) {
+                if let Some(file) = open_snapshot(&context, &snapshot).await {
+                    break (snapshot, summary.epoch, ids.replid, file);
+                }
+            } else if !snapshot_is_current(&snapshot, &summary) {
+                context.fetcher.request();
+            }
+        } else if summary.ids.is_some() {
+            context.fetcher.request();
+        }
+        // Newline keepalives while the RDB is being prepared, as a master does during BGSAVE.
+        tokio::select! {
+            _ = keepalive.tick() => session.conn.stream.write_all(b"\n").await?,
+            changed = snapshots.changed() => if changed.is_err() { return Err(Disconnect::Shutdown) },
+            _ = crate::relay::stopped(shutdown) => return Err(Disconnect::Shutdown),
+            closed = wait_closed(&mut session.conn.stream) => return Err(closed),
+        }
+    };
+    if is_psync {
+        let line = format!("+FULLRESYNC {replid} {}\r\n", snapshot.offset);
+        session.conn.stream.write_all(line.as_bytes()).await?;
+    }
+    row.update(|r| r.state = ReplicaState::SendBulk);
+    let eof_form = context.config.downstream_eof_form && session.handshake.capa_eof;
+    tracing::info!(
+        replica = %session.peer,
+        offset = snapshot.offset,
+        bytes = snapshot.size,
+        form = if eof_form { "eof" } else { "length" },
+        "full resynchronization: sending the cached RDB"
+    );
+    send_rdb(session, &snapshot, file, eof_form).await?;
+    if session.handshake.rdb_only {
+        return Ok(());
+    }
+    if eof_form {
+        wait_first_ack(session).await?;
+    }
+    row.update(|r| {
+        r.state = ReplicaState::Online;
+        r.ack_time = Instant::now();
+    });
+    stream(session, row, epoch, snapshot.offset, !is_psync, shutdown).await
+}
+
+/// Opens the cached RDB, making sure the file is the one `snapshot` describes.
+async fn open_snapshot(context: &RelayContext, snapshot: &SnapshotMeta) -> Option<tokio::fs::File> {
+    let file = tokio::fs::File::open(context.snapshots.rdb_path()).await.ok()?;
+    let len = file.metadata().await.ok()?.len();
+    (len == snapshot.size && context.snapshots.current().as_ref() == Some(snapshot)).then_some(file)
+}
+
+async fn send_rdb(
+    session: &mut Session,
+    snapshot: &SnapshotMeta,
+    mut file: tokio::fs::File,
+    eof_form: bool,
+) -> Result<(), Disconnect> {
+    let repl_timeout = session.context.config.repl_timeout;
+    let stream = &mut session.conn.stream;
+    let mark = random_hex_id();
+    let header = if eof_form { format!("$EOF:{mark}\r\n") } else { format!("${}\r\n", snapshot.size) };
+    write_timed(stream, header.as_bytes(), repl_timeout).await?;
+    let mut buf = vec![0u8; RDB_CHUNK];
+    let mut sent = 0u64;
+    while sent < snapshot.size {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            return Err(Disconnect::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let n = n.min((snapshot.size - sent) as usize);
+        write_timed(stream, &buf[..n], repl_timeout).await?;
+        sent += n as u64;
+    }
+    if eof_form {
+        write_timed(stream, mark.as_bytes(), repl_timeout).await?;
+    }
+    ServedStats::add(&session.context.stats.repl_output_bytes, sent);
+    Ok(())
+}
+
+async fn write_timed<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8], limit: Duration) -> Result<(), Disconnect> {
+    timeout(limit, writer.write_all(bytes)).await.map_err(|_| Disconnect::WriteTimeout)??;
+    Ok(())
+}
+
+/// Resolves when the peer closes (or sends something) while we are not reading.
+async fn wait_closed(stream: &mut tokio::net::TcpStream) -> Disconnect {
+    let mut probe = [0u8; 1];
+    loop {
+        match stream.peek(&mut probe).await {
+            Ok(0) => return Disconnect::Client(ClientError::Closed),
+            Err(e) => return Disconnect::Io(e),
+            // Data (a newline from a loading replica, say) is read later; keep waiting for a close.
+            Ok(_) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// After an EOF-marked payload: read until the replica's first `REPLCONF ACK`.
+async fn wait_first_ack(session: &mut Session) -> Result<(), Disconnect> {
+    let limit = session.context.config.repl_timeout;
+    loop {
+        let command = timeout(limit, session.conn.next_command()).await.map_err(|_| Disconnect::AckTimeout)??;
+        match classify(&command) {
+            FromReplica::Ack(_) => return Ok(()),
+            FromReplica::Keepalive => {}
+            FromReplica::Other(name) => return Err(Disconnect::UnexpectedCommand(name)),
+        }
+    }
+}
+
+enum FromReplica {
+    Ack(u64),
+    Keepalive,
+    Other(String),
+}
+
+fn classify(command: &ClientCommand) -> FromReplica {
+    if command.args.is_empty() {
+        return FromReplica::Keepalive;
+    }
+    if command.name() == "REPLCONF" {
+        let option = command.arg_str(1).to_ascii_lowercase();
+        if option == "ack" {
+            if let Ok(offset) = command.arg_str(2).parse::<u64>() {
+                return FromReplica::Ack(offset);
+            }
+        }
+        if option == "getack" || option == "ack" {
+            return FromReplica::Keepalive;
+        }
+    }
+    FromReplica::Other(command.name())
+}
+
+/// Streams the log from `position` until the replica goes away, falls behind the log's start, the
+/// history changes, or it stops ACKing (not for old `SYNC` replicas, which never ACK).
+async fn stream(
+    session: &mut Session,
+    row: &ReplicaRow,
+    epoch: u64,
+    position: u64,
+    pre_psync: bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), Disconnect> {
+    let context = session.context.clone();
+    let repl_timeout = context.config.repl_timeout;
+    let started = Instant::now();
+    let last_ack_ms = AtomicU64::new(0);
+    let (mut reader, mut writer) = session.conn.stream.split();
+    let pending = std::mem::take(&mut session.conn.buf);
+
+    let read_acks = async {
+        let mut buf = pending;
+        loop {
+            while let Some(command) = parse_command(&mut buf)? {
+                match classify(&command) {
+                    FromReplica::Ack(offset) => row.update(|r| {
+                        r.ack_offset = r.ack_offset.max(offset);
+                        r.ack_time = Instant::now();
+                    }),
+                    FromReplica::Keepalive => {}
+                    FromReplica::Other(name) => return Err(Disconnect::UnexpectedCommand(name)),
+                }
+                last_ack_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+            if buf.capacity() > 64 * 1024 && buf.is_empty() {
+                buf = BytesMut::with_capacity(4096);
+            }
+            read_more(&mut reader, &mut buf).await?;
+        }
+    };
+
+    let write_stream = async {
+        let mut tip = context.log.subscribe();
+        let mut position = position;
+        loop {
+            let mut parts = match context.log.read(epoch, position, WRITE_BATCH) {
+                Ok(parts) => parts,
+                Err(ReadError::Trimmed(at)) => return Err(Disconnect::FellOff(at)),
+                Err(ReadError::EpochChanged(_)) => return Err(Disconnect::HistoryChanged),
+            };
+            if parts.is_empty() {
+                if tip.changed().await.is_err() {
+                    return Err(Disconnect::Shutdown);
+                }
+                continue;
+            }
+            let n = timeout(repl_timeout, write_all_vectored(&mut writer, &mut parts))
+                .await
+                .map_err(|_| Disconnect::WriteTimeout)??;
+            position += n as u64;
+            ServedStats::add(&context.stats.repl_output_bytes, n as u64);
+        }
+    };
+
+    let watch_acks = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let since = started.elapsed().saturating_sub(Duration::from_millis(last_ack_ms.load(Ordering::Relaxed)));
+            if !pre_psync && since > repl_timeout {
+                return Disconnect::AckTimeout;
+            }
+        }
+    };
+
+    tokio::select! {
+        result = read_acks => result,
+        result = write_stream => result,
+        reason = watch_acks => Err(reason),
+        _ = crate::relay::stopped(shutdown) => Err(Disconnect::Shutdown),
+    }
+}

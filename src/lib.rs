@@ -1,0 +1,28 @@
+//! redis-relay: a Redis replication relay.
+//!
+//! Upstream it is an ordinary replica of one master; in the middle it keeps the master's stream in a
+//! replication log and the master's RDB in a snapshot cache; downstream it is a master to many replicas,
+//! answering `PSYNC` with `+CONTINUE` from the log or `+FULLRESYNC` from the cached RDB plus the log. The
+//! replication id, offsets and bytes below are exactly the master's.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: RESP framing in one place: the stream's command-boundary scanner, client command
+//!   parsing, reply encoding.
+//! - [`upstream`]: the replica link to the master (handshake, PSYNC, RDB receipt, applied offset, ACKs),
+//!   and the side-connection fetcher of fresh RDBs.
+//! - [`log`]: the replication log, the one fan-out buffer, addressed by master offset, with the
+//!   replication ids of its history.
+//! - [`snapshot`]: the on-disk cache of the master's RDB; [`snapshot::format`] holds the RDB checks.
+//! - [`downstream`]: the listener: client commands (`INFO`, `ROLE`, ...) and replicas served from the
+//!   snapshot and the log.
+//! - [`relay`]: wires one relay together; [`config`]: CLI and YAML; [`metrics`]: Prometheus.
+
+pub mod config;
+pub mod downstream;
+pub mod log;
+pub mod metrics;
+pub mod protocol;
+pub mod relay;
+pub mod snapshot;
+pub mod upstream;

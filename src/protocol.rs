@@ -1,0 +1,394 @@
+//! RESP framing, in one place: the command-boundary scanner for the replication stream, the parser for
+//! commands that clients and replicas send us, and the encoders for the replies we write.
+//!
+//! The hot path (the master's stream) never builds frames: [`scan_command`] only finds where a command
+//! ends and recognises the few commands whose boundaries matter to replication (MULTI, EXEC, DISCARD,
+//! REPLCONF GETACK). Client commands are rare and small, so [`parse_command`] returns owned arguments.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Bulk strings from the master are not capped by `proto-max-bulk-len` in Redis (the master client is
+/// exempt), but a length beyond this is certainly garbage, not data.
+pub const MAX_UPSTREAM_BULK: usize = 4 << 30;
+/// Redis's default `proto-max-bulk-len` (512mb) applies to what clients and replicas send us.
+pub const MAX_CLIENT_BULK: usize = 512 << 20;
+/// Redis refuses multibulk counts above 1024*1024 from clients that are not the master.
+pub const MAX_CLIENT_ARGS: usize = 1024 * 1024;
+/// Redis's `PROTO_INLINE_MAX_SIZE`: an inline command (or an unterminated header line) longer than this
+/// is a protocol error.
+pub const MAX_INLINE: usize = 64 * 1024;
+
+/// Why a byte sequence is not valid RESP.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("expected '{expected}', got byte 0x{got:02x} at stream position {at}")]
+    UnexpectedByte { expected: char, got: u8, at: usize },
+    #[error("invalid length in {what} header: {line:?}")]
+    BadLength { what: &'static str, line: String },
+    #[error("{what} length {len} exceeds the limit of {limit}")]
+    TooLong { what: &'static str, len: usize, limit: usize },
+    #[error("bulk string not terminated by CRLF at stream position {at}")]
+    MissingCrlf { at: usize },
+    #[error("header line longer than {MAX_INLINE} bytes")]
+    LineTooLong,
+    #[error("unbalanced quotes in inline command")]
+    UnbalancedQuotes,
+}
+
+/// What kind of command a scanned stream command is, as far as replication cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamCommand {
+    Multi,
+    Exec,
+    Discard,
+    /// `REPLCONF GETACK *`: the master asks for an immediate ACK.
+    GetAck,
+    Other,
+}
+
+/// A complete command found at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scanned {
+    /// Bytes the command occupies, including its final CRLF.
+    pub len: usize,
+    pub kind: StreamCommand,
+}
+
+/// Finds the first command in `buf`, which must start with `*` (the master only ever sends multibulk).
+/// Returns `Ok(None)` when the command is not complete yet. `base` is only used in error messages.
+pub fn scan_command(buf: &[u8], base: usize) -> Result<Option<Scanned>, ProtocolError> {
+    let Some((argc, mut pos)) = read_header(buf, 0, b'*', "multibulk", MAX_CLIENT_ARGS * 1024, base)? else {
+        return Ok(None);
+    };
+    let mut kind = StreamCommand::Other;
+    let mut first_arg: &[u8] = &[];
+    for index in 0..argc {
+        let Some((len, start)) = read_header(buf, pos, b'$', "bulk", MAX_UPSTREAM_BULK, base)? else {
+            return Ok(None);
+        };
+        let end = start + len;
+        if buf.len() < end + 2 {
+            return Ok(None);
+        }
+        if &buf[end..end + 2] != b"\r\n" {
+            return Err(ProtocolError::MissingCrlf { at: base + end });
+        }
+        let arg = &buf[start..end];
+        match index {
+            0 => {
+                first_arg = arg;
+                kind = if arg.eq_ignore_ascii_case(b"MULTI") {
+                    StreamCommand::Multi
+                } else if arg.eq_ignore_ascii_case(b"EXEC") {
+                    StreamCommand::Exec
+                } else if arg.eq_ignore_ascii_case(b"DISCARD") {
+                    StreamCommand::Discard
+                } else {
+                    StreamCommand::Other
+                };
+            }
+            1 if first_arg.eq_ignore_ascii_case(b"REPLCONF") && arg.eq_ignore_ascii_case(b"GETACK") => {
+                kind = StreamCommand::GetAck;
+            }
+            _ => {}
+        }
+        pos = end + 2;
+    }
+    Ok(Some(Scanned { len: pos, kind }))
+}
+
+/// Reads a `<prefix><number>\r\n` header at `pos`. Returns the number and the position after the CRLF.
+fn read_header(
+    buf: &[u8],
+    pos: usize,
+    prefix: u8,
+    what: &'static str,
+    limit: usize,
+    base: usize,
+) -> Result<Option<(usize, usize)>, ProtocolError> {
+    let Some(&first) = buf.get(pos) else {
+        return Ok(None);
+    };
+    if first != prefix {
+        return Err(ProtocolError::UnexpectedByte { expected: prefix as char, got: first, at: base + pos });
+    }
+    let Some(line_end) = find_crlf(&buf[pos..]) else {
+        if buf.len() - pos > 32 {
+            return Err(ProtocolError::BadLength { what, line: lossy(&buf[pos..pos + 32]) });
+        }
+        return Ok(None);
+    };
+    let digits = &buf[pos + 1..pos + line_end];
+    let value = parse_decimal(digits)
+        .filter(|v| *v >= 0)
+        .ok_or_else(|| ProtocolError::BadLength { what, line: lossy(&buf[pos..pos + line_end]) })?
+        as usize;
+    if value > limit {
+        return Err(ProtocolError::TooLong { what, len: value, limit });
+    }
+    Ok(Some((value, pos + line_end + 2)))
+}
+
+/// Position of the first `\r\n` in `buf`.
+pub fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// Parses an optionally negative ASCII decimal with no other characters.
+pub fn parse_decimal(digits: &[u8]) -> Option<i64> {
+    std::str::from_utf8(digits).ok()?.parse::<i64>().ok()
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A command from a client or a downstream replica: its arguments, and how many bytes it used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCommand {
+    pub args: Vec<Bytes>,
+}
+
+impl ClientCommand {
+    /// The command name, upper-cased for matching.
+    pub fn name(&self) -> String {
+        self.args.first().map(|a| String::from_utf8_lossy(a).to_ascii_uppercase()).unwrap_or_default()
+    }
+
+    /// Argument `i` as lossy UTF-8 (empty when absent).
+    pub fn arg_str(&self, i: usize) -> String {
+        self.args.get(i).map(|a| String::from_utf8_lossy(a).into_owned()).unwrap_or_default()
+    }
+}
+
+/// Takes one command off the front of `buf`: multibulk, or inline like redis-server accepts (an empty
+/// inline line yields a command with no arguments). `Ok(None)` means more bytes are needed.
+pub fn parse_command(buf: &mut BytesMut) -> Result<Option<ClientCommand>, ProtocolError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    if first != b'*' {
+        return parse_inline(buf);
+    }
+    let Some((argc, mut pos)) = read_header(buf, 0, b'*', "multibulk", MAX_CLIENT_ARGS, 0)? else {
+        return Ok(None);
+    };
+    let mut spans = Vec::with_capacity(argc.min(64));
+    for _ in 0..argc {
+        let Some((len, start)) = read_header(buf, pos, b'$', "bulk", MAX_CLIENT_BULK, 0)? else {
+            return Ok(None);
+        };
+        if buf.len() < start + len + 2 {
+            return Ok(None);
+        }
+        if &buf[start + len..start + len + 2] != b"\r\n" {
+            return Err(ProtocolError::MissingCrlf { at: start + len });
+        }
+        spans.push((start, len));
+        pos = start + len + 2;
+    }
+    let frame = buf.split_to(pos).freeze();
+    let args = spans.into_iter().map(|(start, len)| frame.slice(start..start + len)).collect();
+    Ok(Some(ClientCommand { args }))
+}
+
+fn parse_inline(buf: &mut BytesMut) -> Result<Option<ClientCommand>, ProtocolError> {
+    let Some(newline) = buf.iter().position(|&b| b == b'\n') else {
+        if buf.len() > MAX_INLINE {
+            return Err(ProtocolError::LineTooLong);
+        }
+        return Ok(None);
+    };
+    let line = buf.split_to(newline + 1);
+    let line = line.strip_suffix(b"\n").unwrap_or(&line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    Ok(Some(ClientCommand { args: split_inline(line)? }))
+}
+
+/// Splits an inline command line into arguments, honouring double and single quotes like `sdssplitargs`.
+fn split_inline(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    while i < line.len() {
+        while i < line.len() && line[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i == line.len() {
+            break;
+        }
+        let mut arg = Vec::new();
+        match line[i] {
+            quote @ (b'"' | b'\'') => {
+                i += 1;
+                loop {
+                    match line.get(i) {
+                        None => return Err(ProtocolError::UnbalancedQuotes),
+                        Some(&c) if c == quote => {
+                            i += 1;
+                            break;
+                        }
+                        Some(b'\\') if quote == b'"' && i + 1 < line.len() => {
+                            arg.push(match line[i + 1] {
+                                b'n' => b'\n',
+                                b'r' => b'\r',
+                                b't' => b'\t',
+                                other => other,
+                            });
+                            i += 2;
+                        }
+                        Some(&c) => {
+                            arg.push(c);
+                            i += 1;
+                        }
+                    }
+                }
+            }
+            _ => {
+                while i < line.len() && !line[i].is_ascii_whitespace() {
+                    arg.push(line[i]);
+                    i += 1;
+                }
+            }
+        }
+        args.push(Bytes::from(arg));
+    }
+    Ok(args)
+}
+
+/// Encodes a command as RESP multibulk, the form every handshake command is sent in.
+pub fn encode_command(args: &[&[u8]]) -> Bytes {
+    let mut out = BytesMut::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    out.put_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for arg in args {
+        out.put_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.put_slice(arg);
+        out.put_slice(b"\r\n");
+    }
+    out.freeze()
+}
+
+/// A reply we write to a client; encoded with [`Reply::encode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Simple(String),
+    Error(String),
+    Integer(i64),
+    Bulk(Bytes),
+    Nil,
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    pub fn ok() -> Reply {
+        Reply::Simple("OK".into())
+    }
+
+    pub fn error(message: impl Into<String>) -> Reply {
+        Reply::Error(message.into())
+    }
+
+    pub fn bulk(text: impl Into<Bytes>) -> Reply {
+        Reply::Bulk(text.into())
+    }
+
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Reply::Simple(s) => put_line(out, b'+', s.as_bytes()),
+            Reply::Error(s) => put_line(out, b'-', s.as_bytes()),
+            Reply::Integer(n) => put_line(out, b':', n.to_string().as_bytes()),
+            Reply::Bulk(b) => {
+                put_line(out, b'$', b.len().to_string().as_bytes());
+                out.put_slice(b);
+                out.put_slice(b"\r\n");
+            }
+            Reply::Nil => out.put_slice(b"$-1\r\n"),
+            Reply::Array(items) => {
+                put_line(out, b'*', items.len().to_string().as_bytes());
+                for item in items {
+                    item.encode(out);
+                }
+            }
+        }
+    }
+}
+
+fn put_line(out: &mut BytesMut, prefix: u8, body: &[u8]) {
+    out.put_u8(prefix);
+    // A simple string or error must stay on one line whatever the text.
+    out.extend(body.iter().map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }));
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(args: &[&str]) -> Vec<u8> {
+        encode_command(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>()).to_vec()
+    }
+
+    #[test]
+    fn scan_finds_boundaries_and_kinds() {
+        let mut stream = cmd(&["MULTI"]);
+        stream.extend(cmd(&["SET", "k", "v"]));
+        stream.extend(cmd(&["exec"]));
+        stream.extend(cmd(&["REPLCONF", "GETACK", "*"]));
+        let mut pos = 0;
+        let mut kinds = vec![];
+        while let Some(s) = scan_command(&stream[pos..], pos).unwrap() {
+            kinds.push(s.kind);
+            pos += s.len;
+        }
+        assert_eq!(pos, stream.len());
+        use StreamCommand::*;
+        assert_eq!(kinds, vec![Multi, Other, Exec, GetAck]);
+    }
+
+    #[test]
+    fn scan_waits_for_incomplete_commands() {
+        let full = cmd(&["SET", "key", "a-longer-value"]);
+        for cut in 0..full.len() {
+            assert_eq!(scan_command(&full[..cut], 0).unwrap(), None, "cut at {cut}");
+        }
+        assert_eq!(scan_command(&full, 0).unwrap().map(|s| s.len), Some(full.len()));
+    }
+
+    #[test]
+    fn scan_rejects_garbage() {
+        assert!(matches!(scan_command(b"+OK\r\n", 0), Err(ProtocolError::UnexpectedByte { .. })));
+        assert!(matches!(scan_command(b"*1\r\n$3\r\nSETxx", 0), Err(ProtocolError::MissingCrlf { .. })));
+        assert!(matches!(scan_command(b"*x\r\n", 0), Err(ProtocolError::BadLength { .. })));
+        assert!(matches!(scan_command(b"*1\r\n$-5\r\n", 0), Err(ProtocolError::BadLength { .. })));
+        assert!(matches!(scan_command(b"*1\r\n$99999999999\r\n", 0), Err(ProtocolError::TooLong { .. })));
+    }
+
+    #[test]
+    fn parse_multibulk_and_inline() {
+        let mut buf = BytesMut::from(&cmd(&["REPLCONF", "listening-port", "6380"])[..]);
+        buf.extend_from_slice(b"SYNC\r\n\n PING  \"a b\\n\" 'c'\r\n*2\r\n$4\r\nPI");
+        let c = parse_command(&mut buf).unwrap().unwrap();
+        assert_eq!(c.name(), "REPLCONF");
+        assert_eq!(c.arg_str(2), "6380");
+        assert_eq!(parse_command(&mut buf).unwrap().unwrap().name(), "SYNC");
+        assert!(parse_command(&mut buf).unwrap().unwrap().args.is_empty());
+        let c = parse_command(&mut buf).unwrap().unwrap();
+        assert_eq!(c.args, vec![Bytes::from("PING"), Bytes::from("a b\n"), Bytes::from("c")]);
+        assert_eq!(parse_command(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn parse_caps_client_lengths() {
+        let mut buf = BytesMut::from(&b"*1\r\n$536870913\r\n"[..]);
+        assert!(matches!(parse_command(&mut buf), Err(ProtocolError::TooLong { .. })));
+        let mut buf = BytesMut::from(&b"*99999999\r\n"[..]);
+        assert!(matches!(parse_command(&mut buf), Err(ProtocolError::TooLong { .. })));
+    }
+
+    #[test]
+    fn replies_encode() {
+        let mut out = BytesMut::new();
+        Reply::Array(vec![Reply::bulk("a"), Reply::Integer(3), Reply::Nil, Reply::error("ERR x\r\ny")])
+            .encode(&mut out);
+        assert_eq!(&out[..], b"*4\r\n$1\r\na\r\n:3\r\n$-1\r\n-ERR x  y\r\n");
+    }
+}

@@ -1,0 +1,128 @@
+//! One relay: a master upstream, its log and snapshot cache, and the listener below it.
+//!
+//! [`RelayContext`] is what the downstream side reads: every piece in it has one owner (the log and
+//! the snapshot store are written by the upstream link only; the upstream status is a `watch` the link
+//! publishes; the replica table is written by each replica's own task).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::config::RelayConfig;
+use crate::downstream::{self, ReplicaTable};
+use crate::log::ReplicationLog;
+use crate::metrics::RelayMetrics;
+use crate::snapshot::{SnapshotError, SnapshotStore};
+use crate::upstream::fetch::FetchRequests;
+use crate::upstream::{UpstreamConfig, UpstreamLink, UpstreamStatus};
+
+/// Counters of what the relay served below it, as `INFO stats` names them.
+#[derive(Debug, Default)]
+pub struct ServedStats {
+    pub connections: AtomicU64,
+    pub commands: AtomicU64,
+    pub sync_full: AtomicU64,
+    pub sync_partial_ok: AtomicU64,
+    pub sync_partial_err: AtomicU64,
+    pub repl_output_bytes: AtomicU64,
+}
+
+impl ServedStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// What the downstream side of a relay can see and use.
+pub struct RelayContext {
+    pub config: RelayConfig,
+    pub log: Arc<ReplicationLog>,
+    pub snapshots: Arc<SnapshotStore>,
+    pub upstream: watch::Receiver<UpstreamStatus>,
+    pub upstream_config: UpstreamConfig,
+    pub run_id: String,
+    pub started: Instant,
+    pub stats: ServedStats,
+    pub replicas: Arc<ReplicaTable>,
+    pub fetcher: FetchRequests,
+    pub metrics: RelayMetrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("relay {name}: cannot listen on {addr}: {source}")]
+    Listen { name: String, addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("relay {name}: {source}")]
+    Snapshot { name: String, source: SnapshotError },
+}
+
+/// Random 40-hex-character id, the form of Redis's run_id and replids.
+pub fn random_hex_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..40).map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0')).collect()
+}
+
+/// Starts one relay's tasks on `tasks`; they stop when `shutdown` flips to true.
+pub async fn start(
+    config: RelayConfig,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Arc<RelayContext>, RelayError> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| RelayError::Listen {
+        name: config.name.clone(),
+        addr: config.listen,
+        source,
+    })?;
+    let snapshots = Arc::new(
+        SnapshotStore::open(&config.dir)
+            .map_err(|source| RelayError::Snapshot { name: config.name.clone(), source })?,
+    );
+    let log = Arc::new(ReplicationLog::new(config.log_size));
+    let metrics = RelayMetrics::new(&config.name);
+    let upstream_config = UpstreamConfig {
+        addr: config.upstream.clone(),
+        user: config.upstream_user.clone(),
+        password: config.upstream_password.clone(),
+        listening_port: config.listen.port(),
+        repl_timeout: config.repl_timeout,
+    };
+    let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone(), metrics.clone());
+    let (fetcher_task, fetcher) = link.fetcher();
+    let context = Arc::new(RelayContext {
+        config,
+        log,
+        snapshots,
+        upstream,
+        upstream_config,
+        run_id: random_hex_id(),
+        started: Instant::now(),
+        stats: ServedStats::default(),
+        replicas: Arc::new(ReplicaTable::default()),
+        fetcher,
+        metrics,
+    });
+    tracing::info!(
+        relay = %context.config.name,
+        listen = %context.config.listen,
+        upstream = %context.config.upstream,
+        dir = %context.config.dir.display(),
+        "relay starting"
+    );
+    tasks.spawn(link.run(shutdown.clone()));
+    tasks.spawn(fetcher_task.run(shutdown.clone()));
+    tasks.spawn(downstream::serve(listener, context.clone(), shutdown));
+    Ok(context)
+}
+
+/// Resolves once `shutdown` is set (or its sender is gone). Holds no borrow of the value after.
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

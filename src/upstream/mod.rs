@@ -1,0 +1,396 @@
+//! The upstream link: the relay as an ordinary replica of its master.
+//!
+//! One task owns the link. It connects, runs the replica handshake (`PING`, `AUTH`, `REPLCONF`,
+//! `PSYNC`), receives a full-sync RDB into the snapshot cache or continues from the log's offset, then
+//! follows the stream: whole commands go into the replication log, the applied offset is ACKed every
+//! second and on `REPLCONF GETACK`. On any failure it drops the unapplied tail and reconnects with
+//! `PSYNC <replid> <offset+1>`. Its state is published through a `watch` for INFO and metrics.
+
+mod connection;
+pub mod fetch;
+pub mod rdb;
+pub mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::log::ReplicationLog;
+use crate::metrics::RelayMetrics;
+use crate::protocol::{encode_command, ProtocolError};
+use crate::snapshot::{SnapshotError, SnapshotStore};
+use connection::MasterConnection;
+use rdb::PayloadForm;
+use stream::StreamTracker;
+
+/// How to reach and authenticate to the master.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `host:port`.
+    pub addr: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// The port we announce with `REPLCONF listening-port` (our listen port).
+    pub listening_port: u16,
+    pub repl_timeout: Duration,
+}
+
+impl UpstreamConfig {
+    pub fn host(&self) -> &str {
+        self.addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.addr)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
+    }
+}
+
+/// The replica link's state, named as `ROLE` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Connect,
+    Connecting,
+    Handshake,
+    Sync,
+    Connected,
+}
+
+impl LinkState {
+    pub fn role_name(self) -> &'static str {
+        match self {
+            LinkState::Connect => "connect",
+            LinkState::Connecting => "connecting",
+            LinkState::Handshake => "handshake",
+            LinkState::Sync => "sync",
+            LinkState::Connected => "connected",
+        }
+    }
+}
+
+/// What the link task publishes.
+#[derive(Debug, Clone)]
+pub struct UpstreamStatus {
+    pub state: LinkState,
+    /// When the last byte came from the master (`master_last_io_seconds_ago`).
+    pub last_io: Option<Instant>,
+    /// When the link went down; `None` while up or if it was never up.
+    pub link_down_since: Option<Instant>,
+    pub ever_connected: bool,
+    /// Applied offset plus the unapplied bytes read (`slave_read_repl_offset`).
+    pub read_offset: u64,
+    /// Payload size of the transfer in progress (-1 for the EOF form).
+    pub sync_total_bytes: i64,
+    pub sync_read_bytes: u64,
+    pub rdb_fetches: u64,
+    pub rdb_rejected: u64,
+    pub reconnects: u64,
+    pub partial_syncs: u64,
+}
+
+impl Default for UpstreamStatus {
+    fn default() -> Self {
+        UpstreamStatus {
+            state: LinkState::Connect,
+            last_io: None,
+            link_down_since: None,
+            ever_connected: false,
+            read_offset: 0,
+            sync_total_bytes: -1,
+            sync_read_bytes: 0,
+            rdb_fetches: 0,
+            rdb_rejected: 0,
+            reconnects: 0,
+            partial_syncs: 0,
+        }
+    }
+}
+
+/// Why a link attempt ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timeout {0}")]
+    Timeout(&'static str),
+    #[error("the master closed the connection")]
+    Closed,
+    #[error("protocol error from master: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("error reply to PING from master: {0}")]
+    PingRefused(String),
+    #[error("authentication to master failed: {0}")]
+    Auth(String),
+    #[error("master cannot PSYNC now, retrying: {0}")]
+    TryLater(String),
+    #[error("unexpected reply to PSYNC from master: {0}")]
+    BadPsyncReply(String),
+    #[error("master aborted the full sync: {0}")]
+    MasterAborted(String),
+    #[error("rejected RDB from master: {0}")]
+    BadPayload(String),
+    #[error("rejected RDB from master: {0}")]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// The upstream link task of one relay.
+pub struct UpstreamLink {
+    config: UpstreamConfig,
+    log: Arc<ReplicationLog>,
+    snapshots: Arc<SnapshotStore>,
+    status: watch::Sender<UpstreamStatus>,
+    metrics: RelayMetrics,
+}
+
+const ACK_PERIOD: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl UpstreamLink {
+    pub fn new(
+        config: UpstreamConfig,
+        log: Arc<ReplicationLog>,
+        snapshots: Arc<SnapshotStore>,
+        metrics: RelayMetrics,
+    ) -> (UpstreamLink, watch::Receiver<UpstreamStatus>) {
+        let (status, receiver) = watch::channel(UpstreamStatus::default());
+        (UpstreamLink { config, log, snapshots, status, metrics }, receiver)
+    }
+
+    /// The side-connection RDB fetcher that shares this link's master, log, snapshots and status.
+    pub fn fetcher(&self) -> (fetch::RdbFetcher, fetch::FetchRequests) {
+        fetch::RdbFetcher::new(self.config.clone(), self.log.clone(), self.snapshots.clone(), self.status.clone())
+    }
+
+    /// Runs until `shutdown` flips to true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::ZERO;
+        loop {
+            let mut reached_stream = false;
+            let result = tokio::select! {
+                result = self.link_once(&mut reached_stream) => result,
+                _ = crate::relay::stopped(&mut shutdown) => return,
+            };
+            if let Err(error) = result {
+                match &error {
+                    LinkError::Snapshot(_) | LinkError::BadPayload(_) => {
+                        self.status.send_modify(|s| s.rdb_rejected += 1);
+                        tracing::warn!(master = %self.config.addr, "{error}");
+                    }
+                    _ => tracing::warn!(master = %self.config.addr, "replication link lost: {error}"),
+                }
+            }
+            let now = Instant::now();
+            self.status.send_modify(|s| {
+                if s.state == LinkState::Connected || (s.ever_connected && s.link_down_since.is_none()) {
+                    s.link_down_since = Some(now);
+                }
+                s.state = LinkState::Connect;
+                s.reconnects += 1;
+                s.read_offset = self.log.summary().end;
+            });
+            self.metrics.link_up(false);
+            backoff = if reached_stream {
+                Duration::ZERO
+            } else {
+                (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF)
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = crate::relay::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    fn set_state(&self, state: LinkState) {
+        self.status.send_modify(|s| s.state = state);
+    }
+
+    async fn link_once(&self, reached_stream: &mut bool) -> Result<(), LinkError> {
+        self.set_state(LinkState::Connecting);
+        let mut conn = MasterConnection::connect(&self.config.addr, self.config.repl_timeout).await?;
+        self.set_state(LinkState::Handshake);
+        handshake(&self.config, &mut conn, false).await?;
+        let summary = self.log.summary();
+        let psync = match &summary.ids {
+            Some(ids) => {
+                let next = (summary.end + 1).to_string();
+                encode_command(&[b"PSYNC", ids.replid.as_bytes(), next.as_bytes()])
+            }
+            None => encode_command(&[b"PSYNC", b"?", b"-1"]),
+        };
+        conn.send(&psync).await?;
+        let reply = conn.read_reply("waiting for the PSYNC reply").await?;
+        let mut applied = if let Some(rest) = reply.strip_prefix("+FULLRESYNC") {
+            let mut parts = rest.split_whitespace();
+            let (Some(replid), Some(offset)) = (parts.next(), parts.next().and_then(|o| o.parse::<u64>().ok())) else {
+                return Err(LinkError::BadPsyncReply(reply));
+            };
+            if replid.len() != 40 {
+                return Err(LinkError::BadPsyncReply(reply));
+            }
+            self.full_sync(&mut conn, replid, offset).await?
+        } else if let Some(rest) = reply.strip_prefix("+CONTINUE") {
+            let new_replid = rest.trim();
+            let current = summary.ids.as_ref().map(|ids| ids.replid.as_str()).unwrap_or("");
+            if new_replid.len() == 40 && !new_replid.eq_ignore_ascii_case(current) {
+                tracing::info!("master continued under a new replication id {new_replid} (was {current})");
+                self.log.shift_replid(new_replid.to_string());
+            }
+            self.status.send_modify(|s| s.partial_syncs += 1);
+            tracing::info!(offset = summary.end, "partial resynchronization accepted by the master");
+            summary.end
+        } else if reply.starts_with("-NOMASTERLINK") || reply.starts_with("-LOADING") {
+            return Err(LinkError::TryLater(reply));
+        } else {
+            return Err(LinkError::BadPsyncReply(reply));
+        };
+        *reached_stream = true;
+        let now = Instant::now();
+        self.status.send_modify(|s| {
+            s.state = LinkState::Connected;
+            s.link_down_since = None;
+            s.ever_connected = true;
+            s.last_io = Some(now);
+        });
+        self.metrics.link_up(true);
+        self.follow_stream(&mut conn, &mut applied).await
+    }
+
+    /// Receives the RDB of a full sync; on success it becomes the snapshot and the log starts over at
+    /// its offset. Returns the new applied offset.
+    async fn full_sync(&self, conn: &mut MasterConnection, replid: &str, offset: u64) -> Result<u64, LinkError> {
+        tracing::info!(replid, offset, "full resync from master, receiving the RDB");
+        self.set_state(LinkState::Sync);
+        self.status.send_modify(|s| s.rdb_fetches += 1);
+        self.metrics.rdb_fetched();
+        let started = Instant::now();
+        let mut writer = self.snapshots.begin(replid, offset).await?;
+        let status = &self.status;
+        let mut progress = |total: i64, read: u64| {
+            status.send_modify(|s| {
+                s.sync_total_bytes = total;
+                s.sync_read_bytes = read;
+            })
+        };
+        let form = rdb::receive(conn, &mut writer, &mut progress).await?;
+        let meta = self.snapshots.commit(writer).await?;
+        // Only a complete, verified RDB replaces the history (and, through the epoch, drops the
+        // downstream replicas of the old one).
+        self.log.reset(replid.to_string(), offset);
+        tracing::info!(
+            bytes = meta.size,
+            rdb_version = meta.rdb_version,
+            seconds = started.elapsed().as_secs_f64(),
+            "RDB received and cached"
+        );
+        if form == PayloadForm::EofMark {
+            // The master streams nothing after an EOF-marked payload until our first ACK.
+            send_ack(conn, offset).await?;
+        }
+        Ok(offset)
+    }
+
+    async fn follow_stream(&self, conn: &mut MasterConnection, applied: &mut u64) -> Result<(), LinkError> {
+        let mut tracker = StreamTracker::default();
+        let mut ack_timer = tokio::time::interval(ACK_PERIOD);
+        ack_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_published = Instant::now();
+        loop {
+            if !conn.buf.is_empty() {
+                let scanned = tracker.scan(&conn.buf, *applied)?;
+                if let Some(before) = scanned.getack_before {
+                    send_ack(conn, *applied + before as u64).await?;
+                }
+                if scanned.appliable > 0 {
+                    let chunk: Bytes = conn.buf.split_to(scanned.appliable).freeze();
+                    tracker.consumed(scanned.appliable);
+                    *applied += chunk.len() as u64;
+                    self.metrics.bytes_in(chunk.len());
+                    self.log.append(chunk);
+                }
+            }
+            if last_published.elapsed() >= Duration::from_millis(100) {
+                last_published = Instant::now();
+                let read_offset = *applied + conn.buf.len() as u64;
+                let last_io = conn.last_io;
+                self.status.send_modify(|s| {
+                    s.read_offset = read_offset;
+                    s.last_io = Some(last_io);
+                });
+                self.metrics.offsets(*applied);
+            }
+            tokio::select! {
+                read = conn.fill("following the stream (repl-timeout)") => { read?; }
+                _ = ack_timer.tick() => {
+                    send_ack(conn, *applied).await?;
+                    let read_offset = *applied + conn.buf.len() as u64;
+                    let last_io = conn.last_io;
+                    self.status.send_modify(|s| {
+                        s.read_offset = read_offset;
+                        s.last_io = Some(last_io);
+                    });
+                    self.metrics.offsets(*applied);
+                }
+            }
+        }
+    }
+}
+
+/// PING, then the pipelined AUTH and REPLCONFs, one reply read per command sent. With `rdb_only` the
+/// master is asked for an RDB and no stream (`REPLCONF rdb-only 1`, Redis 7.0+).
+async fn handshake(config: &UpstreamConfig, conn: &mut MasterConnection, rdb_only: bool) -> Result<(), LinkError> {
+    conn.send(&encode_command(&[b"PING"])).await?;
+    let pong = conn.read_reply("waiting for the PING reply").await?;
+    let acceptable = pong.starts_with('+')
+        || pong.starts_with("-NOAUTH")
+        || pong.starts_with("-NOPERM")
+        || pong.starts_with("-ERR operation not permitted");
+    if !acceptable {
+        return Err(LinkError::PingRefused(pong));
+    }
+    // The rest of the handshake is pipelined, one reply per command, like redis-server does it.
+    let mut pipeline = Vec::new();
+    let auth_sent = match (&config.user, &config.password) {
+        (Some(user), Some(password)) => {
+            pipeline.extend_from_slice(&encode_command(&[b"AUTH", user.as_bytes(), password.as_bytes()]));
+            true
+        }
+        (None, Some(password)) => {
+            pipeline.extend_from_slice(&encode_command(&[b"AUTH", password.as_bytes()]));
+            true
+        }
+        _ => false,
+    };
+    let port = config.listening_port.to_string();
+    pipeline.extend_from_slice(&encode_command(&[b"REPLCONF", b"listening-port", port.as_bytes()]));
+    pipeline.extend_from_slice(&encode_command(&[b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"]));
+    let mut replconfs = vec!["listening-port", "capa"];
+    if rdb_only {
+        pipeline.extend_from_slice(&encode_command(&[b"REPLCONF", b"rdb-only", b"1"]));
+        replconfs.push("rdb-only");
+    }
+    conn.send(&pipeline).await?;
+    if auth_sent {
+        let reply = conn.read_reply("waiting for the AUTH reply").await?;
+        if reply.starts_with('-') {
+            return Err(LinkError::Auth(reply));
+        }
+    }
+    for what in replconfs {
+        let reply = conn.read_reply("waiting for a REPLCONF reply").await?;
+        if reply.starts_with('-') && what == "rdb-only" {
+            return Err(LinkError::BadPsyncReply(format!("master refused REPLCONF rdb-only: {reply}")));
+        }
+        if reply.starts_with('-') {
+            tracing::info!("(non critical) master does not understand REPLCONF {what}: {reply}");
+        }
+    }
+    Ok(())
+}
+
+async fn send_ack(conn: &mut MasterConnection, offset: u64) -> Result<(), LinkError> {
+    let offset = offset.to_string();
+    conn.send(&encode_command(&[b"REPLCONF", b"ACK", offset.as_bytes()])).await
+}
