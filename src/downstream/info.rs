@@ -134,7 +134,7 @@ fn stats(context: &RelayContext, out: &mut String) {
     line(out, "sync_full", ServedStats::get(&s.sync_full));
     line(out, "sync_partial_ok", ServedStats::get(&s.sync_partial_ok));
     line(out, "sync_partial_err", ServedStats::get(&s.sync_partial_err));
-    line(out, "total_net_repl_input_bytes", upstream.read_offset.saturating_sub(0));
+    line(out, "total_net_repl_input_bytes", upstream.input_bytes);
     line(out, "total_net_repl_output_bytes", ServedStats::get(&s.repl_output_bytes));
 }
 

@@ -88,6 +88,8 @@ pub struct UpstreamStatus {
     pub rdb_rejected: u64,
     pub reconnects: u64,
     pub partial_syncs: u64,
+    /// Every byte read from the master on the main link (`total_net_repl_input_bytes`).
+    pub input_bytes: u64,
 }
 
 impl Default for UpstreamStatus {
@@ -104,6 +106,7 @@ impl Default for UpstreamStatus {
             rdb_rejected: 0,
             reconnects: 0,
             partial_syncs: 0,
+            input_bytes: 0,
         }
     }
 }
@@ -292,11 +295,25 @@ impl UpstreamLink {
         Ok(offset)
     }
 
+    fn publish_progress(&self, conn: &MasterConnection, applied: u64, published_read: &mut u64) {
+        let read_offset = applied + conn.buf.len() as u64;
+        let last_io = conn.last_io;
+        let new_input = conn.total_read - *published_read;
+        *published_read = conn.total_read;
+        self.status.send_modify(|s| {
+            s.read_offset = read_offset;
+            s.last_io = Some(last_io);
+            s.input_bytes += new_input;
+        });
+        self.metrics.offsets(applied);
+    }
+
     async fn follow_stream(&self, conn: &mut MasterConnection, applied: &mut u64) -> Result<(), LinkError> {
         let mut tracker = StreamTracker::default();
         let mut ack_timer = tokio::time::interval(ACK_PERIOD);
         ack_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_published = Instant::now();
+        let mut published_read = 0u64;
         loop {
             if !conn.buf.is_empty() {
                 let scanned = tracker.scan(&conn.buf, *applied)?;
@@ -313,25 +330,13 @@ impl UpstreamLink {
             }
             if last_published.elapsed() >= Duration::from_millis(100) {
                 last_published = Instant::now();
-                let read_offset = *applied + conn.buf.len() as u64;
-                let last_io = conn.last_io;
-                self.status.send_modify(|s| {
-                    s.read_offset = read_offset;
-                    s.last_io = Some(last_io);
-                });
-                self.metrics.offsets(*applied);
+                self.publish_progress(conn, *applied, &mut published_read);
             }
             tokio::select! {
                 read = conn.fill("following the stream (repl-timeout)") => { read?; }
                 _ = ack_timer.tick() => {
                     send_ack(conn, *applied).await?;
-                    let read_offset = *applied + conn.buf.len() as u64;
-                    let last_io = conn.last_io;
-                    self.status.send_modify(|s| {
-                        s.read_offset = read_offset;
-                        s.last_io = Some(last_io);
-                    });
-                    self.metrics.offsets(*applied);
+                    self.publish_progress(conn, *applied, &mut published_read);
                 }
             }
         }
