@@ -10,7 +10,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub const DEFAULT_LOG_SIZE: u64 = 64 << 20;
+use crate::log::{FsyncPolicy, LogOptions};
+
+pub const DEFAULT_LOG_SIZE: u64 = 1 << 30;
+pub const DEFAULT_LOG_MEMORY: u64 = 64 << 20;
+pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
 pub const DEFAULT_REPL_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +45,7 @@ pub struct RelayConfig {
     pub upstream_password: Option<String>,
     pub listen: SocketAddr,
     pub dir: PathBuf,
-    pub log_size: u64,
+    pub log: LogOptions,
     pub repl_timeout: Duration,
     /// Serve full syncs in the EOF-marked form to replicas that announce `capa eof` (Redis's
     /// `repl-diskless-sync`); otherwise the `$<len>` form.
@@ -101,24 +105,83 @@ struct FileMetrics {
     listen: String,
 }
 
+/// The top-level `defaults` every relay inherits.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileDefaults {
-    log_size: Option<String>,
-    repl_timeout: Option<String>,
-    repl_diskless_sync: Option<bool>,
+    #[serde(flatten)]
+    tunables: Tunables,
+    #[serde(flatten)]
+    unknown: std::collections::BTreeMap<String, serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileRelay {
     name: String,
     upstream: FileUpstream,
     listen: String,
     dir: Option<PathBuf>,
+    #[serde(flatten)]
+    tunables: Tunables,
+    /// serde cannot deny unknown fields next to a flattened struct: they land here and are refused.
+    #[serde(flatten)]
+    unknown: std::collections::BTreeMap<String, serde_yaml_ng::Value>,
+}
+
+/// Settings a relay may set itself or inherit from `defaults`.
+#[derive(Debug, Default, Deserialize)]
+struct Tunables {
     log_size: Option<String>,
+    log_memory: Option<String>,
+    log_segment_size: Option<String>,
+    appendfsync: Option<String>,
     repl_timeout: Option<String>,
     repl_diskless_sync: Option<bool>,
+}
+
+/// The settings of one relay after inheritance.
+struct Resolved {
+    log: LogOptions,
+    repl_timeout: Duration,
+    downstream_eof_form: bool,
+}
+
+fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> Result<Resolved, ConfigError> {
+    let pick = |own: &Option<String>, default: &Option<String>, name: &str| match own {
+        Some(v) => Some((at(name), v.clone())),
+        None => default.clone().map(|v| (format!("defaults.{name}"), v)),
+    };
+    let size =
+        |name: &str, own: &Option<String>, default: &Option<String>, fallback: u64| match pick(own, default, name) {
+            None => Ok(fallback),
+            Some((field, v)) => {
+                parse_size(&v).ok_or_else(|| field_error(&field, &v, "expected a size such as 64mb or 1gb"))
+            }
+        };
+    let retention = size("log_size", &own.log_size, &defaults.log_size, DEFAULT_LOG_SIZE)?;
+    let memory = size("log_memory", &own.log_memory, &defaults.log_memory, DEFAULT_LOG_MEMORY.min(retention))?;
+    let segment_size =
+        size("log_segment_size", &own.log_segment_size, &defaults.log_segment_size, DEFAULT_SEGMENT_SIZE)?;
+    if retention < 16 * 1024 {
+        let field = if own.log_size.is_some() { at("log_size") } else { "defaults.log_size".into() };
+        return Err(field_error(&field, &retention.to_string(), "the log must hold at least 16kb"));
+    }
+    let fsync = match pick(&own.appendfsync, &defaults.appendfsync, "appendfsync") {
+        None => FsyncPolicy::EverySec,
+        Some((field, v)) => {
+            FsyncPolicy::parse(&v).ok_or_else(|| field_error(&field, &v, "expected always, everysec or no"))?
+        }
+    };
+    let repl_timeout = match pick(&own.repl_timeout, &defaults.repl_timeout, "repl_timeout") {
+        None => DEFAULT_REPL_TIMEOUT,
+        Some((field, v)) => {
+            parse_duration(&v).ok_or_else(|| field_error(&field, &v, "expected a duration such as 60s or 5m"))?
+        }
+    };
+    Ok(Resolved {
+        log: LogOptions { retention, memory, segment_size: segment_size.max(64 * 1024), fsync },
+        repl_timeout,
+        downstream_eof_form: own.repl_diskless_sync.or(defaults.repl_diskless_sync).unwrap_or(false),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,20 +222,6 @@ pub fn check_upstream(field: &str, text: &str) -> Result<String, ConfigError> {
     }
 }
 
-fn size_field(field: &str, value: Option<&String>, default: u64) -> Result<u64, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(v) => parse_size(v).ok_or_else(|| field_error(field, v, "expected a size such as 64mb or 1gb")),
-    }
-}
-
-fn duration_field(field: &str, value: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(v) => parse_duration(v).ok_or_else(|| field_error(field, v, "expected a duration such as 60s or 5m")),
-    }
-}
-
 impl Config {
     /// Reads and validates a YAML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
@@ -192,12 +241,16 @@ impl Config {
             Some(m) => Some(parse_listen("metrics.listen", &m.listen)?),
             None => None,
         };
-        let default_log_size = size_field("defaults.log_size", parsed.defaults.log_size.as_ref(), DEFAULT_LOG_SIZE)?;
-        let default_timeout =
-            duration_field("defaults.repl_timeout", parsed.defaults.repl_timeout.as_ref(), DEFAULT_REPL_TIMEOUT)?;
+        if let Some(field) = parsed.defaults.unknown.keys().next() {
+            return Err(field_error(&format!("defaults.{field}"), "", "unknown field"));
+        }
         let mut relays = Vec::new();
         for (i, relay) in parsed.relays.iter().enumerate() {
             let at = |name: &str| format!("relays[{i}].{name}");
+            if let Some(field) = relay.unknown.keys().next() {
+                return Err(field_error(&at(field), "", "unknown field"));
+            }
+            let resolved = resolve(&at, &relay.tunables, &parsed.defaults.tunables)?;
             let dir = match (&relay.dir, &parsed.data_dir) {
                 (Some(dir), _) => dir.clone(),
                 (None, Some(data_dir)) => data_dir.join(&relay.name),
@@ -221,9 +274,9 @@ impl Config {
                 upstream_password: password,
                 listen: parse_listen(&at("listen"), &relay.listen)?,
                 dir,
-                log_size: size_field(&at("log_size"), relay.log_size.as_ref(), default_log_size)?,
-                repl_timeout: duration_field(&at("repl_timeout"), relay.repl_timeout.as_ref(), default_timeout)?,
-                downstream_eof_form: relay.repl_diskless_sync.or(parsed.defaults.repl_diskless_sync).unwrap_or(false),
+                log: resolved.log,
+                repl_timeout: resolved.repl_timeout,
+                downstream_eof_form: resolved.downstream_eof_form,
             });
         }
         let config = Config { metrics, relays };
@@ -291,7 +344,8 @@ mod tests {
         .unwrap();
         let relay = &config.relays[0];
         assert_eq!(relay.dir, PathBuf::from("/var/lib/relay/a"));
-        assert_eq!(relay.log_size, 128 << 20);
+        assert_eq!(relay.log.retention, 128 << 20);
+        assert_eq!(relay.log.fsync, FsyncPolicy::EverySec);
         assert_eq!(relay.upstream_password.as_deref(), Some("s3cret"));
         assert_eq!(relay.repl_timeout, DEFAULT_REPL_TIMEOUT);
     }

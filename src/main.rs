@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use redis_relay::config::{self, Config, RelayConfig};
+use redis_relay::log::{FsyncPolicy, LogOptions};
 
 /// A Redis replication relay: one replica of the master, a master to many replicas.
 #[derive(Parser, Debug)]
@@ -38,9 +39,19 @@ struct Cli {
     /// Password for AUTH to the master (or set REDIS_RELAY_UPSTREAM_PASSWORD).
     #[arg(long, value_name = "P", env = "REDIS_RELAY_UPSTREAM_PASSWORD", hide_env_values = true)]
     upstream_password: Option<String>,
-    /// Replication log size, in Redis units (64mb, 1gb).
-    #[arg(long, value_name = "SIZE", default_value = "64mb")]
+    /// Replication log retention on disk, in Redis units (64mb, 1gb).
+    #[arg(long, value_name = "SIZE", default_value = "1gb")]
     log_size: String,
+    /// Newest part of the log also kept in memory for live fan-out.
+    #[arg(long, value_name = "SIZE", default_value = "64mb")]
+    log_memory: String,
+    /// Size of one log segment file.
+    #[arg(long, value_name = "SIZE", default_value = "64mb")]
+    log_segment_size: String,
+    /// When the log is fsynced: always, everysec or no (like appendfsync). Upstream ACKs only cover
+    /// what is durable under it.
+    #[arg(long, value_name = "POLICY", default_value = "everysec")]
+    appendfsync: String,
     /// Replication timeout, both directions (60s, 5m).
     #[arg(long, value_name = "DURATION", default_value = "60s")]
     repl_timeout: String,
@@ -62,8 +73,20 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
     let (Some(upstream), Some(listen), Some(dir)) = (&cli.upstream, &cli.listen, &cli.dir) else {
         bail!("give --config FILE, or --upstream HOST:PORT --listen HOST:PORT --dir PATH");
     };
-    let log_size = config::parse_size(&cli.log_size)
-        .with_context(|| format!("--log-size: expected a size such as 64mb, got {:?}", cli.log_size))?;
+    let size = |flag: &str, text: &str| {
+        config::parse_size(text).with_context(|| format!("{flag}: expected a size such as 64mb, got {text:?}"))
+    };
+    let retention = size("--log-size", &cli.log_size)?;
+    if retention < 16 * 1024 {
+        bail!("--log-size: the log must hold at least 16kb, got {:?}", cli.log_size);
+    }
+    let log = LogOptions {
+        retention,
+        memory: size("--log-memory", &cli.log_memory)?.min(retention),
+        segment_size: size("--log-segment-size", &cli.log_segment_size)?.max(64 * 1024),
+        fsync: FsyncPolicy::parse(&cli.appendfsync)
+            .with_context(|| format!("--appendfsync: expected always, everysec or no, got {:?}", cli.appendfsync))?,
+    };
     let repl_timeout = config::parse_duration(&cli.repl_timeout)
         .with_context(|| format!("--repl-timeout: expected a duration such as 60s, got {:?}", cli.repl_timeout))?;
     let downstream_eof_form = match cli.repl_diskless_sync.as_str() {
@@ -84,7 +107,7 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
             upstream_password: cli.upstream_password.clone(),
             listen: config::parse_listen("--listen", listen)?,
             dir: dir.clone(),
-            log_size,
+            log,
             repl_timeout,
             downstream_eof_form,
         }],

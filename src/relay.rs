@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::RelayConfig;
 use crate::downstream::{self, ReplicaTable};
-use crate::log::ReplicationLog;
+use crate::log::{FsyncPolicy, ReplicationLog};
 use crate::metrics::RelayMetrics;
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use crate::upstream::fetch::FetchRequests;
@@ -61,6 +61,8 @@ pub enum RelayError {
     Listen { name: String, addr: std::net::SocketAddr, source: std::io::Error },
     #[error("relay {name}: {source}")]
     Snapshot { name: String, source: SnapshotError },
+    #[error("relay {name}: replication log: {source}")]
+    Log { name: String, source: crate::log::DiskError },
 }
 
 /// Random 40-hex-character id, the form of Redis's run_id and replids.
@@ -81,11 +83,27 @@ pub async fn start(
         addr: config.listen,
         source,
     })?;
+    // The log first: it locks the directory, so a second relay on it stops before touching anything.
+    let (log, recovery) = ReplicationLog::open(&config.dir.join("log"), config.log)
+        .map_err(|source| RelayError::Log { name: config.name.clone(), source })?;
+    if let Some(reason) = &recovery.truncated {
+        tracing::warn!(relay = %config.name, "log recovery dropped data after a bad record: {reason}");
+    }
+    if let Some(history) = &recovery.history {
+        tracing::info!(
+            relay = %config.name,
+            replid = %history.replid,
+            first_byte_offset = recovery.start + 1,
+            offset = recovery.end,
+            segments = recovery.segments,
+            "replication log recovered"
+        );
+    }
+    let log = Arc::new(log);
     let snapshots = Arc::new(
         SnapshotStore::open(&config.dir)
             .map_err(|source| RelayError::Snapshot { name: config.name.clone(), source })?,
     );
-    let log = Arc::new(ReplicationLog::new(config.log_size));
     let metrics = RelayMetrics::new(&config.name);
     let upstream_config = UpstreamConfig {
         addr: config.upstream.clone(),
@@ -116,6 +134,9 @@ pub async fn start(
         dir = %context.config.dir.display(),
         "relay starting"
     );
+    if context.config.log.fsync == FsyncPolicy::EverySec {
+        tasks.spawn(sync_every_second(context.log.clone(), shutdown.clone()));
+    }
     tasks.spawn(link.run(shutdown.clone()));
     tasks.spawn(fetcher_task.run(shutdown.clone()));
     tasks.spawn(downstream::serve(listener, context.clone(), shutdown));
@@ -125,4 +146,25 @@ pub async fn start(
 /// Resolves once `shutdown` is set (or its sender is gone). Holds no borrow of the value after.
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// The `everysec` fsync policy: what was appended becomes durable (and ACKable) once a second.
+async fn sync_every_second(log: Arc<ReplicationLog>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped(&mut shutdown) => break,
+        }
+        let log = log.clone();
+        match tokio::task::spawn_blocking(move || log.sync()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!("fsync of the replication log failed: {error}"),
+            Err(error) => tracing::error!("fsync task failed: {error}"),
+        }
+    }
+    // A graceful stop leaves everything appended on stable storage.
+    if let Err(error) = log.sync() {
+        tracing::error!("final fsync of the replication log failed: {error}");
+    }
 }

@@ -14,7 +14,7 @@ use tokio::time::{timeout, Instant};
 
 use super::connection::{read_more, write_all_vectored};
 use super::{ClientError, ReplicaEntry, ReplicaRow, ReplicaState, Session};
-use crate::log::ReadError;
+use crate::log::{LogSummary, ReadError};
 use crate::protocol::{parse_command, ClientCommand, Reply};
 use crate::relay::{random_hex_id, RelayContext, ServedStats};
 use crate::snapshot::SnapshotMeta;
@@ -32,6 +32,8 @@ pub enum Outcome {
 const WRITE_BATCH: usize = 1 << 20;
 const RDB_CHUNK: usize = 256 * 1024;
 const KEEPALIVE_PERIOD: Duration = Duration::from_secs(1);
+/// How long a replica ahead of the log may wait for it.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 enum Disconnect {
@@ -51,6 +53,8 @@ enum Disconnect {
     HistoryChanged,
     #[error("replica sent {0:?} on the replication link")]
     UnexpectedCommand(String),
+    #[error("{0}")]
+    Corrupt(String),
     #[error("shutting down")]
     Shutdown,
 }
@@ -80,6 +84,7 @@ pub async fn serve(
         let Ok(offset) = command.arg_str(2).parse::<i64>() else {
             return refuse(session, "ERR value is not an integer or out of range").await;
         };
+        let summary = wait_if_ahead(&context, &requested_id, offset, summary).await;
         if !session.handshake.rdb_only && summary.can_continue(&requested_id, offset) {
             ServedStats::add(&context.stats.sync_partial_ok, 1);
             let line = if session.handshake.capa_psync2 {
@@ -118,6 +123,22 @@ pub async fn serve(
     let result = full_sync(session, &row, is_psync, &mut shutdown).await;
     log_drop(session, result);
     Ok(Outcome::Done)
+}
+
+/// A replica of this history that is ahead of the log (the relay restarted and lost an unsynced tail,
+/// or is still catching up) is given a few seconds for the log to reach it, rather than a full sync.
+async fn wait_if_ahead(context: &RelayContext, replid: &str, offset: i64, summary: LogSummary) -> LogSummary {
+    let same_history = summary.ids.as_ref().is_some_and(|ids| ids.replid.eq_ignore_ascii_case(replid));
+    if !same_history || offset < 1 || (offset as u64) <= summary.end + 1 {
+        return summary;
+    }
+    let target = offset as u64 - 1;
+    let mut tip = context.log.subscribe();
+    let reached = tokio::time::timeout(CATCH_UP_WAIT, tip.wait_for(|t| t.end >= target)).await;
+    if reached.is_ok() {
+        tracing::info!(target, "a replica ahead of the log waited for it to catch up");
+    }
+    context.log.summary()
 }
 
 async fn refuse(session: &mut Session, message: &str) -> Result<Outcome, ClientError> {
@@ -327,10 +348,11 @@ async fn stream(
         let mut tip = context.log.subscribe();
         let mut position = position;
         loop {
-            let mut parts = match context.log.read(epoch, position, WRITE_BATCH) {
+            let mut parts = match context.log.read_async(epoch, position, WRITE_BATCH).await {
                 Ok(parts) => parts,
                 Err(ReadError::Trimmed(at)) => return Err(Disconnect::FellOff(at)),
                 Err(ReadError::EpochChanged(_)) => return Err(Disconnect::HistoryChanged),
+                Err(ReadError::Corrupt(reason)) => return Err(Disconnect::Corrupt(reason)),
             };
             if parts.is_empty() {
                 if tip.changed().await.is_err() {

@@ -136,6 +136,8 @@ pub enum LinkError {
     BadPayload(String),
     #[error("rejected RDB from master: {0}")]
     Snapshot(#[from] SnapshotError),
+    #[error("replication log write failed: {0}")]
+    Log(#[from] crate::log::DiskError),
 }
 
 /// The upstream link task of one relay.
@@ -239,7 +241,7 @@ impl UpstreamLink {
             let current = summary.ids.as_ref().map(|ids| ids.replid.as_str()).unwrap_or("");
             if new_replid.len() == 40 && !new_replid.eq_ignore_ascii_case(current) {
                 tracing::info!("master continued under a new replication id {new_replid} (was {current})");
-                self.log.shift_replid(new_replid.to_string());
+                self.log.shift_replid(new_replid.to_string())?;
             }
             self.status.send_modify(|s| s.partial_syncs += 1);
             tracing::info!(offset = summary.end, "partial resynchronization accepted by the master");
@@ -281,7 +283,7 @@ impl UpstreamLink {
         let meta = self.snapshots.commit(writer).await?;
         // Only a complete, verified RDB replaces the history (and, through the epoch, drops the
         // downstream replicas of the old one).
-        self.log.reset(replid.to_string(), offset);
+        self.log.reset(replid.to_string(), offset)?;
         tracing::info!(
             bytes = meta.size,
             rdb_version = meta.rdb_version,
@@ -293,6 +295,11 @@ impl UpstreamLink {
             send_ack(conn, offset).await?;
         }
         Ok(offset)
+    }
+
+    /// What may be ACKed of `applied`: only what the log's fsync policy has made durable.
+    fn ackable(&self, applied: u64) -> u64 {
+        applied.min(self.log.durable_offset())
     }
 
     fn publish_progress(&self, conn: &MasterConnection, applied: u64, published_read: &mut u64) {
@@ -318,14 +325,14 @@ impl UpstreamLink {
             if !conn.buf.is_empty() {
                 let scanned = tracker.scan(&conn.buf, *applied)?;
                 if let Some(before) = scanned.getack_before {
-                    send_ack(conn, *applied + before as u64).await?;
+                    send_ack(conn, self.ackable(*applied + before as u64)).await?;
                 }
                 if scanned.appliable > 0 {
                     let chunk: Bytes = conn.buf.split_to(scanned.appliable).freeze();
                     tracker.consumed(scanned.appliable);
                     *applied += chunk.len() as u64;
                     self.metrics.bytes_in(chunk.len());
-                    self.log.append(chunk);
+                    self.log.append(chunk)?;
                 }
             }
             if last_published.elapsed() >= Duration::from_millis(100) {
@@ -335,7 +342,7 @@ impl UpstreamLink {
             tokio::select! {
                 read = conn.fill("following the stream (repl-timeout)") => { read?; }
                 _ = ack_timer.tick() => {
-                    send_ack(conn, *applied).await?;
+                    send_ack(conn, self.ackable(*applied)).await?;
                     self.publish_progress(conn, *applied, &mut published_read);
                 }
             }

@@ -1,0 +1,408 @@
+//! The log's disk tier: segment files under `<dir>/log/`, one writer, positioned reads for cursors,
+//! and recovery that scans every record and truncates at the first one that fails its check.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::format::{
+    self, decode_record_header, decode_segment_header, encode_record_header, encode_segment_header, verify_record,
+    FormatError, HistoryMeta, RecordHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
+
+const HISTORY_FILE: &str = "history.meta";
+const LOCK_FILE: &str = "LOCK";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0} is locked by another redis-relay process (each relay needs its own --dir)")]
+    Locked(PathBuf),
+    #[error("{path}: unreadable history metadata: {reason}")]
+    BadHistory { path: PathBuf, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
+    move |source| DiskError::Io { path: path.to_path_buf(), source }
+}
+
+/// Where one record lies in its segment file.
+#[derive(Debug, Clone, Copy)]
+struct RecordRef {
+    position: u64,
+    file_offset: u64,
+    len: u32,
+}
+
+#[derive(Debug)]
+struct Segment {
+    start: u64,
+    end: u64,
+    path: PathBuf,
+    records: Vec<RecordRef>,
+}
+
+/// A piece of a disk read: one record, of which the bytes from `skip` on are wanted.
+#[derive(Debug, Clone)]
+pub struct DiskSlice {
+    path: PathBuf,
+    file_offset: u64,
+    header: RecordHeader,
+    skip: usize,
+}
+
+/// What recovery found.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    pub history: Option<HistoryMeta>,
+    pub start: u64,
+    pub end: u64,
+    pub segments: usize,
+    /// Why data was dropped, when it was.
+    pub truncated: Option<String>,
+}
+
+/// The segment files of one log. Owned by the log, behind its lock: one writer.
+pub struct SegmentStore {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    active: Option<(Arc<File>, u64)>,
+    segment_size: u64,
+    _lock: File,
+}
+
+impl SegmentStore {
+    /// Locks `dir`, then recovers: every record is read and checked; the log ends at the last good one.
+    pub fn open(dir: &Path, segment_size: u64) -> Result<(SegmentStore, Recovery), DiskError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        if lock.try_lock().is_err() {
+            return Err(DiskError::Locked(dir.to_path_buf()));
+        }
+        let mut store =
+            SegmentStore { dir: dir.to_path_buf(), segments: Vec::new(), active: None, segment_size, _lock: lock };
+        let recovery = store.recover()?;
+        Ok((store, recovery))
+    }
+
+    fn history_path(&self) -> PathBuf {
+        self.dir.join(HISTORY_FILE)
+    }
+
+    fn read_history(&self) -> Result<Option<HistoryMeta>, DiskError> {
+        let path = self.history_path();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_yaml_ng::from_str(&text)
+                .map(Some)
+                .map_err(|e| DiskError::BadHistory { path, reason: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DiskError::Io { path, source: e }),
+        }
+    }
+
+    /// Persists the history atomically (temp file, fsync, rename, fsync the directory).
+    pub fn write_history(&self, history: &HistoryMeta) -> Result<(), DiskError> {
+        let path = self.history_path();
+        let temp = self.dir.join(format!("{HISTORY_FILE}.tmp"));
+        let text = serde_yaml_ng::to_string(history)
+            .map_err(|e| DiskError::BadHistory { path: path.clone(), reason: e.to_string() })?;
+        let mut file = File::create(&temp).map_err(io_err(&temp))?;
+        file.write_all(text.as_bytes()).map_err(io_err(&temp))?;
+        file.sync_all().map_err(io_err(&temp))?;
+        std::fs::rename(&temp, &path).map_err(io_err(&path))?;
+        self.sync_dir()
+    }
+
+    fn sync_dir(&self) -> Result<(), DiskError> {
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))
+    }
+
+    fn segment_files(&self) -> Result<Vec<(u64, PathBuf)>, DiskError> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let entry = entry.map_err(io_err(&self.dir))?;
+            if let Some(start) = entry.file_name().to_str().and_then(format::parse_segment_file_name) {
+                files.push((start, entry.path()));
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    fn recover(&mut self) -> Result<Recovery, DiskError> {
+        let history = self.read_history()?;
+        let files = self.segment_files()?;
+        let Some(history) = history else {
+            for (_, path) in files {
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+            }
+            return Ok(Recovery::default());
+        };
+        let mut recovery =
+            Recovery { history: Some(history.clone()), start: history.start, end: history.start, ..Default::default() };
+        let mut broken = false;
+        for (start, path) in files {
+            if broken || start < history.start || (!self.segments.is_empty() && start != recovery.end) {
+                if !broken && start >= history.start {
+                    recovery
+                        .truncated
+                        .get_or_insert_with(|| format!("segment {} does not continue the log", path.display()));
+                }
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+                continue;
+            }
+            let (segment, failure) = scan_segment(&path, start)?;
+            if let Some(failure) = failure {
+                recovery.truncated = Some(format!("{}: {}", path.display(), failure.reason));
+                broken = true;
+                if !failure.header_ok {
+                    std::fs::remove_file(&path).map_err(io_err(&path))?;
+                    continue;
+                }
+                // Keep the good records; cut the torn or corrupt rest.
+                let file = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                file.set_len(failure.good_len).map_err(io_err(&path))?;
+                file.sync_all().map_err(io_err(&path))?;
+            }
+            if self.segments.is_empty() {
+                recovery.start = segment.start;
+            }
+            recovery.end = segment.end;
+            self.segments.push(segment);
+        }
+        recovery.segments = self.segments.len();
+        if let Some(last) = self.segments.last() {
+            let file = OpenOptions::new().read(true).write(true).open(&last.path).map_err(io_err(&last.path))?;
+            let len = file.metadata().map_err(io_err(&last.path))?.len();
+            self.active = Some((Arc::new(file), len));
+        }
+        Ok(recovery)
+    }
+
+    /// Starts a new history at `start`: every segment is deleted.
+    pub fn reset(&mut self, history: &HistoryMeta) -> Result<(), DiskError> {
+        self.active = None;
+        for segment in self.segments.drain(..) {
+            std::fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
+        }
+        for (_, path) in self.segment_files()? {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        self.write_history(history)
+    }
+
+    fn open_segment(&mut self, start: u64) -> Result<(), DiskError> {
+        if let Some((file, _)) = self.active.take() {
+            // A finished segment is made durable before the next one starts.
+            file.sync_data().map_err(io_err(&self.dir))?;
+        }
+        let path = self.dir.join(format::segment_file_name(start));
+        let mut file =
+            OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).map_err(io_err(&path))?;
+        file.write_all(&encode_segment_header(start)).map_err(io_err(&path))?;
+        self.sync_dir()?;
+        self.segments.push(Segment { start, end: start, path, records: Vec::new() });
+        self.active = Some((Arc::new(file), SEGMENT_HEADER_LEN as u64));
+        Ok(())
+    }
+
+    /// Appends `payload`, which starts at stream `position` (the end of the log).
+    pub fn append(&mut self, position: u64, payload: &[u8]) -> Result<(), DiskError> {
+        let rotate = match (&self.active, self.segments.last()) {
+            (Some((_, len)), Some(last)) => *len >= self.segment_size || last.end != position,
+            _ => true,
+        };
+        if rotate {
+            self.open_segment(position)?;
+        }
+        let (Some((file, len)), Some(segment)) = (self.active.as_mut(), self.segments.last_mut()) else {
+            return Err(DiskError::Io { path: self.dir.clone(), source: std::io::ErrorKind::NotFound.into() });
+        };
+        let header = encode_record_header(position, payload);
+        let mut record = Vec::with_capacity(RECORD_HEADER_LEN + payload.len());
+        record.extend_from_slice(&header);
+        record.extend_from_slice(payload);
+        file.write_all_at(&record, *len).map_err(io_err(&segment.path))?;
+        segment.records.push(RecordRef { position, file_offset: *len, len: payload.len() as u32 });
+        segment.end = position + payload.len() as u64;
+        *len += record.len() as u64;
+        Ok(())
+    }
+
+    /// The file to fsync for durability of everything appended so far.
+    pub fn active_file(&self) -> Option<Arc<File>> {
+        self.active.as_ref().map(|(file, _)| file.clone())
+    }
+
+    /// Deletes the oldest whole segments while more than `retain` bytes would remain; returns the new
+    /// first position.
+    pub fn trim(&mut self, retain: u64, end: u64) -> Result<Option<u64>, DiskError> {
+        let mut new_start = None;
+        while self.segments.len() > 1 && end - self.segments[1].start >= retain {
+            let segment = self.segments.remove(0);
+            std::fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
+            new_start = Some(self.segments[0].start);
+        }
+        Ok(new_start)
+    }
+
+    pub fn bytes_on_disk(&self) -> u64 {
+        let full: u64 = self.segments.iter().map(|s| s.end - s.start).sum();
+        full + self
+            .segments
+            .iter()
+            .map(|s| (SEGMENT_HEADER_LEN + s.records.len() * RECORD_HEADER_LEN) as u64)
+            .sum::<u64>()
+    }
+
+    /// Plans a read of up to `max_bytes` after `position`, record by record.
+    pub fn plan_read(&self, position: u64, max_bytes: usize) -> Vec<DiskSlice> {
+        let mut plan = Vec::new();
+        let segment_index = self.segments.partition_point(|s| s.start <= position).saturating_sub(1);
+        let mut planned = 0usize;
+        for segment in &self.segments[segment_index..] {
+            let first = segment.records.partition_point(|r| r.position <= position).saturating_sub(1);
+            for record in &segment.records[first..] {
+                let record_end = record.position + record.len as u64;
+                if record_end <= position {
+                    continue;
+                }
+                let skip = position.saturating_sub(record.position) as usize;
+                plan.push(DiskSlice {
+                    path: segment.path.clone(),
+                    file_offset: record.file_offset,
+                    header: RecordHeader { len: record.len as usize, crc: 0, position: record.position },
+                    skip,
+                });
+                planned += record.len as usize - skip;
+                if planned >= max_bytes {
+                    return plan;
+                }
+            }
+        }
+        plan
+    }
+}
+
+/// Why a disk read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskReadError {
+    #[error("segment is gone (trimmed or reset)")]
+    Gone,
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Corrupt { path: PathBuf, error: FormatError },
+}
+
+/// Executes a read plan with positioned reads, checking every record before any byte of it is used.
+pub fn read_planned(plan: &[DiskSlice]) -> Result<Vec<Bytes>, DiskReadError> {
+    let mut out = Vec::with_capacity(plan.len());
+    let mut open: Option<(PathBuf, File)> = None;
+    for slice in plan {
+        if open.as_ref().map(|(p, _)| p != &slice.path).unwrap_or(true) {
+            let file = File::open(&slice.path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => DiskReadError::Gone,
+                _ => DiskReadError::Io { path: slice.path.clone(), source: e },
+            })?;
+            open = Some((slice.path.clone(), file));
+        }
+        let Some((path, file)) = open.as_ref() else { return Err(DiskReadError::Gone) };
+        let mut record = vec![0u8; RECORD_HEADER_LEN + slice.header.len];
+        file.read_exact_at(&mut record, slice.file_offset)
+            .map_err(|source| DiskReadError::Io { path: path.clone(), source })?;
+        let header = decode_record_header(&record[..RECORD_HEADER_LEN])
+            .map_err(|error| DiskReadError::Corrupt { path: path.clone(), error })?;
+        if header.position != slice.header.position || header.len != slice.header.len {
+            return Err(DiskReadError::Corrupt {
+                path: path.clone(),
+                error: FormatError::Discontinuous { expected: slice.header.position, found: header.position },
+            });
+        }
+        verify_record(&header, &record[RECORD_HEADER_LEN..])
+            .map_err(|error| DiskReadError::Corrupt { path: path.clone(), error })?;
+        let bytes = Bytes::from(record).slice(RECORD_HEADER_LEN + slice.skip..);
+        out.push(bytes);
+    }
+    Ok(out)
+}
+
+/// Where a segment stops being good, and why.
+struct ScanFailure {
+    reason: String,
+    header_ok: bool,
+    good_len: u64,
+}
+
+/// Reads a segment and checks every record; returns what is good and why the rest is not.
+fn scan_segment(path: &Path, start: u64) -> Result<(Segment, Option<ScanFailure>), DiskError> {
+    let mut segment = Segment { start, end: start, path: path.to_path_buf(), records: Vec::new() };
+    let file = File::open(path).map_err(io_err(path))?;
+    let file_len = file.metadata().map_err(io_err(path))?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; SEGMENT_HEADER_LEN];
+    let bad_header = |reason: String| ScanFailure { reason, header_ok: false, good_len: 0 };
+    if reader.read_exact(&mut header).is_err() {
+        return Ok((segment, Some(bad_header("segment header is torn".into()))));
+    }
+    match decode_segment_header(&header) {
+        Ok(declared) if declared == start => {}
+        Ok(declared) => {
+            return Ok((segment, Some(bad_header(format!("header says position {declared}, file name says {start}")))))
+        }
+        Err(e) => return Ok((segment, Some(bad_header(e.to_string())))),
+    }
+    let mut offset = SEGMENT_HEADER_LEN as u64;
+    let cut = |reason: String, offset: u64| Some(ScanFailure { reason, header_ok: true, good_len: offset });
+    let mut payload = Vec::new();
+    loop {
+        if offset == file_len {
+            return Ok((segment, None));
+        }
+        let mut record_header = [0u8; RECORD_HEADER_LEN];
+        if reader.read_exact(&mut record_header).is_err() {
+            return Ok((segment, cut(format!("torn record header at file offset {offset}"), offset)));
+        }
+        let header = match decode_record_header(&record_header) {
+            Ok(h) => h,
+            Err(e) => return Ok((segment, cut(format!("{e} at file offset {offset}"), offset))),
+        };
+        if header.position != segment.end {
+            let error = FormatError::Discontinuous { expected: segment.end, found: header.position };
+            return Ok((segment, cut(format!("{error} at file offset {offset}"), offset)));
+        }
+        if offset + (RECORD_HEADER_LEN + header.len) as u64 > file_len {
+            return Ok((segment, cut(format!("torn record at file offset {offset}"), offset)));
+        }
+        payload.resize(header.len, 0);
+        reader.read_exact(&mut payload).map_err(io_err(path))?;
+        if let Err(e) = verify_record(&header, &payload) {
+            return Ok((segment, cut(format!("{e} at file offset {offset}"), offset)));
+        }
+        segment.records.push(RecordRef { position: header.position, file_offset: offset, len: header.len as u32 });
+        segment.end += header.len as u64;
+        offset += (RECORD_HEADER_LEN + header.len) as u64;
+    }
+}
+
+/// Helps tests find a segment's files.
+pub fn segment_paths(dir: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).and_then(format::parse_segment_file_name).is_some())
+                .collect()
+        })
+        .unwrap_or_default();
+    paths.sort();
+    paths
+}
