@@ -371,4 +371,54 @@ mod tests {
         .to_string();
         assert!(err.contains("relays[1].name") && err.contains("duplicate"), "{err}");
     }
+
+    fn error_of(yaml: &str) -> String {
+        Config::from_yaml(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_invalid_case_has_its_own_message() {
+        let base = "data_dir: /d\nrelays:\n";
+        let cases: &[(&str, &[&str])] = &[
+            ("  - {name: a, upstream: {addr: 'h:1', adr: x}, listen: '127.0.0.1:1'}\n", &["relays[0].upstream", "adr"]),
+            ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', log_size: 12xb}\n", &["relays[0].log_size", "12xb"]),
+            ("  - {name: a, listen: '127.0.0.1:1'}\n", &["relays[0]", "upstream"]),
+            (
+                "  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1'}\n  - {name: b, upstream: {addr: 'h:2'}, listen: '127.0.0.1:1'}\n",
+                &["relays[1].listen", "127.0.0.1:1", "duplicate"],
+            ),
+            ("  - {name: a, upstream: {addr: 'h:1', password: '${RELAY_TEST_SURELY_UNSET}'}, listen: '127.0.0.1:1'}\n", &["relays[0].upstream.password", "RELAY_TEST_SURELY_UNSET"]),
+            ("  - {name: a, upstream: {addr: 'nohost'}, listen: '127.0.0.1:1'}\n", &["relays[0].upstream.addr", "nohost"]),
+            ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', appendfsync: sometimes}\n", &["relays[0].appendfsync", "sometimes"]),
+        ];
+        for (relays, needles) in cases {
+            let message = error_of(&format!("{base}{relays}"));
+            for needle in *needles {
+                assert!(message.contains(needle), "{message:?} should contain {needle:?}");
+            }
+        }
+        let message = error_of("relays: []\n");
+        assert!(message.contains("relays") && message.contains("at least one"), "{message}");
+        let message = error_of("defaults: {log_sise: 1mb}\nrelays: []\n");
+        assert!(message.contains("defaults.log_sise"), "{message}");
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.yaml");
+        std::fs::write(&path, "relays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: 'nope', dir: /x}\n").unwrap();
+        let message = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            message.contains("relay.yaml") && message.contains("relays[0].listen") && message.contains("nope"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/relay.example.yaml");
+        let config = Config::from_file(&path).unwrap();
+        assert!(!config.relays.is_empty());
+    }
 }

@@ -1,16 +1,17 @@
 //! The `redis-relay` binary: parses the command line or the YAML file, starts every relay, and stops
 //! them all on SIGINT or SIGTERM through one shutdown signal.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+
+use tokio::signal::unix::{signal, SignalKind};
 
 use redis_relay::config::{self, Config, RelayConfig};
 use redis_relay::log::{FsyncPolicy, LogOptions};
+use redis_relay::relay::RunningRelay;
 
 /// A Redis replication relay: one replica of the master, a master to many replicas.
 #[derive(Parser, Debug)]
@@ -131,13 +132,51 @@ fn init_tracing(format: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result?,
-        _ = terminate.recv() => {}
+/// The relays of this process by name, started and stopped as the configuration says.
+struct Supervisor {
+    relays: BTreeMap<String, RunningRelay>,
+}
+
+impl Supervisor {
+    /// Brings the running set to `config`: removed relays stop, new ones start, changed ones restart
+    /// alone, unchanged ones are not touched.
+    async fn apply(&mut self, config: &Config) -> anyhow::Result<()> {
+        let wanted: BTreeMap<&str, &RelayConfig> = config.relays.iter().map(|r| (r.name.as_str(), r)).collect();
+        let stale: Vec<String> = self
+            .relays
+            .iter()
+            .filter(|(name, running)| wanted.get(name.as_str()).is_none_or(|w| **w != running.config))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(running) = self.relays.remove(&name) {
+                running.stop().await;
+            }
+        }
+        let mut failures = Vec::new();
+        for relay in &config.relays {
+            if self.relays.contains_key(&relay.name) {
+                continue;
+            }
+            match RunningRelay::start(relay.clone()).await {
+                Ok(running) => {
+                    self.relays.insert(relay.name.clone(), running);
+                }
+                Err(error) => failures.push(error.to_string()),
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", failures.join("; "))
+        }
     }
-    Ok(())
+
+    async fn stop_all(&mut self) {
+        for (_, running) in std::mem::take(&mut self.relays) {
+            running.stop().await;
+        }
+    }
 }
 
 #[tokio::main]
@@ -149,7 +188,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(&cli.log_format)?;
-    let config = match &cli.config {
+    let mut config = match &cli.config {
         Some(file) => Config::from_file(file)?,
         None => config_from_flags(&cli)?,
     };
@@ -157,17 +196,37 @@ async fn main() -> anyhow::Result<()> {
         redis_relay::metrics::install(addr)?;
         tracing::info!(%addr, "metrics endpoint listening on /metrics");
     }
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-    for relay in config.relays {
-        redis_relay::relay::start(relay, shutdown_rx.clone(), &mut tasks).await?;
+    let mut supervisor = Supervisor { relays: BTreeMap::new() };
+    supervisor.apply(&config).await?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = hangup.recv() => {
+                let Some(file) = &cli.config else {
+                    tracing::warn!("SIGHUP ignored: no --config file to reload");
+                    continue;
+                };
+                match Config::from_file(file) {
+                    Ok(new_config) => {
+                        if new_config.metrics != config.metrics {
+                            tracing::warn!("metrics.listen changed: it takes effect at the next restart");
+                        }
+                        tracing::info!(file = %file.display(), relays = new_config.relays.len(), "reloading the configuration");
+                        if let Err(error) = supervisor.apply(&new_config).await {
+                            tracing::error!("reload: some relays did not start: {error}");
+                        }
+                        config = new_config;
+                    }
+                    Err(error) => tracing::error!("reload refused, the running topology stays: {error}"),
+                }
+            }
+        }
     }
-    shutdown_signal().await?;
     tracing::info!("shutting down");
-    shutdown_tx.send_replace(true);
-    let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
-        tracing::warn!("some tasks did not stop within 10 s");
-    }
+    supervisor.stop_all().await;
     Ok(())
 }

@@ -1,12 +1,28 @@
-//! Prometheus metrics: the exporter, and per-relay handles labelled by relay name.
+//! Prometheus metrics: the `/metrics` endpoint, and a collector per relay that samples the relay's
+//! state once a second.
 //!
-//! The metrics registry is the one piece of global state (the `metrics` facade's recorder). Names follow
-//! Prometheus conventions: `_bytes`, `_seconds`, `_total`.
+//! The metrics registry is the one piece of global state (the `metrics` facade's recorder). Values are
+//! read from the same state `INFO` shows (upstream status, log summary, replica table, served
+//! counters), so the two always agree. Every series carries the `relay` label; per-replica series also
+//! `replica` (`ip:port`) and disappear a few seconds after the replica does (idle timeout).
+//! Names follow Prometheus conventions: `_bytes`, `_seconds`, `_total`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
+use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
 use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_util::MetricKindMask;
+use tokio::sync::watch;
+
+use crate::downstream::ReplicaState;
+use crate::relay::{stopped, RelayContext, ServedStats};
+use crate::upstream::LinkState;
+
+/// How often the collector samples, and how long a series survives without a sample.
+const SAMPLE_PERIOD: Duration = Duration::from_secs(1);
+const SERIES_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start the metrics endpoint on {addr}: {reason}")]
@@ -15,56 +31,128 @@ pub struct MetricsError {
     reason: String,
 }
 
+/// Every metric the relay exports: name, kind, unit, help. The README's table and the deploy files
+/// use these names; a test checks that a live scrape has them all.
+pub const METRICS: &[(&str, Kind, &str)] = &[
+    ("redis_relay_upstream_link_up", Kind::Gauge, "1 when the replication link to the master is up"),
+    ("redis_relay_upstream_offset_bytes", Kind::Gauge, "Master offset read so far (slave_read_repl_offset)"),
+    ("redis_relay_offset_bytes", Kind::Gauge, "The relay's applied offset (master_repl_offset)"),
+    ("redis_relay_upstream_lag_bytes", Kind::Gauge, "Bytes read from the master but not yet applied"),
+    ("redis_relay_upstream_last_io_seconds", Kind::Gauge, "Seconds since the last byte from the master"),
+    ("redis_relay_upstream_reconnects_total", Kind::Counter, "Times the upstream link was lost and retried"),
+    ("redis_relay_upstream_received_bytes_total", Kind::Counter, "Bytes read from the master"),
+    ("redis_relay_log_first_offset_bytes", Kind::Gauge, "Offset of the first byte the log holds"),
+    ("redis_relay_log_last_offset_bytes", Kind::Gauge, "Offset of the last byte the log holds"),
+    ("redis_relay_log_durable_offset_bytes", Kind::Gauge, "Offset up to which the log is fsynced"),
+    ("redis_relay_log_disk_bytes", Kind::Gauge, "Bytes of log segments on disk"),
+    ("redis_relay_log_memory_bytes", Kind::Gauge, "Bytes of the log's in-memory tail"),
+    ("redis_relay_log_retention_bytes", Kind::Gauge, "Configured log retention (log_size)"),
+    ("redis_relay_snapshot_offset_bytes", Kind::Gauge, "Master offset of the cached RDB (-1 if none)"),
+    ("redis_relay_snapshot_size_bytes", Kind::Gauge, "Size of the cached RDB"),
+    ("redis_relay_snapshot_age_seconds", Kind::Gauge, "Age of the cached RDB"),
+    ("redis_relay_rdb_fetches_total", Kind::Counter, "RDBs fetched from the master (each one a master fork)"),
+    ("redis_relay_rdb_rejected_total", Kind::Counter, "RDB payloads from the master rejected as corrupt"),
+    ("redis_relay_full_syncs_served_total", Kind::Counter, "Full syncs served to replicas from the cache"),
+    ("redis_relay_partial_syncs_total", Kind::Counter, "Partial resync requests, by result (accepted/refused)"),
+    ("redis_relay_replicas", Kind::Gauge, "Connected replicas by state"),
+    ("redis_relay_replica_ack_offset_bytes", Kind::Gauge, "Last offset a replica acknowledged"),
+    ("redis_relay_replica_lag_bytes", Kind::Gauge, "Relay offset minus the replica's acknowledged offset"),
+    ("redis_relay_replica_lag_seconds", Kind::Gauge, "Seconds since the replica's last ACK"),
+    ("redis_relay_downstream_sent_bytes_total", Kind::Counter, "Bytes sent to replicas (RDB and stream)"),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Gauge,
+    Counter,
+}
+
 /// Starts the `/metrics` HTTP endpoint and describes every metric.
 pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
+        .idle_timeout(MetricKindMask::GAUGE, Some(SERIES_IDLE_TIMEOUT))
         .install()
         .map_err(|e| MetricsError { addr, reason: e.to_string() })?;
-    describe();
+    for (name, kind, help) in METRICS {
+        let unit = if name.ends_with("_bytes") || name.ends_with("_bytes_total") {
+            Some(Unit::Bytes)
+        } else if name.ends_with("_seconds") {
+            Some(Unit::Seconds)
+        } else {
+            None
+        };
+        match (kind, unit) {
+            (Kind::Gauge, Some(unit)) => describe_gauge!(*name, unit, *help),
+            (Kind::Gauge, None) => describe_gauge!(*name, *help),
+            (Kind::Counter, Some(unit)) => describe_counter!(*name, unit, *help),
+            (Kind::Counter, None) => describe_counter!(*name, *help),
+        }
+    }
     Ok(())
 }
 
-fn describe() {
-    describe_gauge!("redis_relay_upstream_link_up", "1 when the replication link to the master is up");
-    describe_gauge!("redis_relay_offset_bytes", "The relay's applied replication offset (master_repl_offset)");
-    describe_counter!("redis_relay_rdb_fetched_total", "Full syncs the relay asked of its master");
-    describe_counter!("redis_relay_upstream_received_bytes_total", "Stream bytes applied from the master");
-}
-
-/// The handles of one relay's metrics.
-#[derive(Clone)]
-pub struct RelayMetrics {
-    link_up: Gauge,
-    offset: Gauge,
-    rdb_fetched: Counter,
-    bytes_in: Counter,
-}
-
-impl RelayMetrics {
-    pub fn new(relay: &str) -> RelayMetrics {
-        let labels = [("relay", relay.to_string())];
-        RelayMetrics {
-            link_up: gauge!("redis_relay_upstream_link_up", &labels),
-            offset: gauge!("redis_relay_offset_bytes", &labels),
-            rdb_fetched: counter!("redis_relay_rdb_fetched_total", &labels),
-            bytes_in: counter!("redis_relay_upstream_received_bytes_total", &labels),
+/// Samples one relay's state into its series every second until shutdown.
+pub async fn collect(context: Arc<RelayContext>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SAMPLE_PERIOD);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => sample(&context),
+            _ = stopped(&mut shutdown) => return,
         }
     }
+}
 
-    pub fn link_up(&self, up: bool) {
-        self.link_up.set(if up { 1.0 } else { 0.0 });
+fn sample(context: &RelayContext) {
+    let relay = context.config.name.clone();
+    let labels = [("relay", relay.clone())];
+    let upstream = context.upstream.borrow().clone();
+    let log = context.log.summary();
+    let up = upstream.state == LinkState::Connected;
+    gauge!("redis_relay_upstream_link_up", &labels).set(f64::from(u8::from(up)));
+    let read_offset = if up { upstream.read_offset.max(log.end) } else { log.end };
+    gauge!("redis_relay_upstream_offset_bytes", &labels).set(read_offset as f64);
+    gauge!("redis_relay_offset_bytes", &labels).set(log.end as f64);
+    gauge!("redis_relay_upstream_lag_bytes", &labels).set((read_offset - log.end) as f64);
+    let last_io = upstream.last_io.map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
+    gauge!("redis_relay_upstream_last_io_seconds", &labels).set(last_io);
+    counter!("redis_relay_upstream_reconnects_total", &labels).absolute(upstream.reconnects);
+    counter!("redis_relay_upstream_received_bytes_total", &labels).absolute(upstream.input_bytes);
+    gauge!("redis_relay_log_first_offset_bytes", &labels).set(log.first_byte_offset as f64);
+    gauge!("redis_relay_log_last_offset_bytes", &labels).set(log.end as f64);
+    gauge!("redis_relay_log_durable_offset_bytes", &labels).set(log.durable as f64);
+    gauge!("redis_relay_log_disk_bytes", &labels).set(log.disk_bytes as f64);
+    gauge!("redis_relay_log_memory_bytes", &labels).set(log.memory_bytes as f64);
+    gauge!("redis_relay_log_retention_bytes", &labels).set(log.capacity as f64);
+
+    let snapshot = context.snapshots.current();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    gauge!("redis_relay_snapshot_offset_bytes", &labels)
+        .set(snapshot.as_ref().map(|s| s.offset as f64).unwrap_or(-1.0));
+    gauge!("redis_relay_snapshot_size_bytes", &labels).set(snapshot.as_ref().map(|s| s.size as f64).unwrap_or(0.0));
+    let age = snapshot.as_ref().map(|s| now.saturating_sub(s.created_unix) as f64).unwrap_or(-1.0);
+    gauge!("redis_relay_snapshot_age_seconds", &labels).set(age);
+    counter!("redis_relay_rdb_fetches_total", &labels).absolute(upstream.rdb_fetches);
+    counter!("redis_relay_rdb_rejected_total", &labels).absolute(upstream.rdb_rejected);
+
+    let stats = &context.stats;
+    counter!("redis_relay_full_syncs_served_total", &labels).absolute(ServedStats::get(&stats.sync_full));
+    for (result, value) in [("accepted", &stats.sync_partial_ok), ("refused", &stats.sync_partial_err)] {
+        let labels = [("relay", relay.clone()), ("result", result.to_string())];
+        counter!("redis_relay_partial_syncs_total", &labels).absolute(ServedStats::get(value));
     }
+    counter!("redis_relay_downstream_sent_bytes_total", &labels).absolute(ServedStats::get(&stats.repl_output_bytes));
 
-    pub fn offsets(&self, applied: u64) {
-        self.offset.set(applied as f64);
+    let replicas = context.replicas.snapshot();
+    for state in [ReplicaState::WaitBgsave, ReplicaState::SendBulk, ReplicaState::Online] {
+        let count = replicas.iter().filter(|r| r.state == state).count();
+        let labels = [("relay", relay.clone()), ("state", state.name().to_string())];
+        gauge!("redis_relay_replicas", &labels).set(count as f64);
     }
-
-    pub fn rdb_fetched(&self) {
-        self.rdb_fetched.increment(1);
-    }
-
-    pub fn bytes_in(&self, n: usize) {
-        self.bytes_in.increment(n as u64);
+    for replica in replicas.iter().filter(|r| r.state == ReplicaState::Online) {
+        let labels = [("relay", relay.clone()), ("replica", format!("{}:{}", replica.ip, replica.port))];
+        gauge!("redis_relay_replica_ack_offset_bytes", &labels).set(replica.ack_offset as f64);
+        gauge!("redis_relay_replica_lag_bytes", &labels).set(log.end.saturating_sub(replica.ack_offset) as f64);
+        gauge!("redis_relay_replica_lag_seconds", &labels).set(replica.ack_time.elapsed().as_secs_f64());
     }
 }

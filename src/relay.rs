@@ -14,7 +14,6 @@ use tokio::time::Instant;
 use crate::config::RelayConfig;
 use crate::downstream::{self, ReplicaTable};
 use crate::log::{FsyncPolicy, ReplicationLog};
-use crate::metrics::RelayMetrics;
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use crate::upstream::fetch::FetchRequests;
 use crate::upstream::{UpstreamConfig, UpstreamLink, UpstreamStatus};
@@ -52,7 +51,6 @@ pub struct RelayContext {
     pub stats: ServedStats,
     pub replicas: Arc<ReplicaTable>,
     pub fetcher: FetchRequests,
-    pub metrics: RelayMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +68,41 @@ pub fn random_hex_id() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
     (0..40).map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0')).collect()
+}
+
+/// A started relay: its tasks and the one signal that stops them.
+pub struct RunningRelay {
+    pub config: RelayConfig,
+    pub context: Arc<RelayContext>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl RunningRelay {
+    pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
+        let (shutdown, receiver) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let context = start(config.clone(), receiver, &mut tasks).await?;
+        Ok(RunningRelay { config, context, shutdown, tasks })
+    }
+
+    /// Stops every task of this relay and waits until its connections are closed, so that its listen
+    /// address and data directory are free again.
+    pub async fn stop(mut self) {
+        let name = self.config.name.clone();
+        self.shutdown.send_replace(true);
+        let drain = async {
+            while self.tasks.join_next().await.is_some() {}
+            // Client and replica sessions hold the context; they end on the same signal.
+            while Arc::strong_count(&self.context) > 1 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(10), drain).await.is_err() {
+            tracing::warn!(relay = %name, "relay did not stop within 10 s");
+        }
+        tracing::info!(relay = %name, "relay stopped");
+    }
 }
 
 /// Starts one relay's tasks on `tasks`; they stop when `shutdown` flips to true.
@@ -104,7 +137,6 @@ pub async fn start(
         SnapshotStore::open(&config.dir)
             .map_err(|source| RelayError::Snapshot { name: config.name.clone(), source })?,
     );
-    let metrics = RelayMetrics::new(&config.name);
     let upstream_config = UpstreamConfig {
         addr: config.upstream.clone(),
         user: config.upstream_user.clone(),
@@ -112,7 +144,7 @@ pub async fn start(
         listening_port: config.listen.port(),
         repl_timeout: config.repl_timeout,
     };
-    let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone(), metrics.clone());
+    let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone());
     let (fetcher_task, fetcher) = link.fetcher();
     let context = Arc::new(RelayContext {
         config,
@@ -125,7 +157,6 @@ pub async fn start(
         stats: ServedStats::default(),
         replicas: Arc::new(ReplicaTable::default()),
         fetcher,
-        metrics,
     });
     tracing::info!(
         relay = %context.config.name,
@@ -137,6 +168,7 @@ pub async fn start(
     if context.config.log.fsync == FsyncPolicy::EverySec {
         tasks.spawn(sync_every_second(context.log.clone(), shutdown.clone()));
     }
+    tasks.spawn(crate::metrics::collect(context.clone(), shutdown.clone()));
     tasks.spawn(link.run(shutdown.clone()));
     tasks.spawn(fetcher_task.run(shutdown.clone()));
     tasks.spawn(downstream::serve(listener, context.clone(), shutdown));
@@ -166,5 +198,36 @@ async fn sync_every_second(log: Arc<ReplicationLog>, mut shutdown: watch::Receiv
     // A graceful stop leaves everything appended on stable storage.
     if let Err(error) = log.sync() {
         tracing::error!("final fsync of the replication log failed: {error}");
+    }
+}
+
+/// Logs the progress of a long transfer every few seconds: bytes, percent when the size is known,
+/// and the rate since the start.
+pub struct TransferProgress {
+    what: &'static str,
+    peer: String,
+    started: Instant,
+    last_logged: Instant,
+}
+
+impl TransferProgress {
+    const PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub fn new(what: &'static str, peer: impl Into<String>) -> TransferProgress {
+        let now = Instant::now();
+        TransferProgress { what, peer: peer.into(), started: now, last_logged: now }
+    }
+
+    /// `total` is -1 when unknown (EOF-marked payloads).
+    pub fn update(&mut self, done: u64, total: i64) {
+        if self.last_logged.elapsed() < Self::PERIOD {
+            return;
+        }
+        self.last_logged = Instant::now();
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate_mb = done as f64 / seconds / (1024.0 * 1024.0);
+        let percent =
+            if total > 0 { format!("{:.1}%", done as f64 * 100.0 / total as f64) } else { "size unknown".to_string() };
+        tracing::info!(peer = %self.peer, bytes = done, total, "{} in progress: {percent}, {rate_mb:.1} MB/s", self.what);
     }
 }

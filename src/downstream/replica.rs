@@ -16,7 +16,7 @@ use super::connection::{read_more, write_all_vectored};
 use super::{ClientError, ReplicaEntry, ReplicaRow, ReplicaState, Session};
 use crate::log::{LogSummary, ReadError};
 use crate::protocol::{parse_command, ClientCommand, Reply};
-use crate::relay::{random_hex_id, RelayContext, ServedStats};
+use crate::relay::{random_hex_id, RelayContext, ServedStats, TransferProgress};
 use crate::snapshot::SnapshotMeta;
 use crate::upstream::fetch::snapshot_is_current;
 
@@ -235,6 +235,7 @@ async fn send_rdb(
     write_timed(stream, header.as_bytes(), repl_timeout).await?;
     let mut buf = vec![0u8; RDB_CHUNK];
     let mut sent = 0u64;
+    let mut progress = TransferProgress::new("full sync to a replica", session.peer.to_string());
     while sent < snapshot.size {
         let n = file.read(&mut buf).await?;
         if n == 0 {
@@ -243,6 +244,7 @@ async fn send_rdb(
         let n = n.min((snapshot.size - sent) as usize);
         write_timed(stream, &buf[..n], repl_timeout).await?;
         sent += n as u64;
+        progress.update(sent, snapshot.size as i64);
     }
     if eof_form {
         write_timed(stream, mark.as_bytes(), repl_timeout).await?;

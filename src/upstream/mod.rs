@@ -19,7 +19,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::log::ReplicationLog;
-use crate::metrics::RelayMetrics;
 use crate::protocol::{encode_command, ProtocolError};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use connection::MasterConnection;
@@ -146,7 +145,6 @@ pub struct UpstreamLink {
     log: Arc<ReplicationLog>,
     snapshots: Arc<SnapshotStore>,
     status: watch::Sender<UpstreamStatus>,
-    metrics: RelayMetrics,
 }
 
 const ACK_PERIOD: Duration = Duration::from_secs(1);
@@ -157,10 +155,9 @@ impl UpstreamLink {
         config: UpstreamConfig,
         log: Arc<ReplicationLog>,
         snapshots: Arc<SnapshotStore>,
-        metrics: RelayMetrics,
     ) -> (UpstreamLink, watch::Receiver<UpstreamStatus>) {
         let (status, receiver) = watch::channel(UpstreamStatus::default());
-        (UpstreamLink { config, log, snapshots, status, metrics }, receiver)
+        (UpstreamLink { config, log, snapshots, status }, receiver)
     }
 
     /// The side-connection RDB fetcher that shares this link's master, log, snapshots and status.
@@ -195,7 +192,6 @@ impl UpstreamLink {
                 s.reconnects += 1;
                 s.read_offset = self.log.summary().end;
             });
-            self.metrics.link_up(false);
             backoff = if reached_stream {
                 Duration::ZERO
             } else {
@@ -259,7 +255,6 @@ impl UpstreamLink {
             s.ever_connected = true;
             s.last_io = Some(now);
         });
-        self.metrics.link_up(true);
         self.follow_stream(&mut conn, &mut applied).await
     }
 
@@ -269,11 +264,12 @@ impl UpstreamLink {
         tracing::info!(replid, offset, "full resync from master, receiving the RDB");
         self.set_state(LinkState::Sync);
         self.status.send_modify(|s| s.rdb_fetches += 1);
-        self.metrics.rdb_fetched();
         let started = Instant::now();
         let mut writer = self.snapshots.begin(replid, offset).await?;
         let status = &self.status;
+        let mut log_progress = crate::relay::TransferProgress::new("RDB receipt from the master", &self.config.addr);
         let mut progress = |total: i64, read: u64| {
+            log_progress.update(read, total);
             status.send_modify(|s| {
                 s.sync_total_bytes = total;
                 s.sync_read_bytes = read;
@@ -312,7 +308,6 @@ impl UpstreamLink {
             s.last_io = Some(last_io);
             s.input_bytes += new_input;
         });
-        self.metrics.offsets(applied);
     }
 
     async fn follow_stream(&self, conn: &mut MasterConnection, applied: &mut u64) -> Result<(), LinkError> {
@@ -331,7 +326,6 @@ impl UpstreamLink {
                     let chunk: Bytes = conn.buf.split_to(scanned.appliable).freeze();
                     tracker.consumed(scanned.appliable);
                     *applied += chunk.len() as u64;
-                    self.metrics.bytes_in(chunk.len());
                     self.log.append(chunk)?;
                 }
             }
