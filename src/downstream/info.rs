@@ -70,7 +70,7 @@ fn replication(context: &RelayContext, out: &mut String) {
     line(out, "master_link_status", if link_up { "up" } else { "down" });
     line(out, "master_last_io_seconds_ago", upstream.last_io.map(|t| t.elapsed().as_secs() as i64).unwrap_or(-1));
     line(out, "master_sync_in_progress", u8::from(upstream.state == LinkState::Sync));
-    line(out, "slave_read_repl_offset", if link_up { upstream.read_offset } else { log.end });
+    line(out, "slave_read_repl_offset", if link_up { upstream.read_offset.max(log.end) } else { log.end });
     line(out, "slave_repl_offset", log.end);
     if upstream.state == LinkState::Sync {
         line(out, "master_sync_total_bytes", upstream.sync_total_bytes);

@@ -1,0 +1,1006 @@
+//! Integration-test harness: real `redis-server` processes, the `redis-relay` binary, and helpers
+//! to wait for conditions with deadlines (never fixed sleeps).
+//!
+//! Everything listens on loopback only. Each [`RedisServer`] and [`Relay`] owns a temporary
+//! directory and its child process; both are killed (and reaped) on drop. When a test panics,
+//! the drop handlers print the tail of the relay's stderr and of each redis-server's log, so a
+//! failure shows what the processes were doing.
+//!
+//! This module is compiled into every integration-test crate that declares `mod common;`, so not
+//! every item is used by every crate.
+#![allow(dead_code)]
+
+use std::fs::OpenOptions;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis::{Connection, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+use tempfile::TempDir;
+
+/// Path of the redis-server binary (overridable with `REDIS_SERVER_BIN`).
+pub fn redis_server_bin() -> String {
+    std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_string())
+}
+
+/// How often [`wait_until`] and friends poll.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a process may take to start answering `PING`.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// A generous default deadline for replication conditions.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many times a process start is retried when its (just freed) port was taken meanwhile.
+const START_ATTEMPTS: usize = 5;
+
+// ---------------------------------------------------------------------------------------------
+// Ports, connections, waiting
+// ---------------------------------------------------------------------------------------------
+
+/// A loopback port that was free a moment ago: binds `127.0.0.1:0`, reads the port, drops the
+/// listener. Starting a process on it can still race with another test; the `start` functions
+/// below retry with a new port when the process exits early.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// Opens a connection to `127.0.0.1:port`, authenticating if `password` is given (as `user` if
+/// given). Does not send `CLIENT SETINFO`, so it also works against servers that answer only a
+/// handful of commands. Connect, read and write timeouts are bounded so a hung peer fails the
+/// test instead of hanging it.
+pub fn connect(port: u16, user: Option<&str>, password: Option<&str>) -> redis::RedisResult<Connection> {
+    let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
+    if let Some(user) = user {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = password {
+        settings = settings.set_password(password);
+    }
+    let info = ConnectionAddr::Tcp("127.0.0.1".to_string(), port).into_connection_info()?.set_redis_settings(settings);
+    let client = redis::Client::open(info)?;
+    let con = client.get_connection_with_timeout(Duration::from_secs(5))?;
+    con.set_read_timeout(Some(Duration::from_secs(30)))?;
+    con.set_write_timeout(Some(Duration::from_secs(30)))?;
+    Ok(con)
+}
+
+/// Polls `probe` every [`POLL_INTERVAL`] until it returns `Ok`, and returns that value. On
+/// deadline, panics naming `description` and the last `Err` the probe returned (a description of
+/// the last observed state).
+pub fn wait_for<T>(timeout: Duration, description: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match probe() {
+            Ok(value) => return value,
+            Err(last) => {
+                if start.elapsed() >= timeout {
+                    panic!("timed out after {timeout:?} waiting for {description}; last observed: {last}");
+                }
+            }
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Polls `condition` every [`POLL_INTERVAL`] until it is true; panics naming `description` on
+/// deadline. Use [`wait_for`] when the last observed value helps explain a timeout.
+pub fn wait_until(timeout: Duration, description: &str, mut condition: impl FnMut() -> bool) {
+    wait_for(timeout, description, || if condition() { Ok(()) } else { Err("condition false".to_string()) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// INFO
+// ---------------------------------------------------------------------------------------------
+
+/// The value of `name` in an `INFO` reply (`name:value` lines), if present.
+pub fn parse_info_field(info: &str, name: &str) -> Option<String> {
+    info.lines().find_map(|line| {
+        let (key, value) = line.trim_end_matches('\r').split_once(':')?;
+        (key == name).then(|| value.to_string())
+    })
+}
+
+/// Anything that answers `INFO`: a [`RedisServer`] or a [`Relay`].
+pub trait InfoSource {
+    /// The `INFO <section>` reply. Panics if the process does not answer.
+    fn info(&self, section: &str) -> String;
+
+    /// The value of `name` in `INFO <section>`.
+    fn info_field(&self, section: &str, name: &str) -> Option<String> {
+        parse_info_field(&self.info(section), name)
+    }
+
+    /// The value of `name` in `INFO <section>` as an integer; panics if it is missing or not one.
+    fn info_i64(&self, section: &str, name: &str) -> i64 {
+        let info = self.info(section);
+        let value = parse_info_field(&info, name).unwrap_or_else(|| panic!("INFO {section} has no {name}:\n{info}"));
+        value.parse().unwrap_or_else(|_| panic!("INFO {section} field {name} is not an integer: {value:?}"))
+    }
+}
+
+/// `master_repl_offset` from `INFO replication`.
+pub fn offset_of(source: &impl InfoSource) -> i64 {
+    source.info_i64("replication", "master_repl_offset")
+}
+
+/// `master_replid` from `INFO replication`.
+pub fn replid_of(source: &impl InfoSource) -> String {
+    source.info_field("replication", "master_replid").expect("INFO replication has master_replid")
+}
+
+/// A counter from `INFO stats` (e.g. `sync_full`, `sync_partial_ok`).
+pub fn stat_of(source: &impl InfoSource, name: &str) -> i64 {
+    source.info_i64("stats", name)
+}
+
+/// A short description of a replica's replication state, for timeout messages.
+fn replica_state(source: &impl InfoSource) -> String {
+    let info = source.info("replication");
+    let field = |name| parse_info_field(&info, name).unwrap_or_else(|| "?".to_string());
+    format!(
+        "master_link_status:{} master_replid:{} master_repl_offset:{} slave_repl_offset:{} master_sync_in_progress:{}",
+        field("master_link_status"),
+        field("master_replid"),
+        field("master_repl_offset"),
+        field("slave_repl_offset"),
+        field("master_sync_in_progress"),
+    )
+}
+
+/// Waits until `replica` reports `master_link_status:up`.
+pub fn wait_link_up(replica: &impl InfoSource, timeout: Duration) {
+    wait_for(timeout, "master_link_status:up on the replica", || {
+        let info = replica.info("replication");
+        match parse_info_field(&info, "master_link_status").as_deref() {
+            Some("up") => Ok(()),
+            _ => Err(replica_state(replica)),
+        }
+    })
+}
+
+/// Waits until `replica` has the link up, the master's replication id, and the master's offset.
+/// Returns the common offset.
+pub fn wait_in_sync(master: &impl InfoSource, replica: &impl InfoSource, timeout: Duration) -> i64 {
+    wait_for(timeout, "the replica to reach the master's replid and offset", || {
+        let master_info = master.info("replication");
+        let replica_info = replica.info("replication");
+        let m_off = parse_info_field(&master_info, "master_repl_offset");
+        let m_id = parse_info_field(&master_info, "master_replid");
+        let r_off = parse_info_field(&replica_info, "master_repl_offset");
+        let r_id = parse_info_field(&replica_info, "master_replid");
+        let link = parse_info_field(&replica_info, "master_link_status");
+        if m_off.is_some() && m_off == r_off && m_id == r_id && link.as_deref() == Some("up") {
+            Ok(m_off.and_then(|o| o.parse().ok()).expect("numeric master_repl_offset"))
+        } else {
+            Err(format!(
+                "master replid {m_id:?} offset {m_off:?}; replica link {link:?} replid {r_id:?} offset {r_off:?}"
+            ))
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+/// Kills and reaps a child process (idempotent).
+fn kill_child(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// The last `lines` lines of `text`.
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Removes ANSI escape sequences (colours) from `text`.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // CSI: parameters and intermediates, then one final byte in @..~.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A cached connection that is re-opened after an error.
+struct CachedConnection {
+    port: u16,
+    user: Option<String>,
+    password: Option<String>,
+    con: Mutex<Option<Connection>>,
+}
+
+impl CachedConnection {
+    fn new(port: u16, user: Option<String>, password: Option<String>) -> Self {
+        CachedConnection { port, user, password, con: Mutex::new(None) }
+    }
+
+    fn open(&self) -> redis::RedisResult<Connection> {
+        connect(self.port, self.user.as_deref(), self.password.as_deref())
+    }
+
+    /// Runs `cmd` on the cached connection, reconnecting once if the connection was broken.
+    fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let mut guard = self.con.lock().unwrap_or_else(|e| e.into_inner());
+        for attempt in 0..2 {
+            if guard.is_none() {
+                *guard = Some(self.open()?);
+            }
+            let con = guard.as_mut().expect("connection just opened");
+            match cmd.query::<T>(con) {
+                Ok(value) => return Ok(value),
+                Err(error) if attempt == 0 && (error.is_connection_dropped() || error.is_io_error()) => {
+                    *guard = None;
+                }
+                Err(error) => {
+                    if error.is_connection_dropped() || error.is_io_error() || error.is_timeout() {
+                        *guard = None;
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+}
+
+/// The command's name (first argument) for error messages.
+fn command_name(cmd: &redis::Cmd) -> String {
+    match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).into_owned(),
+        _ => "<command>".to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// redis-server
+// ---------------------------------------------------------------------------------------------
+
+/// Options for starting a [`RedisServer`]; see [`RedisServer::builder`].
+#[derive(Default)]
+pub struct RedisServerBuilder {
+    args: Vec<String>,
+    password: Option<String>,
+    dir: Option<TempDir>,
+}
+
+impl RedisServerBuilder {
+    /// Adds one command-line argument (e.g. `"--repl-backlog-size"`, then `"64mb"`).
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds several command-line arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// `--requirepass PASSWORD`; the harness's own connections then authenticate with it.
+    pub fn requirepass(mut self, password: &str) -> Self {
+        self.password = Some(password.to_string());
+        self.arg("--requirepass").arg(password)
+    }
+
+    /// `--repl-diskless-sync yes|no`, with `--repl-diskless-sync-delay 0` so a sync starts at once.
+    pub fn diskless_sync(self, diskless: bool) -> Self {
+        self.arg("--repl-diskless-sync")
+            .arg(if diskless { "yes" } else { "no" })
+            .arg("--repl-diskless-sync-delay")
+            .arg("0")
+    }
+
+    /// `--replicaof 127.0.0.1 PORT`.
+    pub fn replica_of(self, port: u16) -> Self {
+        self.arg("--replicaof").arg("127.0.0.1").arg(port.to_string())
+    }
+
+    /// Runs the server in `dir` (e.g. one prepared with a `dump.rdb` to load) instead of a new
+    /// temporary directory.
+    pub fn dir(mut self, dir: TempDir) -> Self {
+        self.dir = Some(dir);
+        self
+    }
+
+    /// Starts the server and waits (up to [`STARTUP_TIMEOUT`]) until it answers `PING` (which
+    /// also means any RDB in its directory has been loaded).
+    pub fn start(self) -> RedisServer {
+        let dir = match self.dir {
+            Some(dir) => dir,
+            None => tempfile::Builder::new().prefix("redis-server-").tempdir().expect("create temp dir"),
+        };
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            match RedisServer::spawn(port, &dir, &self.args, self.password.as_deref()) {
+                Ok(child) => {
+                    return RedisServer {
+                        child,
+                        port,
+                        con: CachedConnection::new(port, None, self.password.clone()),
+                        password: self.password,
+                        dir,
+                    };
+                }
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("redis-server did not start after {START_ATTEMPTS} attempts:\n{}", failures.join("\n---\n"));
+    }
+}
+
+/// A `redis-server` child process on a loopback port, in its own temporary directory.
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    password: Option<String>,
+    con: CachedConnection,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn builder() -> RedisServerBuilder {
+        RedisServerBuilder::default()
+    }
+
+    /// Starts a server with the harness's base arguments plus `args`.
+    pub fn start(args: &[&str]) -> RedisServer {
+        RedisServer::builder().args(args.iter().copied()).start()
+    }
+
+    /// Spawns the process and waits until it answers PING as itself; on failure returns a
+    /// description (and the child is reaped).
+    fn spawn(port: u16, dir: &TempDir, args: &[String], password: Option<&str>) -> Result<Child, String> {
+        let logfile = dir.path().join("redis.log");
+        let mut command = Command::new(redis_server_bin());
+        command
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--enable-debug-command")
+            .arg("yes")
+            // 7.0 defaults to diskless sync with a 5 s delay; start syncs at once (tests that care
+            // about the sync form set both options through `diskless_sync`).
+            .arg("--repl-diskless-sync-delay")
+            .arg("0")
+            .arg("--daemonize")
+            .arg("no")
+            .arg("--logfile")
+            .arg(&logfile)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = command.spawn().map_err(|e| format!("cannot run {}: {e}", redis_server_bin()))?;
+        let pid = child.id().to_string();
+        let start = Instant::now();
+        let mut last: String;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(&logfile).unwrap_or_default();
+                return Err(format!("redis-server on port {port} exited with {status}; log:\n{}", tail(&log, 20)));
+            }
+            // PING fails with LOADING until an RDB in the directory is loaded; INFO names the pid.
+            match connect(port, None, password).and_then(|mut con| {
+                redis::cmd("PING").exec(&mut con)?;
+                redis::cmd("INFO").arg("server").query::<String>(&mut con)
+            }) {
+                // Another process may own the port if ours lost the race for it: check the pid.
+                Ok(info) if parse_info_field(&info, "process_id").as_deref() == Some(pid.as_str()) => return Ok(child),
+                Ok(_) => last = "another process answers on this port".to_string(),
+                Err(error) => last = error.to_string(),
+            }
+            if start.elapsed() >= STARTUP_TIMEOUT {
+                kill_child(&mut child);
+                let log = std::fs::read_to_string(&logfile).unwrap_or_default();
+                return Err(format!(
+                    "redis-server on port {port} did not answer within {STARTUP_TIMEOUT:?} (last: {last}); log:\n{}",
+                    tail(&log, 20)
+                ));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's directory (`--dir`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The password the harness authenticates with (`--requirepass`), if any.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// A new connection, authenticated as the default user if the server has a password.
+    pub fn conn(&self) -> Connection {
+        connect(self.port, None, self.password.as_deref())
+            .unwrap_or_else(|e| panic!("connect to redis-server on port {}: {e}", self.port))
+    }
+
+    /// Runs `cmd` on the harness's cached connection.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        self.con.query(cmd).unwrap_or_else(|e| panic!("redis-server on port {}: {}: {e}", self.port, command_name(cmd)))
+    }
+
+    pub fn info(&self, section: &str) -> String {
+        self.query(redis::cmd("INFO").arg(section))
+    }
+
+    pub fn info_field(&self, section: &str, name: &str) -> Option<String> {
+        parse_info_field(&self.info(section), name)
+    }
+
+    /// `DEBUG DIGEST`: a hash of the whole dataset (all zeros when empty).
+    pub fn digest(&self) -> String {
+        self.query(redis::cmd("DEBUG").arg("DIGEST"))
+    }
+
+    /// `DBSIZE` of database `db`.
+    pub fn dbsize(&self, db: i64) -> i64 {
+        let mut con = self.conn();
+        redis::cmd("SELECT").arg(db).exec(&mut con).expect("SELECT");
+        redis::cmd("DBSIZE").query(&mut con).expect("DBSIZE")
+    }
+
+    /// The server's log file.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// `CLIENT KILL TYPE replica`: drops every replica link; returns how many were killed.
+    pub fn kill_replica_links(&self) -> i64 {
+        self.query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"))
+    }
+
+    /// The process id of the server.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl InfoSource for RedisServer {
+    fn info(&self, section: &str) -> String {
+        RedisServer::info(self, section)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!("--- redis-server on port {} (last lines of its log) ---\n{}", self.port, tail(&self.log(), 30));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// redis-relay
+// ---------------------------------------------------------------------------------------------
+
+/// Path of the relay binary under test.
+pub fn relay_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_redis-relay")
+}
+
+/// Options for starting a [`Relay`]; see [`Relay::builder`].
+pub struct RelayBuilder {
+    upstream: String,
+    user: Option<String>,
+    password: Option<String>,
+    dir: Option<PathBuf>,
+    listen_port: Option<u16>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl RelayBuilder {
+    /// `--upstream HOST:PORT` (the builder's default is `127.0.0.1:<port given to builder()>`).
+    pub fn upstream(mut self, addr: impl Into<String>) -> Self {
+        self.upstream = addr.into();
+        self
+    }
+
+    /// `--upstream-user USER`.
+    pub fn upstream_user(mut self, user: &str) -> Self {
+        self.user = Some(user.to_string());
+        self
+    }
+
+    /// `--upstream-password PASSWORD`.
+    pub fn upstream_password(mut self, password: &str) -> Self {
+        self.password = Some(password.to_string());
+        self
+    }
+
+    /// `--dir PATH` (default: a `data` directory inside the relay's temporary directory). The
+    /// directory is created if missing.
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// Listen on this port instead of a free one (no retry if it is taken).
+    pub fn listen_port(mut self, port: u16) -> Self {
+        self.listen_port = Some(port);
+        self
+    }
+
+    /// Any extra argument, e.g. `"--log-size"`, `"1mb"`.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// An environment variable for the process (e.g. `RUST_LOG`, which defaults to `info`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Starts the relay and waits (up to [`STARTUP_TIMEOUT`]) until its listen port answers PING.
+    pub fn start(self) -> Relay {
+        let work = tempfile::Builder::new().prefix("redis-relay-").tempdir().expect("create temp dir");
+        let dir = self.dir.clone().unwrap_or_else(|| work.path().join("data"));
+        std::fs::create_dir_all(&dir).expect("create relay dir");
+        let stderr_path = work.path().join("relay.stderr");
+        let mut relay = Relay { child: None, port: 0, dir, stderr_path, options: self, work };
+        let attempts = if relay.options.listen_port.is_some() { 1 } else { START_ATTEMPTS };
+        let mut failures = Vec::new();
+        for _ in 0..attempts {
+            let port = relay.options.listen_port.unwrap_or_else(free_port);
+            match relay.spawn(port) {
+                Ok(()) => return relay,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("redis-relay did not start after {attempts} attempt(s):\n{}", failures.join("\n---\n"));
+    }
+}
+
+/// The `redis-relay` binary as a child process, with its stderr captured to a file.
+pub struct Relay {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    stderr_path: PathBuf,
+    options: RelayBuilder,
+    // Declared last: dropped after the child is killed.
+    work: TempDir,
+}
+
+impl Relay {
+    /// A builder for a relay of the master at `127.0.0.1:upstream_port`.
+    pub fn builder(upstream_port: u16) -> RelayBuilder {
+        RelayBuilder {
+            upstream: format!("127.0.0.1:{upstream_port}"),
+            user: None,
+            password: None,
+            dir: None,
+            listen_port: None,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Starts a relay of `master` with default options.
+    pub fn start(master: &RedisServer) -> Relay {
+        Relay::builder(master.port()).start()
+    }
+
+    /// The full command line (without the binary) for listen port `port`.
+    fn command_args(&self, port: u16) -> Vec<String> {
+        let o = &self.options;
+        let mut args = vec![
+            "--upstream".to_string(),
+            o.upstream.clone(),
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--dir".to_string(),
+            self.dir.display().to_string(),
+        ];
+        if let Some(user) = &o.user {
+            args.extend(["--upstream-user".to_string(), user.clone()]);
+        }
+        if let Some(password) = &o.password {
+            args.extend(["--upstream-password".to_string(), password.clone()]);
+        }
+        args.extend(o.args.iter().cloned());
+        args
+    }
+
+    /// Spawns the binary on `port` (stderr appended to the capture file) and waits for PING.
+    fn spawn(&mut self, port: u16) -> Result<(), String> {
+        let stderr =
+            OpenOptions::new().create(true).append(true).open(&self.stderr_path).expect("open relay stderr file");
+        let stdout = stderr.try_clone().expect("clone relay stderr file");
+        let mut command = Command::new(relay_bin());
+        command
+            .args(self.command_args(port))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr));
+        for (key, value) in &self.options.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().map_err(|e| format!("cannot run {}: {e}", relay_bin()))?;
+        let pid = child.id().to_string();
+        let start = Instant::now();
+        let mut last = String::from("not tried yet");
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "redis-relay on port {port} exited with {status}; stderr:\n{}",
+                    tail(&self.stderr(), 20)
+                ));
+            }
+            let answer = connect(port, None, None).and_then(|mut con| {
+                let pong: String = redis::cmd("PING").query(&mut con)?;
+                // If INFO names a process id, it must be ours (the port may have been taken by
+                // another test's process); a relay without process_id in INFO is accepted.
+                let info: String = redis::cmd("INFO").arg("server").query(&mut con).unwrap_or_default();
+                Ok((pong, parse_info_field(&info, "process_id")))
+            });
+            match answer {
+                Ok((pong, pid_field)) if pong == "PONG" && pid_field.as_deref().is_none_or(|p| p == pid) => {
+                    // Still ours and alive after answering?
+                    if let Ok(None) = child.try_wait() {
+                        self.port = port;
+                        self.child = Some(child);
+                        return Ok(());
+                    }
+                }
+                Ok((pong, pid_field)) => {
+                    last = format!("PING answered {pong:?}, process_id {pid_field:?} (ours: {pid})")
+                }
+                Err(error) => last = error.to_string(),
+            }
+            if start.elapsed() >= STARTUP_TIMEOUT {
+                kill_child(&mut child);
+                return Err(format!(
+                    "redis-relay on port {port} did not answer PING within {STARTUP_TIMEOUT:?} (last: {last}); stderr:\n{}",
+                    tail(&self.stderr(), 20)
+                ));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The relay's data directory (`--dir`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the cached snapshot: `<dir>/snapshot.rdb`.
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.dir.join("snapshot.rdb")
+    }
+
+    /// A new connection to the relay's listen port.
+    pub fn conn(&self) -> Connection {
+        connect(self.port, None, None).unwrap_or_else(|e| panic!("connect to relay on port {}: {e}", self.port))
+    }
+
+    /// Runs `cmd` on a fresh connection; panics with the relay's stderr tail on error.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        connect(self.port, None, None).and_then(|mut con| cmd.query::<T>(&mut con)).unwrap_or_else(|e| {
+            panic!("relay on port {}: {}: {e}\nstderr:\n{}", self.port, command_name(cmd), tail(&self.stderr(), 20))
+        })
+    }
+
+    /// `PING` answered with `PONG`?
+    pub fn ping(&self) -> bool {
+        connect(self.port, None, None)
+            .and_then(|mut con| redis::cmd("PING").query::<String>(&mut con))
+            .is_ok_and(|pong| pong == "PONG")
+    }
+
+    pub fn info(&self, section: &str) -> String {
+        self.query(redis::cmd("INFO").arg(section))
+    }
+
+    pub fn info_field(&self, section: &str, name: &str) -> Option<String> {
+        parse_info_field(&self.info(section), name)
+    }
+
+    /// Everything the relay wrote to stderr/stdout so far (across restarts), ANSI colours removed.
+    pub fn stderr(&self) -> String {
+        let bytes = std::fs::read(&self.stderr_path).unwrap_or_default();
+        strip_ansi(&String::from_utf8_lossy(&bytes))
+    }
+
+    /// How many stderr lines contain `needle`.
+    pub fn stderr_count(&self, needle: &str) -> usize {
+        self.stderr().lines().filter(|line| line.contains(needle)).count()
+    }
+
+    /// Is the process still running?
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the process (SIGKILL) and reaps it. The directory and stderr capture remain.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_child(&mut child);
+        }
+    }
+
+    /// Kills the process and starts it again with the same arguments, directory and listen port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port;
+        // The old listener is gone with the process; the same port should bind at once, but allow
+        // a moment for the kernel, within the startup deadline.
+        let start = Instant::now();
+        loop {
+            match self.spawn(port) {
+                Ok(()) => return,
+                Err(failure) if start.elapsed() >= STARTUP_TIMEOUT => panic!("relay restart failed: {failure}"),
+                Err(_) => std::thread::sleep(POLL_INTERVAL),
+            }
+        }
+    }
+
+    /// A file in the relay's private temporary directory (not its data directory).
+    pub fn work_path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+}
+
+impl InfoSource for Relay {
+    fn info(&self, section: &str) -> String {
+        Relay::info(self, section)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- redis-relay on port {} (last lines of its stderr) ---\n{}",
+                self.port,
+                tail(&self.stderr(), 60)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data and workloads
+// ---------------------------------------------------------------------------------------------
+
+/// A deterministic printable value of `len` bytes derived from `seed`.
+pub fn value_of(seed: u64, len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ALPHABET[(x % ALPHABET.len() as u64) as usize] as char
+        })
+        .collect()
+}
+
+/// The databases [`load_dataset`] fills.
+pub const DATASET_DBS: [i64; 4] = [0, 1, 5, 15];
+
+/// Fills several databases with every core type in both small (listpack/intset) and large
+/// (hashtable/skiplist/quicklist) encodings, big strings, streams with consumer groups, and keys
+/// with long TTLs (so nothing expires during a test). Leaves the connection in db 0.
+pub fn load_dataset(con: &mut Connection, scale: usize) {
+    for &db in &DATASET_DBS {
+        redis::cmd("SELECT").arg(db).exec(con).expect("SELECT");
+        let p = format!("db{db}");
+        let mut pipe = redis::pipe();
+        for i in 0..scale {
+            let seed = (db as u64) << 32 | i as u64;
+            pipe.cmd("SET").arg(format!("{p}:str:{i}")).arg(value_of(seed, 10 + i % 50)).ignore();
+            pipe.cmd("SET").arg(format!("{p}:int:{i}")).arg(i as i64 * 7 - 1000).ignore();
+            pipe.cmd("HSET")
+                .arg(format!("{p}:hash:small:{}", i % 10))
+                .arg(format!("f{i}"))
+                .arg(value_of(seed, 8))
+                .ignore();
+            pipe.cmd("HSET").arg(format!("{p}:hash:big")).arg(format!("field{i}")).arg(value_of(seed, 100)).ignore();
+            pipe.cmd("RPUSH").arg(format!("{p}:list:small:{}", i % 10)).arg(value_of(seed, 5)).ignore();
+            pipe.cmd("RPUSH").arg(format!("{p}:list:big")).arg(value_of(seed, 80)).ignore();
+            pipe.cmd("SADD").arg(format!("{p}:set:int")).arg(i as i64).ignore();
+            pipe.cmd("SADD").arg(format!("{p}:set:str:{}", i % 10)).arg(value_of(seed, 6)).ignore();
+            pipe.cmd("SADD").arg(format!("{p}:set:big")).arg(value_of(seed, 40)).ignore();
+            pipe.cmd("ZADD")
+                .arg(format!("{p}:zset:small:{}", i % 10))
+                .arg(i as f64 / 3.0)
+                .arg(value_of(seed, 7))
+                .ignore();
+            pipe.cmd("ZADD").arg(format!("{p}:zset:big")).arg(i as f64 * 1.5 - 10.0).arg(value_of(seed, 30)).ignore();
+            pipe.cmd("XADD")
+                .arg(format!("{p}:stream"))
+                .arg("*")
+                .arg("n")
+                .arg(i)
+                .arg("v")
+                .arg(value_of(seed, 20))
+                .ignore();
+            if i % 5 == 0 {
+                pipe.cmd("SET").arg(format!("{p}:ttl:{i}")).arg(i).arg("EX").arg(3600 + i).ignore();
+            }
+        }
+        pipe.cmd("SET").arg(format!("{p}:big:string")).arg(value_of(db as u64, 300_000)).ignore();
+        pipe.cmd("XGROUP").arg("CREATE").arg(format!("{p}:stream")).arg("group1").arg("0").ignore();
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("group1")
+            .arg("consumer1")
+            .arg("COUNT")
+            .arg(3)
+            .arg("STREAMS")
+            .arg(format!("{p}:stream"))
+            .arg(">")
+            .ignore();
+        pipe.cmd("HSET").arg(format!("{p}:hash:ttl")).arg("a").arg("1").ignore();
+        pipe.cmd("EXPIRE").arg(format!("{p}:hash:ttl")).arg(7200).ignore();
+        pipe.query::<()>(con).expect("load dataset");
+    }
+    redis::cmd("SELECT").arg(0).exec(con).expect("SELECT 0");
+}
+
+/// A mixed write workload of `rounds` rounds: strings, hashes, lists, sets, zsets, streams,
+/// expiries (`SET EX`, `PEXPIRE`, short ones that expire during the run), MULTI/EXEC, EVAL,
+/// SELECT across databases, FLUSHDB, big values, PUBLISH. Deterministic for a given `rounds`.
+/// Leaves the connection in db 0.
+pub fn mixed_workload(con: &mut Connection, rounds: usize) {
+    for r in 0..rounds {
+        let db = [0, 2, 3, 9][r % 4];
+        redis::cmd("SELECT").arg(db).exec(con).expect("SELECT");
+        let k = |name: &str| format!("w:{name}:{}", r % 7);
+        let seed = r as u64;
+
+        redis::cmd("SET").arg(k("s")).arg(value_of(seed, 32)).exec(con).expect("SET");
+        redis::cmd("APPEND").arg(k("s")).arg("-tail").exec(con).expect("APPEND");
+        redis::cmd("INCRBY").arg("w:counter").arg(r).exec(con).expect("INCRBY");
+        redis::cmd("INCRBYFLOAT").arg("w:float").arg("1.25").exec(con).expect("INCRBYFLOAT");
+        redis::cmd("MSET").arg(k("m1")).arg(r).arg(k("m2")).arg(r * 2).exec(con).expect("MSET");
+        redis::cmd("GETSET").arg(k("gs")).arg(r).exec(con).expect("GETSET");
+        redis::cmd("HSET").arg(k("h")).arg("a").arg(r).arg("b").arg(value_of(seed, 16)).exec(con).expect("HSET");
+        redis::cmd("HINCRBY").arg(k("h")).arg("n").arg(3).exec(con).expect("HINCRBY");
+        redis::cmd("HDEL").arg(k("h")).arg("a").exec(con).expect("HDEL");
+        redis::cmd("LPUSH").arg(k("l")).arg(r).arg(r + 1).arg(r + 2).exec(con).expect("LPUSH");
+        redis::cmd("RPOP").arg(k("l")).exec(con).expect("RPOP");
+        redis::cmd("LTRIM").arg(k("l")).arg(0).arg(20).exec(con).expect("LTRIM");
+        redis::cmd("LMOVE").arg(k("l")).arg(k("l2")).arg("LEFT").arg("RIGHT").exec(con).expect("LMOVE");
+        redis::cmd("SADD").arg(k("set")).arg(r).arg(r % 3).arg("x").exec(con).expect("SADD");
+        redis::cmd("SREM").arg(k("set")).arg(r % 3).exec(con).expect("SREM");
+        redis::cmd("SPOP").arg(k("set")).exec(con).expect("SPOP");
+        redis::cmd("ZADD").arg(k("z")).arg(r as f64).arg(format!("m{r}")).arg(0.5).arg("half").exec(con).expect("ZADD");
+        redis::cmd("ZINCRBY").arg(k("z")).arg(2).arg("half").exec(con).expect("ZINCRBY");
+        redis::cmd("ZPOPMIN").arg(k("z")).exec(con).expect("ZPOPMIN");
+        redis::cmd("XADD")
+            .arg("w:stream")
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(100)
+            .arg("*")
+            .arg("r")
+            .arg(r)
+            .exec(con)
+            .expect("XADD");
+        if r == 0 {
+            let _ = redis::cmd("XGROUP").arg("CREATE").arg("w:stream").arg("g").arg("0").exec(con);
+        }
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("c")
+            .arg("COUNT")
+            .arg(2)
+            .arg("STREAMS")
+            .arg("w:stream")
+            .arg(">")
+            .query(con)
+            .unwrap_or(redis::Value::Nil);
+        // Expiries: long ones, and short ones that expire (and are propagated as DEL) mid-run.
+        redis::cmd("SET").arg(k("ex")).arg(r).arg("EX").arg(1000).exec(con).expect("SET EX");
+        redis::cmd("SET").arg(k("px")).arg(r).arg("PX").arg(30).exec(con).expect("SET PX");
+        redis::cmd("SET").arg(k("pexp")).arg(r).exec(con).expect("SET");
+        redis::cmd("PEXPIRE").arg(k("pexp")).arg(50).exec(con).expect("PEXPIRE");
+        redis::cmd("EXPIRE").arg(k("h")).arg(5000).exec(con).expect("EXPIRE");
+        redis::cmd("PERSIST").arg(k("h")).exec(con).expect("PERSIST");
+        // MULTI/EXEC.
+        let _: redis::Value = redis::pipe()
+            .atomic()
+            .cmd("INCR")
+            .arg("w:tx")
+            .cmd("SET")
+            .arg(k("txs"))
+            .arg(value_of(seed + 1, 64))
+            .cmd("LPUSH")
+            .arg("w:txlist")
+            .arg(r)
+            .cmd("HSET")
+            .arg("w:txhash")
+            .arg(r)
+            .arg(r)
+            .query(con)
+            .expect("MULTI/EXEC");
+        // Scripts (effects replication wraps them in MULTI/EXEC).
+        let _: redis::Value = redis::cmd("EVAL")
+            .arg("redis.call('SET', KEYS[1], ARGV[1]); redis.call('INCR', KEYS[2]); return redis.call('RPUSH', KEYS[3], ARGV[1])")
+            .arg(3)
+            .arg(k("ev"))
+            .arg("w:evcount")
+            .arg("w:evlist")
+            .arg(r)
+            .query(con)
+            .expect("EVAL");
+        let _: redis::Value = redis::cmd("EVAL")
+            .arg("return redis.call('DEL', KEYS[1])")
+            .arg(1)
+            .arg(k("m1"))
+            .query(con)
+            .expect("EVAL DEL");
+        redis::cmd("PUBLISH").arg("w:channel").arg(r).exec(con).expect("PUBLISH");
+        redis::cmd("DEL").arg(k("m2")).exec(con).expect("DEL");
+        redis::cmd("UNLINK").arg(k("gs")).exec(con).expect("UNLINK");
+        redis::cmd("RENAME").arg(k("s")).arg(k("s2")).exec(con).expect("RENAME");
+        if r % 10 == 5 {
+            redis::cmd("SET").arg("w:big").arg(value_of(seed, 512 * 1024)).exec(con).expect("SET big");
+        }
+        if r % 25 == 24 {
+            redis::cmd("SELECT").arg(3).exec(con).expect("SELECT");
+            redis::cmd("FLUSHDB").exec(con).expect("FLUSHDB");
+        }
+    }
+    redis::cmd("SELECT").arg(0).exec(con).expect("SELECT 0");
+}
