@@ -48,6 +48,16 @@ async fn read_header(conn: &mut MasterConnection) -> Result<Header, LinkError> {
 /// Transfer progress: (payload size or -1 for the EOF form, bytes read so far).
 pub type Progress<'a> = &'a mut (dyn FnMut(i64, u64) + Send);
 
+/// A transfer cut short is a truncated RDB: say how far it got.
+fn truncated(error: LinkError, read: u64, expected: &str) -> LinkError {
+    match error {
+        LinkError::Closed | LinkError::Timeout(_) => {
+            LinkError::BadPayload(format!("payload truncated after {read} bytes (expected {expected}): {error}"))
+        }
+        other => other,
+    }
+}
+
 /// Streams the payload into `writer`; leaves any bytes after it in the connection's buffer.
 /// `progress` is called at the start, every 200 ms or so, and at the end.
 pub async fn receive(
@@ -73,7 +83,7 @@ pub async fn receive(
         Header::Length(len) => {
             while read < len {
                 if conn.buf.is_empty() {
-                    conn.fill("receiving the RDB payload").await?;
+                    conn.fill("receiving the RDB payload").await.map_err(|e| truncated(e, read, &len.to_string()))?;
                 }
                 let take = (len - read).min(conn.buf.len() as u64) as usize;
                 let chunk = conn.buf.split_to(take);
@@ -90,7 +100,9 @@ pub async fn receive(
             let mut window: Vec<u8> = Vec::with_capacity(128 * 1024);
             loop {
                 if conn.buf.is_empty() {
-                    conn.fill("receiving the RDB payload").await?;
+                    conn.fill("receiving the RDB payload")
+                        .await
+                        .map_err(|e| truncated(e, read, "an EOF mark not seen"))?;
                 }
                 let chunk = conn.buf.split();
                 window.extend_from_slice(&chunk);
