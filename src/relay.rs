@@ -46,6 +46,8 @@ pub struct RelayContext {
     pub snapshots: Arc<SnapshotStore>,
     pub upstream: watch::Receiver<UpstreamStatus>,
     pub upstream_config: UpstreamConfig,
+    /// Where the upstream link connects; `REPLICAOF host port` sends a new address here.
+    pub upstream_target: watch::Sender<String>,
     pub run_id: String,
     pub started: Instant,
     pub stats: ServedStats,
@@ -137,8 +139,9 @@ pub async fn start(
         SnapshotStore::open(&config.dir)
             .map_err(|source| RelayError::Snapshot { name: config.name.clone(), source })?,
     );
+    let (upstream_target, target) = watch::channel(config.upstream.clone());
     let upstream_config = UpstreamConfig {
-        addr: config.upstream.clone(),
+        target,
         user: config.upstream_user.clone(),
         password: config.upstream_password.clone(),
         listening_port: config.listen.port(),
@@ -152,6 +155,7 @@ pub async fn start(
         snapshots,
         upstream,
         upstream_config,
+        upstream_target,
         run_id: random_hex_id(),
         started: Instant::now(),
         stats: ServedStats::default(),

@@ -114,7 +114,13 @@ pub async fn serve(listener: TcpListener, context: Arc<RelayContext>, mut shutdo
                     let context = context.clone();
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
-                        let mut session = Session { conn: ClientConnection::new(stream), peer, context, handshake: ReplicaHandshake::default() };
+                        let mut session = Session {
+                            conn: ClientConnection::new(stream),
+                            peer,
+                            context,
+                            handshake: ReplicaHandshake::default(),
+                            transaction: None,
+                        };
                         if let Err(error) = session.run(shutdown).await {
                             tracing::debug!(%peer, "client connection ended: {error}");
                         }
@@ -137,6 +143,8 @@ pub struct Session {
     pub peer: SocketAddr,
     pub context: Arc<RelayContext>,
     pub handshake: ReplicaHandshake,
+    /// Commands queued since `MULTI` (Sentinel wraps its reconfiguration in a transaction).
+    pub transaction: Option<Vec<ClientCommand>>,
 }
 
 /// What handling a command leads to.
@@ -164,7 +172,7 @@ impl Session {
                 Err(other) => return Err(other),
             };
             ServedStats::add(&self.context.stats.commands, 1);
-            match self.dispatch(&command) {
+            match self.dispatch_in_transaction(command.clone()) {
                 Next::Reply(reply) => self.conn.queue(&reply),
                 Next::NoReply => {}
                 Next::Close(reply) => {
@@ -184,6 +192,70 @@ impl Session {
                 self.conn.flush().await?;
             }
         }
+    }
+
+    /// MULTI/EXEC/DISCARD around [`Self::dispatch`], as far as a relay needs them.
+    fn dispatch_in_transaction(&mut self, command: ClientCommand) -> Next {
+        let name = command.name();
+        match (name.as_str(), self.transaction.is_some()) {
+            ("MULTI", true) => Next::Reply(Reply::error("ERR MULTI calls can not be nested")),
+            ("MULTI", false) => {
+                self.transaction = Some(Vec::new());
+                Next::Reply(Reply::ok())
+            }
+            ("EXEC", false) => Next::Reply(Reply::error("ERR EXEC without MULTI")),
+            ("DISCARD", false) => Next::Reply(Reply::error("ERR DISCARD without MULTI")),
+            ("DISCARD", true) => {
+                self.transaction = None;
+                Next::Reply(Reply::ok())
+            }
+            ("EXEC", true) => {
+                let queued = self.transaction.take().unwrap_or_default();
+                let replies = queued
+                    .iter()
+                    .map(|queued| match self.dispatch(queued) {
+                        Next::Reply(reply) => reply,
+                        Next::NoReply => Reply::Nil,
+                        Next::Close(_) | Next::BecomeReplica => {
+                            Reply::error("ERR command not allowed inside a transaction")
+                        }
+                    })
+                    .collect();
+                Next::Reply(Reply::Array(replies))
+            }
+            (_, true) if !command.args.is_empty() => {
+                if let Some(queue) = self.transaction.as_mut() {
+                    queue.push(command);
+                }
+                Next::Reply(Reply::Simple("QUEUED".into()))
+            }
+            _ => self.dispatch(&command),
+        }
+    }
+
+    /// `REPLICAOF host port` repoints the upstream link and keeps the log and the replicas below
+    /// (they continue, as under a Redis replica); `REPLICAOF NO ONE` is refused: the relay has no
+    /// dataset and must never be promoted.
+    fn replicaof(&self, command: &ClientCommand) -> Reply {
+        if command.args.len() != 3 {
+            return wrong_arity(&command.name().to_ascii_lowercase());
+        }
+        let (host, port) = (command.arg_str(1), command.arg_str(2));
+        if host.eq_ignore_ascii_case("no") && port.eq_ignore_ascii_case("one") {
+            return Reply::error(
+                "ERR redis-relay has no dataset of its own and cannot be promoted: REPLICAOF NO ONE refused",
+            );
+        }
+        let Ok(port) = port.parse::<u16>() else {
+            return Reply::error("ERR Invalid master port");
+        };
+        let target = format!("{host}:{port}");
+        if *self.context.upstream_target.borrow() == target {
+            return Reply::Simple("OK Already connected to specified master".into());
+        }
+        tracing::info!(peer = %self.peer, master = %target, "REPLICAOF: repointing the upstream link");
+        self.context.upstream_target.send_replace(target);
+        Reply::ok()
     }
 
     fn dispatch(&mut self, command: &ClientCommand) -> Next {
@@ -213,9 +285,7 @@ impl Session {
             "QUIT" => return Next::Close(Reply::ok()),
             "REPLCONF" => return self.replconf(command),
             "PSYNC" | "SYNC" => return Next::BecomeReplica,
-            "REPLICAOF" | "SLAVEOF" => Reply::error(
-                "ERR redis-relay has no dataset of its own and cannot be promoted or repointed with REPLICAOF",
-            ),
+            "REPLICAOF" | "SLAVEOF" => self.replicaof(command),
             "CONFIG" if command.arg_str(1).eq_ignore_ascii_case("rewrite") => Reply::ok(),
             _ => unknown_command(command),
         };

@@ -82,7 +82,7 @@ impl RdbFetcher {
                 }
             }
             last_attempt = Some(Instant::now());
-            tracing::info!(master = %self.config.addr, "the cached snapshot is not covered by the log: fetching a fresh RDB on a side connection");
+            tracing::info!(master = %self.config.addr(), "the cached snapshot is not covered by the log: fetching a fresh RDB on a side connection");
             let started = Instant::now();
             match self.fetch_once().await {
                 Ok(meta) => tracing::info!(
@@ -101,7 +101,7 @@ impl RdbFetcher {
     }
 
     async fn fetch_once(&self) -> Result<SnapshotMeta, LinkError> {
-        let mut conn = MasterConnection::connect(&self.config.addr, self.config.repl_timeout).await?;
+        let mut conn = MasterConnection::connect(&self.config.addr(), self.config.repl_timeout).await?;
         handshake(&self.config, &mut conn, true).await?;
         conn.send(&encode_command(&[b"PSYNC", b"?", b"-1"])).await?;
         let reply = conn.read_reply("waiting for the PSYNC reply (side fetch)").await?;

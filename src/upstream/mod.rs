@@ -28,8 +28,8 @@ use stream::StreamTracker;
 /// How to reach and authenticate to the master.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// `host:port`.
-    pub addr: String,
+    /// The master's `host:port`; `REPLICAOF host port` changes it at run time.
+    pub target: watch::Receiver<String>,
     pub user: Option<String>,
     pub password: Option<String>,
     /// The port we announce with `REPLCONF listening-port` (our listen port).
@@ -38,12 +38,17 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
-    pub fn host(&self) -> &str {
-        self.addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.addr)
+    pub fn addr(&self) -> String {
+        self.target.borrow().clone()
+    }
+
+    pub fn host(&self) -> String {
+        let addr = self.addr();
+        addr.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or(addr)
     }
 
     pub fn port(&self) -> u16 {
-        self.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
+        self.addr().rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
     }
 }
 
@@ -168,19 +173,29 @@ impl UpstreamLink {
     /// Runs until `shutdown` flips to true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::ZERO;
+        let mut target = self.config.target.clone();
+        target.mark_unchanged();
         loop {
             let mut reached_stream = false;
             let result = tokio::select! {
                 result = self.link_once(&mut reached_stream) => result,
                 _ = crate::relay::stopped(&mut shutdown) => return,
+                changed = target.changed() => {
+                    if changed.is_ok() {
+                        // Like replicationSetMaster: keep the log and the replicas, PSYNC the new master.
+                        tracing::info!(master = %self.config.addr(), "switching to a new master (REPLICAOF)");
+                        reached_stream = true;
+                    }
+                    Ok(())
+                }
             };
             if let Err(error) = result {
                 match &error {
                     LinkError::Snapshot(_) | LinkError::BadPayload(_) => {
                         self.status.send_modify(|s| s.rdb_rejected += 1);
-                        tracing::warn!(master = %self.config.addr, "{error}");
+                        tracing::warn!(master = %self.config.addr(), "{error}");
                     }
-                    _ => tracing::warn!(master = %self.config.addr, "replication link lost: {error}"),
+                    _ => tracing::warn!(master = %self.config.addr(), "replication link lost: {error}"),
                 }
             }
             let now = Instant::now();
@@ -210,7 +225,7 @@ impl UpstreamLink {
 
     async fn link_once(&self, reached_stream: &mut bool) -> Result<(), LinkError> {
         self.set_state(LinkState::Connecting);
-        let mut conn = MasterConnection::connect(&self.config.addr, self.config.repl_timeout).await?;
+        let mut conn = MasterConnection::connect(&self.config.addr(), self.config.repl_timeout).await?;
         self.set_state(LinkState::Handshake);
         handshake(&self.config, &mut conn, false).await?;
         let summary = self.log.summary();
@@ -267,7 +282,7 @@ impl UpstreamLink {
         let started = Instant::now();
         let mut writer = self.snapshots.begin(replid, offset).await?;
         let status = &self.status;
-        let mut log_progress = crate::relay::TransferProgress::new("RDB receipt from the master", &self.config.addr);
+        let mut log_progress = crate::relay::TransferProgress::new("RDB receipt from the master", self.config.addr());
         let mut progress = |total: i64, read: u64| {
             log_progress.update(read, total);
             status.send_modify(|s| {
