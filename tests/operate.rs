@@ -40,10 +40,6 @@ impl ConfiguredRelays {
         ConfiguredRelays { child, config_path, stderr_path, _work: work }
     }
 
-    fn data_dir(&self) -> PathBuf {
-        self._work.path().join("data")
-    }
-
     fn rewrite(&self, yaml: &str) {
         std::fs::write(&self.config_path, yaml).expect("rewrite config");
     }
@@ -215,20 +211,21 @@ fn sighup_adds_and_removes_relays_without_touching_the_others() {
         "its replica kept its link: no new sync of any kind"
     );
     assert_eq!(parse_info_field(&replica.info("replication"), "master_link_status").as_deref(), Some("up"));
-    let _ = relays.data_dir();
+}
+
+/// A master and one relay `name` of it with a metrics endpoint: (master, relays, listen port, metrics port).
+fn relay_with_metrics(name: &str, data: &Path) -> (RedisServer, ConfiguredRelays, u16, u16) {
+    let master = RedisServer::start(&[]);
+    let (port, metrics_port) = (free_port(), free_port());
+    let relays = ConfiguredRelays::start(&config_yaml(data, Some(metrics_port), &[relay_entry(name, &master, port)]));
+    wait_relay_up(port);
+    (master, relays, port, metrics_port)
 }
 
 #[test]
 fn metrics_follow_the_workload_and_agree_with_info() {
-    let master = RedisServer::start(&[]);
-    let (port, metrics_port) = (free_port(), free_port());
     let work = tempfile::tempdir().unwrap();
-    let _relays = ConfiguredRelays::start(&config_yaml(
-        &work.path().join("data"),
-        Some(metrics_port),
-        &[relay_entry("m", &master, port)],
-    ));
-    wait_relay_up(port);
+    let (master, _relays, port, metrics_port) = relay_with_metrics("m", &work.path().join("data"));
     let relay_labels = [("relay", "m")];
     let offset_metric = || metric_value(&scrape(metrics_port), "redis_relay_offset_bytes", &relay_labels);
     wait_until(SYNC_TIMEOUT, "metrics endpoint serves the relay's offset", || offset_metric().is_some());
@@ -311,15 +308,8 @@ fn deploy_files_parse_and_use_only_live_metrics() {
     }
 
     // Every metric the rules and the dashboard use exists in a live scrape with a replica attached.
-    let master = RedisServer::start(&[]);
-    let (port, metrics_port) = (free_port(), free_port());
     let work = tempfile::tempdir().unwrap();
-    let _relays = ConfiguredRelays::start(&config_yaml(
-        &work.path().join("data"),
-        Some(metrics_port),
-        &[relay_entry("d", &master, port)],
-    ));
-    wait_relay_up(port);
+    let (master, _relays, port, metrics_port) = relay_with_metrics("d", &work.path().join("data"));
     let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &port.to_string()]);
     write_keys(&master, "d", 50);
     wait_digest_equal(&master, &replica);
