@@ -133,6 +133,7 @@ struct Tunables {
     log_size: Option<String>,
     log_memory: Option<String>,
     log_segment_size: Option<String>,
+    log_max_age: Option<String>,
     appendfsync: Option<String>,
     repl_timeout: Option<String>,
     repl_diskless_sync: Option<bool>,
@@ -171,6 +172,12 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
             FsyncPolicy::parse(&v).ok_or_else(|| field_error(&field, &v, "expected always, everysec or no"))?
         }
     };
+    let max_age = match pick(&own.log_max_age, &defaults.log_max_age, "log_max_age") {
+        None => None,
+        Some((field, v)) => {
+            Some(parse_duration(&v).ok_or_else(|| field_error(&field, &v, "expected a duration such as 6h"))?)
+        }
+    };
     let repl_timeout = match pick(&own.repl_timeout, &defaults.repl_timeout, "repl_timeout") {
         None => DEFAULT_REPL_TIMEOUT,
         Some((field, v)) => {
@@ -178,7 +185,7 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
         }
     };
     Ok(Resolved {
-        log: LogOptions { retention, memory, segment_size: segment_size.max(64 * 1024), fsync },
+        log: LogOptions { retention, memory, segment_size: segment_size.max(64 * 1024), max_age, fsync },
         repl_timeout,
         downstream_eof_form: own.repl_diskless_sync.or(defaults.repl_diskless_sync).unwrap_or(false),
     })

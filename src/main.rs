@@ -49,6 +49,9 @@ struct Cli {
     /// Size of one log segment file.
     #[arg(long, value_name = "SIZE", default_value = "64mb")]
     log_segment_size: String,
+    /// Also drop log segments older than this (e.g. 24h); off by default.
+    #[arg(long, value_name = "DURATION")]
+    log_max_age: Option<String>,
     /// When the log is fsynced: always, everysec or no (like appendfsync). Upstream ACKs only cover
     /// what is durable under it.
     #[arg(long, value_name = "POLICY", default_value = "everysec")]
@@ -85,6 +88,14 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
         retention,
         memory: size("--log-memory", &cli.log_memory)?.min(retention),
         segment_size: size("--log-segment-size", &cli.log_segment_size)?.max(64 * 1024),
+        max_age: cli
+            .log_max_age
+            .as_deref()
+            .map(|text| {
+                config::parse_duration(text)
+                    .with_context(|| format!("--log-max-age: expected a duration such as 24h, got {text:?}"))
+            })
+            .transpose()?,
         fsync: FsyncPolicy::parse(&cli.appendfsync)
             .with_context(|| format!("--appendfsync: expected always, everysec or no, got {:?}", cli.appendfsync))?,
     };

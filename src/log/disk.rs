@@ -6,6 +6,7 @@ use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
@@ -45,6 +46,8 @@ struct Segment {
     end: u64,
     path: PathBuf,
     records: Vec<RecordRef>,
+    /// When the newest byte was written (the file's mtime after a restart), for retention by age.
+    last_write: SystemTime,
 }
 
 /// A piece of a disk read: one record, of which the bytes from `skip` on are wanted.
@@ -208,7 +211,7 @@ impl SegmentStore {
             OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).map_err(io_err(&path))?;
         file.write_all(&encode_segment_header(start)).map_err(io_err(&path))?;
         self.sync_dir()?;
-        self.segments.push(Segment { start, end: start, path, records: Vec::new() });
+        self.segments.push(Segment { start, end: start, path, records: Vec::new(), last_write: SystemTime::now() });
         self.active = Some((Arc::new(file), SEGMENT_HEADER_LEN as u64));
         Ok(())
     }
@@ -232,6 +235,7 @@ impl SegmentStore {
         file.write_all_at(&record, *len).map_err(io_err(&segment.path))?;
         segment.records.push(RecordRef { position, file_offset: *len, len: payload.len() as u32 });
         segment.end = position + payload.len() as u64;
+        segment.last_write = SystemTime::now();
         *len += record.len() as u64;
         Ok(())
     }
@@ -241,11 +245,14 @@ impl SegmentStore {
         self.active.as_ref().map(|(file, _)| file.clone())
     }
 
-    /// Deletes the oldest whole segments while more than `retain` bytes would remain; returns the new
-    /// first position.
-    pub fn trim(&mut self, retain: u64, end: u64) -> Result<Option<u64>, DiskError> {
+    /// Deletes the oldest whole segments while more than `retain` bytes would remain, or while their
+    /// newest byte is older than `max_age`; returns the new first position. The active segment stays.
+    pub fn trim(&mut self, retain: u64, max_age: Option<Duration>, end: u64) -> Result<Option<u64>, DiskError> {
         let mut new_start = None;
-        while self.segments.len() > 1 && end - self.segments[1].start >= retain {
+        let too_old = |segment: &Segment| {
+            max_age.is_some_and(|age| segment.last_write.elapsed().is_ok_and(|elapsed| elapsed > age))
+        };
+        while self.segments.len() > 1 && (end - self.segments[1].start >= retain || too_old(&self.segments[0])) {
             let segment = self.segments.remove(0);
             std::fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
             new_start = Some(self.segments[0].start);
@@ -343,9 +350,11 @@ struct ScanFailure {
 
 /// Reads a segment and checks every record; returns what is good and why the rest is not.
 fn scan_segment(path: &Path, start: u64) -> Result<(Segment, Option<ScanFailure>), DiskError> {
-    let mut segment = Segment { start, end: start, path: path.to_path_buf(), records: Vec::new() };
     let file = File::open(path).map_err(io_err(path))?;
-    let file_len = file.metadata().map_err(io_err(path))?.len();
+    let metadata = file.metadata().map_err(io_err(path))?;
+    let file_len = metadata.len();
+    let last_write = metadata.modified().unwrap_or_else(|_| SystemTime::now());
+    let mut segment = Segment { start, end: start, path: path.to_path_buf(), records: Vec::new(), last_write };
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut header = [0u8; SEGMENT_HEADER_LEN];
     let bad_header = |reason: String| ScanFailure { reason, header_ok: false, good_len: 0 };

@@ -71,6 +71,8 @@ pub struct LogOptions {
     pub memory: u64,
     /// Size at which a new segment file starts.
     pub segment_size: u64,
+    /// Also drop segments whose newest byte is older than this.
+    pub max_age: Option<std::time::Duration>,
     pub fsync: FsyncPolicy,
 }
 
@@ -320,7 +322,7 @@ impl ReplicationLog {
                 inner.memory_start += front_len;
             }
             let end = inner.end;
-            if let Some(new_start) = inner.disk.trim(self.options.retention, end)? {
+            if let Some(new_start) = inner.disk.trim(self.options.retention, self.options.max_age, end)? {
                 inner.start = new_start;
                 inner.memory_start = inner.memory_start.max(new_start);
                 while inner.chunks.front().is_some_and(|(p, _)| *p < new_start) {
@@ -419,7 +421,7 @@ mod tests {
     use rand::Rng;
 
     fn options(retention: u64, memory: u64) -> LogOptions {
-        LogOptions { retention, memory, segment_size: 64 * 1024, fsync: FsyncPolicy::No }
+        LogOptions { retention, memory, segment_size: 64 * 1024, max_age: None, fsync: FsyncPolicy::No }
     }
 
     fn read_all(log: &ReplicationLog, epoch: u64, mut position: u64) -> Result<Vec<u8>, ReadError> {
@@ -519,6 +521,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = ReplicationLog::open(dir.path(), options(1 << 20, 4096)).unwrap();
         assert!(matches!(ReplicationLog::open(dir.path(), options(1 << 20, 4096)), Err(DiskError::Locked(_))));
+    }
+
+    #[test]
+    fn segments_older_than_max_age_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
+            log.reset("f".repeat(40), 0).unwrap();
+            for piece in pattern(300_000, 9).chunks(10_000) {
+                log.append(Bytes::copy_from_slice(piece)).unwrap();
+            }
+        }
+        let segments = disk::segment_paths(dir.path());
+        assert!(segments.len() >= 4, "{segments:?}");
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for path in &segments {
+            std::fs::File::options().write(true).open(path).unwrap().set_modified(two_hours_ago).unwrap();
+        }
+        let aged = LogOptions { max_age: Some(std::time::Duration::from_secs(3600)), ..options(1 << 30, 4096) };
+        let (log, _) = ReplicationLog::open(dir.path(), aged).unwrap();
+        log.append(Bytes::from_static(b"fresh")).unwrap();
+        let left = disk::segment_paths(dir.path());
+        assert_eq!(left.len(), 1, "only the active segment is left: {left:?}");
+        let s = log.summary();
+        assert_eq!(s.end, 300_005);
+        assert!(s.first_byte_offset > 200_000, "{s:?}");
     }
 
     /// Whatever byte the file is cut at, recovery yields a prefix of what was written, ending at a
