@@ -391,4 +391,44 @@ mod tests {
             .encode(&mut out);
         assert_eq!(&out[..], b"*4\r\n$1\r\na\r\n:3\r\n$-1\r\n-ERR x  y\r\n");
     }
+
+    /// The scanner agrees with an independent RESP2 decoder (redis-protocol) on where every command
+    /// of a random stream ends, whatever the prefix given.
+    #[test]
+    fn scanner_agrees_with_redis_protocol_on_random_streams() {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        for _ in 0..200 {
+            let mut stream = Vec::new();
+            for _ in 0..rng.random_range(1..20) {
+                let argc = rng.random_range(1..6);
+                let args: Vec<Vec<u8>> =
+                    (0..argc).map(|_| (0..rng.random_range(0..300)).map(|_| rng.random::<u8>()).collect()).collect();
+                stream.extend(encode_command(&args.iter().map(|a| a.as_slice()).collect::<Vec<_>>()));
+            }
+            let mut ours = Vec::new();
+            let mut pos = 0;
+            while let Some(scanned) = scan_command(&stream[pos..], pos).unwrap() {
+                pos += scanned.len;
+                ours.push(pos);
+            }
+            let mut theirs = Vec::new();
+            let mut pos = 0;
+            while let Some((_, len)) = redis_protocol::resp2::decode::decode(&stream[pos..]).unwrap() {
+                pos += len;
+                theirs.push(pos);
+            }
+            assert_eq!(ours, theirs);
+            assert_eq!(pos, stream.len());
+            let cut = rng.random_range(0..stream.len());
+            let complete_before_cut = ours.iter().filter(|end| **end <= cut).count();
+            let mut pos = 0;
+            let mut found = 0;
+            while let Some(scanned) = scan_command(&stream[pos..cut], pos).unwrap() {
+                pos += scanned.len;
+                found += 1;
+            }
+            assert_eq!(found, complete_before_cut, "cut at {cut}");
+        }
+    }
 }
