@@ -134,9 +134,24 @@ pub fn find_crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
 }
 
-/// Parses an optionally negative ASCII decimal with no other characters.
+/// Parses an optionally negative ASCII decimal with no other characters (on the hot path: every
+/// header of every command).
 pub fn parse_decimal(digits: &[u8]) -> Option<i64> {
-    std::str::from_utf8(digits).ok()?.parse::<i64>().ok()
+    let (negative, digits) = match digits.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, digits),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut value: i64 = 0;
+    for &digit in digits {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + i64::from(digit - b'0');
+    }
+    Some(if negative { -value } else { value })
 }
 
 fn lossy(bytes: &[u8]) -> String {
@@ -382,6 +397,16 @@ mod tests {
         assert!(matches!(parse_command(&mut buf), Err(ProtocolError::TooLong { .. })));
         let mut buf = BytesMut::from(&b"*99999999\r\n"[..]);
         assert!(matches!(parse_command(&mut buf), Err(ProtocolError::TooLong { .. })));
+    }
+
+    #[test]
+    fn decimals_parse_strictly() {
+        assert_eq!(parse_decimal(b"0"), Some(0));
+        assert_eq!(parse_decimal(b"1234"), Some(1234));
+        assert_eq!(parse_decimal(b"-1"), Some(-1));
+        for bad in [&b""[..], b"-", b"12a", b"+3", b" 1", b"1234567890123456789"] {
+            assert_eq!(parse_decimal(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -229,14 +229,13 @@ impl SegmentStore {
             return Err(DiskError::Io { path: self.dir.clone(), source: std::io::ErrorKind::NotFound.into() });
         };
         let header = encode_record_header(position, payload);
-        let mut record = Vec::with_capacity(RECORD_HEADER_LEN + payload.len());
-        record.extend_from_slice(&header);
-        record.extend_from_slice(payload);
-        file.write_all_at(&record, *len).map_err(io_err(&segment.path))?;
+        // Header and payload in two positioned writes: no copy of the payload in user space.
+        file.write_all_at(&header, *len).map_err(io_err(&segment.path))?;
+        file.write_all_at(payload, *len + RECORD_HEADER_LEN as u64).map_err(io_err(&segment.path))?;
         segment.records.push(RecordRef { position, file_offset: *len, len: payload.len() as u32 });
         segment.end = position + payload.len() as u64;
         segment.last_write = SystemTime::now();
-        *len += record.len() as u64;
+        *len += (RECORD_HEADER_LEN + payload.len()) as u64;
         Ok(())
     }
 
