@@ -26,7 +26,7 @@ pub struct ClientConnection {
 
 impl ClientConnection {
     pub fn new(stream: TcpStream) -> ClientConnection {
-        ClientConnection { stream, buf: BytesMut::with_capacity(16 * 1024), out: BytesMut::new() }
+        ClientConnection { stream, buf: BytesMut::with_capacity(1024), out: BytesMut::new() }
     }
 
     /// Returns the next command, reading as needed. Cancel-safe.

@@ -59,6 +59,18 @@ pub struct DiskSlice {
     skip: usize,
 }
 
+impl DiskSlice {
+    /// The stream position before the record's first byte: the record's identity.
+    pub fn position(&self) -> u64 {
+        self.header.position
+    }
+
+    /// How many of the record's first bytes the reader already has.
+    pub fn skip(&self) -> usize {
+        self.skip
+    }
+}
+
 /// What recovery found.
 #[derive(Debug, Clone, Default)]
 pub struct Recovery {
@@ -309,6 +321,7 @@ pub enum DiskReadError {
 }
 
 /// Executes a read plan with positioned reads, checking every record before any byte of it is used.
+/// Returns each record's whole payload (apply [`DiskSlice::skip`] to get what was asked for).
 pub fn read_planned(plan: &[DiskSlice]) -> Result<Vec<Bytes>, DiskReadError> {
     let mut out = Vec::with_capacity(plan.len());
     let mut open: Option<(PathBuf, File)> = None;
@@ -334,8 +347,7 @@ pub fn read_planned(plan: &[DiskSlice]) -> Result<Vec<Bytes>, DiskReadError> {
         }
         verify_record(&header, &record[RECORD_HEADER_LEN..])
             .map_err(|error| DiskReadError::Corrupt { path: path.clone(), error })?;
-        let bytes = Bytes::from(record).slice(RECORD_HEADER_LEN + slice.skip..);
-        out.push(bytes);
+        out.push(Bytes::from(record).slice(RECORD_HEADER_LEN..));
     }
     Ok(out)
 }

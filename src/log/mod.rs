@@ -142,6 +142,40 @@ pub struct ReplicationLog {
     options: LogOptions,
     /// The highest position known to be on stable storage (per the fsync policy).
     durable: AtomicU64,
+    /// Verified records recently read from disk, shared by the cursors behind the memory tail.
+    disk_cache: std::sync::Mutex<RecordCache>,
+}
+
+/// Bytes of verified disk records kept for cursors that trail the memory tail together.
+const DISK_CACHE_BYTES: usize = 8 << 20;
+
+/// A bounded FIFO of verified record payloads, keyed by (epoch, position).
+#[derive(Default)]
+struct RecordCache {
+    records: std::collections::HashMap<(u64, u64), Bytes>,
+    order: VecDeque<(u64, u64)>,
+    bytes: usize,
+}
+
+impl RecordCache {
+    fn get(&self, epoch: u64, position: u64) -> Option<Bytes> {
+        self.records.get(&(epoch, position)).cloned()
+    }
+
+    fn insert(&mut self, epoch: u64, position: u64, payload: Bytes) {
+        if payload.len() > DISK_CACHE_BYTES / 4 || self.records.contains_key(&(epoch, position)) {
+            return;
+        }
+        self.bytes += payload.len();
+        self.records.insert((epoch, position), payload);
+        self.order.push_back((epoch, position));
+        while self.bytes > DISK_CACHE_BYTES {
+            let Some(oldest) = self.order.pop_front() else { break };
+            if let Some(evicted) = self.records.remove(&oldest) {
+                self.bytes -= evicted.len();
+            }
+        }
+    }
 }
 
 /// Where a read's bytes are.
@@ -212,6 +246,7 @@ impl ReplicationLog {
             tip,
             options,
             durable: AtomicU64::new(recovery.end),
+            disk_cache: Default::default(),
         };
         Ok((log, recovery))
     }
@@ -393,25 +428,47 @@ impl ReplicationLog {
     }
 
     /// [`Self::read`], doing any disk reads on the blocking pool. Bytes from disk are only returned
-    /// once their record checksums match.
+    /// once their record checksums match. Records read from disk are kept in a small shared cache,
+    /// so replicas trailing the memory tail together read each record once, not once each.
     pub async fn read_async(&self, epoch: u64, position: u64, max_bytes: usize) -> Result<Vec<Bytes>, ReadError> {
-        match self.read(epoch, position, max_bytes)? {
-            Chunks::Memory(chunks) => Ok(chunks),
-            Chunks::Disk(plan) => {
-                let result = tokio::task::spawn_blocking(move || disk::read_planned(&plan))
-                    .await
-                    .map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
-                let current_epoch = self.read_inner().epoch;
-                if current_epoch != epoch {
-                    return Err(ReadError::EpochChanged(current_epoch));
-                }
-                match result {
-                    Ok(chunks) => Ok(chunks),
-                    Err(disk::DiskReadError::Gone) => Err(ReadError::Trimmed(position)),
-                    Err(other) => Err(ReadError::Corrupt(other.to_string())),
-                }
+        let plan = match self.read(epoch, position, max_bytes)? {
+            Chunks::Memory(chunks) => return Ok(chunks),
+            Chunks::Disk(plan) => plan,
+        };
+        // Serve the leading records the cache has; otherwise read up to the first cached one.
+        let cached: Vec<Bytes> = {
+            let cache = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner());
+            plan.iter().map_while(|slice| cache.get(epoch, slice.position())).collect()
+        };
+        let (plan, payloads) = if cached.is_empty() {
+            let to_read: Vec<DiskSlice> = {
+                let cache = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner());
+                plan.into_iter().take_while(|slice| cache.get(epoch, slice.position()).is_none()).collect()
+            };
+            let (to_read, result) = tokio::task::spawn_blocking(move || {
+                let result = disk::read_planned(&to_read);
+                (to_read, result)
+            })
+            .await
+            .map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
+            let payloads = match result {
+                Ok(payloads) => payloads,
+                Err(disk::DiskReadError::Gone) => return Err(ReadError::Trimmed(position)),
+                Err(other) => return Err(ReadError::Corrupt(other.to_string())),
+            };
+            let mut cache = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner());
+            for (slice, payload) in to_read.iter().zip(&payloads) {
+                cache.insert(epoch, slice.position(), payload.clone());
             }
+            (to_read, payloads)
+        } else {
+            (plan, cached)
+        };
+        let current_epoch = self.read_inner().epoch;
+        if current_epoch != epoch {
+            return Err(ReadError::EpochChanged(current_epoch));
         }
+        Ok(plan.iter().zip(payloads).map(|(slice, payload)| payload.slice(slice.skip()..)).collect())
     }
 }
 
@@ -429,7 +486,12 @@ mod tests {
         loop {
             let chunks = match log.read(epoch, position, 1 << 20)? {
                 Chunks::Memory(chunks) => chunks,
-                Chunks::Disk(plan) => disk::read_planned(&plan).map_err(|e| ReadError::Corrupt(e.to_string()))?,
+                Chunks::Disk(plan) => disk::read_planned(&plan)
+                    .map_err(|e| ReadError::Corrupt(e.to_string()))?
+                    .into_iter()
+                    .zip(&plan)
+                    .map(|(payload, slice)| payload.slice(slice.skip()..))
+                    .collect(),
             };
             if chunks.is_empty() {
                 return Ok(out);
@@ -547,6 +609,48 @@ mod tests {
         let s = log.summary();
         assert_eq!(s.end, 300_005);
         assert!(s.first_byte_offset > 200_000, "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn disk_reads_are_shared_and_never_serve_a_bad_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
+        log.reset("g".repeat(40), 0).unwrap();
+        let data = pattern(200_000, 5);
+        for piece in data.chunks(1000) {
+            log.append(Bytes::copy_from_slice(piece)).unwrap();
+        }
+        let epoch = log.summary().epoch;
+        async fn read_from(
+            log: &ReplicationLog,
+            epoch: u64,
+            mut position: u64,
+            until: u64,
+        ) -> Result<Vec<u8>, ReadError> {
+            let mut out = Vec::new();
+            let start = position;
+            while position < until {
+                for chunk in log.read_async(epoch, position, 10_000).await? {
+                    position += chunk.len() as u64;
+                    out.extend_from_slice(&chunk);
+                }
+            }
+            out.truncate((until - start) as usize);
+            Ok(out)
+        }
+        // Two cursors over the first half: the second is served from the shared cache.
+        assert!(read_from(&log, epoch, 123, 100_000).await.unwrap() == data[123..100_000]);
+        assert!(read_from(&log, epoch, 500, 100_000).await.unwrap() == data[500..100_000]);
+        // Damage a record in the second half, which nobody has read yet: it is never served.
+        let segment = disk::segment_paths(dir.path()).pop().unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&segment).unwrap();
+        use std::os::unix::fs::FileExt;
+        let at = file.metadata().unwrap().len() - 500;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).unwrap();
+        file.write_all_at(&[byte[0] ^ 1], at).unwrap();
+        let result = read_from(&log, epoch, 100_000, 200_000 - 4096).await;
+        assert!(matches!(result, Err(ReadError::Corrupt(_))), "{result:?}");
     }
 
     /// Whatever byte the file is cut at, recovery yields a prefix of what was written, ending at a
