@@ -322,32 +322,49 @@ pub enum DiskReadError {
 
 /// Executes a read plan with positioned reads, checking every record before any byte of it is used.
 /// Returns each record's whole payload (apply [`DiskSlice::skip`] to get what was asked for).
+/// Records that lie back to back in one file are read with one `pread` into one shared buffer.
 pub fn read_planned(plan: &[DiskSlice]) -> Result<Vec<Bytes>, DiskReadError> {
     let mut out = Vec::with_capacity(plan.len());
     let mut open: Option<(PathBuf, File)> = None;
-    for slice in plan {
-        if open.as_ref().map(|(p, _)| p != &slice.path).unwrap_or(true) {
-            let file = File::open(&slice.path).map_err(|e| match e.kind() {
+    let mut first = 0;
+    while first < plan.len() {
+        // The run of records that follow each other in the same file.
+        let mut last = first;
+        while last + 1 < plan.len()
+            && plan[last + 1].path == plan[first].path
+            && plan[last + 1].file_offset == plan[last].file_offset + (RECORD_HEADER_LEN + plan[last].header.len) as u64
+        {
+            last += 1;
+        }
+        let run = &plan[first..=last];
+        let path = &run[0].path;
+        if open.as_ref().map(|(p, _)| p != path).unwrap_or(true) {
+            let file = File::open(path).map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => DiskReadError::Gone,
-                _ => DiskReadError::Io { path: slice.path.clone(), source: e },
+                _ => DiskReadError::Io { path: path.clone(), source: e },
             })?;
-            open = Some((slice.path.clone(), file));
+            open = Some((path.clone(), file));
         }
-        let Some((path, file)) = open.as_ref() else { return Err(DiskReadError::Gone) };
-        let mut record = vec![0u8; RECORD_HEADER_LEN + slice.header.len];
-        file.read_exact_at(&mut record, slice.file_offset)
+        let Some((_, file)) = open.as_ref() else { return Err(DiskReadError::Gone) };
+        let run_len: usize = run.iter().map(|s| RECORD_HEADER_LEN + s.header.len).sum();
+        let mut buffer = vec![0u8; run_len];
+        file.read_exact_at(&mut buffer, run[0].file_offset)
             .map_err(|source| DiskReadError::Io { path: path.clone(), source })?;
-        let header = decode_record_header(&record[..RECORD_HEADER_LEN])
-            .map_err(|error| DiskReadError::Corrupt { path: path.clone(), error })?;
-        if header.position != slice.header.position || header.len != slice.header.len {
-            return Err(DiskReadError::Corrupt {
-                path: path.clone(),
-                error: FormatError::Discontinuous { expected: slice.header.position, found: header.position },
-            });
+        let buffer = Bytes::from(buffer);
+        let mut at = 0;
+        for slice in run {
+            let corrupt = |error| DiskReadError::Corrupt { path: path.clone(), error };
+            let header = decode_record_header(&buffer[at..at + RECORD_HEADER_LEN]).map_err(corrupt)?;
+            if header.position != slice.header.position || header.len != slice.header.len {
+                let found = header.position;
+                return Err(corrupt(FormatError::Discontinuous { expected: slice.header.position, found }));
+            }
+            let payload = buffer.slice(at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + header.len);
+            verify_record(&header, &payload).map_err(corrupt)?;
+            out.push(payload);
+            at += RECORD_HEADER_LEN + header.len;
         }
-        verify_record(&header, &record[RECORD_HEADER_LEN..])
-            .map_err(|error| DiskReadError::Corrupt { path: path.clone(), error })?;
-        out.push(Bytes::from(record).slice(RECORD_HEADER_LEN..));
+        first = last + 1;
     }
     Ok(out)
 }

@@ -458,7 +458,9 @@ impl ReplicationLog {
             };
             let mut cache = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner());
             for (slice, payload) in to_read.iter().zip(&payloads) {
-                cache.insert(epoch, slice.position(), payload.clone());
+                // A copy: the payload is a slice of a whole run's read buffer, which the cache must
+                // not keep alive.
+                cache.insert(epoch, slice.position(), Bytes::copy_from_slice(payload));
             }
             (to_read, payloads)
         } else {
