@@ -231,7 +231,13 @@ impl SegmentStore {
     /// Appends `payload`, which starts at stream `position` (the end of the log).
     pub fn append(&mut self, position: u64, payload: &[u8]) -> Result<(), DiskError> {
         let rotate = match (&self.active, self.segments.last()) {
-            (Some((_, len)), Some(last)) => *len >= self.segment_size || last.end != position,
+            // A segment stays within its size (unless one record alone is larger), so retention,
+            // which drops whole segments, keeps the disk within log_size plus two segments.
+            (Some((_, len)), Some(last)) => {
+                let full = *len > SEGMENT_HEADER_LEN as u64
+                    && *len + (RECORD_HEADER_LEN + payload.len()) as u64 > self.segment_size;
+                full || last.end != position
+            }
             _ => true,
         };
         if rotate {
