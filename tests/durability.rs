@@ -503,19 +503,26 @@ fn restart_and_check_resume(
     assert!(stat_of(relay, "sync_partial_ok") >= partial.len() as i64, "sync_partial_ok after the restart");
 }
 
+/// A master with data, a relay in sync with it, and a replica of the relay in sync; with the
+/// master's `sync_full` after the relay's own sync.
+fn master_relay_replica() -> (RedisServer, Relay, i64, RedisServer) {
+    let master = RedisServer::start(&MASTER_BACKLOG);
+    load_dataset(&mut master.conn(), 100);
+    let relay = Relay::start(&master);
+    wait_in_sync(&master, &relay, SYNC_TIMEOUT);
+    let master_full = stat_of(&master, "sync_full");
+    let replica = start_replica(&relay);
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    (master, relay, master_full, replica)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. SIGKILL under write load
 // ---------------------------------------------------------------------------------------------
 
 #[test]
 fn sigkill_mid_stream_resumes_with_partial_resyncs_everywhere() {
-    let master = RedisServer::start(&MASTER_BACKLOG);
-    load_dataset(&mut master.conn(), 100);
-    let mut relay = Relay::start(&master);
-    wait_in_sync(&master, &relay, SYNC_TIMEOUT);
-    let master_full = stat_of(&master, "sync_full");
-    let replica = start_replica(&relay);
-    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    let (master, mut relay, master_full, replica) = master_relay_replica();
 
     let writer = Writer::start(master.port(), 1);
     for _ in 0..3 {
@@ -638,13 +645,7 @@ fn sigkill_during_rdb_receipt_leaves_no_partial_snapshot() {
 
 #[test]
 fn sigterm_restart_loses_nothing() {
-    let master = RedisServer::start(&MASTER_BACKLOG);
-    load_dataset(&mut master.conn(), 100);
-    let mut relay = Relay::start(&master);
-    wait_in_sync(&master, &relay, SYNC_TIMEOUT);
-    let master_full = stat_of(&master, "sync_full");
-    let replica = start_replica(&relay);
-    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    let (master, mut relay, master_full, replica) = master_relay_replica();
 
     let writer = Writer::start(master.port(), 4);
     for round in 1..=2 {
