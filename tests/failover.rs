@@ -87,4 +87,9 @@ fn the_relay_refuses_promotion_and_failover() {
     let same: String = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(master.port()).query(&mut con).unwrap();
     assert_eq!(same, "OK Already connected to specified master");
     assert_eq!(relay.info_field("replication", "role").as_deref(), Some("slave"));
+    // Like a Redis without a password: the default user accepts any password, a bare AUTH is refused.
+    let default_user: String = redis::cmd("AUTH").arg("default").arg("anything").query(&mut con).unwrap();
+    assert_eq!(default_user, "OK");
+    let bare: redis::RedisResult<()> = redis::cmd("AUTH").arg("secret").query(&mut con);
+    assert!(bare.is_err());
 }

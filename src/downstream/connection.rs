@@ -7,6 +7,9 @@ use tokio::net::TcpStream;
 
 use crate::protocol::{parse_command, ClientCommand, ProtocolError, Reply};
 
+/// Redis's default `client-query-buffer-limit`: one client cannot make the process buffer more.
+const MAX_QUERY_BUFFER: usize = 1 << 30;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("I/O error: {0}")]
@@ -34,6 +37,13 @@ impl ClientConnection {
         loop {
             if let Some(command) = parse_command(&mut self.buf)? {
                 return Ok(command);
+            }
+            if self.buf.len() > MAX_QUERY_BUFFER {
+                return Err(ClientError::Protocol(ProtocolError::TooLong {
+                    what: "query buffer",
+                    len: self.buf.len(),
+                    limit: MAX_QUERY_BUFFER,
+                }));
             }
             if self.stream.read_buf(&mut self.buf).await? == 0 {
                 return Err(ClientError::Closed);

@@ -121,8 +121,15 @@ pub async fn serve(listener: TcpListener, context: Arc<RelayContext>, mut shutdo
                             handshake: ReplicaHandshake::default(),
                             transaction: None,
                         };
-                        if let Err(error) = session.run(shutdown).await {
-                            tracing::debug!(%peer, "client connection ended: {error}");
+                        let mut stop = shutdown.clone();
+                        // Whatever the session is doing (a long RDB transfer, a flush to a client
+                        // that stopped reading), shutdown ends it, so the relay's directory and
+                        // address are free for a restart.
+                        tokio::select! {
+                            result = session.run(shutdown) => if let Err(error) = result {
+                                tracing::debug!(%peer, "client connection ended: {error}");
+                            },
+                            _ = crate::relay::stopped(&mut stop) => {}
                         }
                     });
                 }
@@ -271,6 +278,10 @@ impl Session {
                 _ => wrong_arity("ping"),
             },
             "ECHO" if argc == 2 => Reply::Bulk(command.args[1].clone()),
+            // As a Redis without a password: the default user is `nopass`, so `AUTH default <any>`
+            // succeeds (replicas with masteruser default), `AUTH <password>` is an error.
+            "AUTH" if argc == 3 && command.arg_str(1) == "default" => Reply::ok(),
+            "AUTH" if argc == 3 => Reply::error("WRONGPASS invalid username-password pair or user is disabled."),
             "AUTH" => Reply::error(
                 "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
             ),

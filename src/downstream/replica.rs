@@ -171,8 +171,13 @@ async fn full_sync(
         let current = snapshots.borrow_and_update().clone();
         if let (Some(snapshot), Some(ids)) = (current, summary.ids.clone()) {
             if summary.can_continue(&snapshot.replid, snapshot.offset as i64 + 1) {
-                if let Some(file) = open_snapshot(&context, &snapshot).await {
-                    break (snapshot, summary.epoch, ids.replid, file);
+                match context.snapshots.open_current() {
+                    Some((opened, file)) if opened == snapshot => {
+                        break (snapshot, summary.epoch, ids.replid, tokio::fs::File::from_std(file));
+                    }
+                    // Replaced meanwhile: look again at once; unreadable: a fresh fetch repairs it.
+                    Some(_) => continue,
+                    None => context.fetcher.request(),
                 }
             } else if !snapshot_is_current(&snapshot, &summary) {
                 context.fetcher.request();
@@ -216,12 +221,6 @@ async fn full_sync(
 }
 
 /// Opens the cached RDB, making sure the file is the one `snapshot` describes.
-async fn open_snapshot(context: &RelayContext, snapshot: &SnapshotMeta) -> Option<tokio::fs::File> {
-    let file = tokio::fs::File::open(context.snapshots.rdb_path()).await.ok()?;
-    let len = file.metadata().await.ok()?.len();
-    (len == snapshot.size && context.snapshots.current().as_ref() == Some(snapshot)).then_some(file)
-}
-
 async fn send_rdb(
     session: &mut Session,
     snapshot: &SnapshotMeta,

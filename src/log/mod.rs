@@ -384,14 +384,19 @@ impl ReplicationLog {
 
     /// Fsyncs what was appended so far (the `everysec` policy calls this once a second).
     pub fn sync(&self) -> Result<u64, DiskError> {
-        let (file, end) = {
+        let (file, end, epoch) = {
             let inner = self.read_inner();
-            (inner.disk.active_file(), inner.end)
+            (inner.disk.active_file(), inner.end, inner.epoch)
         };
         if let Some(file) = file {
             file.sync_data().map_err(|source| DiskError::Io { path: "log segment".into(), source })?;
         }
-        self.durable.fetch_max(end, Ordering::AcqRel);
+        // A reset meanwhile started a new history (possibly at a lower offset): what was synced
+        // belongs to the old one and says nothing about the new.
+        let inner = self.read_inner();
+        if inner.epoch == epoch {
+            self.durable.fetch_max(end, Ordering::AcqRel);
+        }
         Ok(end)
     }
 

@@ -43,7 +43,10 @@ pub struct RdbVerifier {
 pub struct RdbFacts {
     pub version: u32,
     pub size: u64,
+    /// As stored in the trailer (0 when the master does not checksum).
     pub crc64: u64,
+    /// As computed over the content, whatever the trailer says: what the cache checks on reopen.
+    pub content_crc64: u64,
 }
 
 impl Default for RdbVerifier {
@@ -103,7 +106,7 @@ impl RdbVerifier {
         if stored != 0 && stored != computed {
             return Err(RdbError::CrcMismatch { stored, computed });
         }
-        Ok(RdbFacts { version, size: self.total, crc64: stored })
+        Ok(RdbFacts { version, size: self.total, crc64: stored, content_crc64: computed })
     }
 }
 
@@ -127,6 +130,9 @@ pub struct SnapshotMeta {
     pub rdb_version: u32,
     /// CRC-64 as stored in the RDB trailer (0 when the master does not checksum).
     pub crc64: u64,
+    /// CRC-64 computed over the content on receipt, so a cached file is checked on reopen even when
+    /// the master runs with `rdbchecksum no`.
+    pub content_crc64: u64,
     /// Unix seconds when the relay finished receiving it.
     pub created_unix: u64,
 }

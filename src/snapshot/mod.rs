@@ -37,6 +37,10 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 /// The snapshot cache of one relay.
 pub struct SnapshotStore {
     dir: PathBuf,
+    /// Held while a snapshot is installed (file, metadata, published value) and while a reader opens
+    /// the file, so a reader never pairs one RDB with another's metadata, and two commits (main link
+    /// and side fetch) never interleave.
+    install: std::sync::Mutex<()>,
     /// Numbers temporary files: the main link and the side fetcher may both be receiving.
     temp_counter: std::sync::atomic::AtomicU64,
     current: watch::Sender<Option<SnapshotMeta>>,
@@ -46,8 +50,12 @@ impl SnapshotStore {
     /// Opens the cache in `dir`, adopting a snapshot already there when its metadata and file agree.
     pub fn open(dir: &Path) -> Result<SnapshotStore, SnapshotError> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let store =
-            SnapshotStore { dir: dir.to_path_buf(), temp_counter: Default::default(), current: watch::channel(None).0 };
+        let store = SnapshotStore {
+            dir: dir.to_path_buf(),
+            install: std::sync::Mutex::new(()),
+            temp_counter: Default::default(),
+            current: watch::channel(None).0,
+        };
         store.remove_leftover_temp_files();
         match store.load_existing() {
             Ok(meta) => {
@@ -88,7 +96,7 @@ impl SnapshotStore {
             verifier.update(&buf[..n]);
         }
         let facts = verifier.finish()?;
-        if facts.size != meta.size || facts.crc64 != meta.crc64 {
+        if facts.size != meta.size || facts.crc64 != meta.crc64 || facts.content_crc64 != meta.content_crc64 {
             return Err(SnapshotError::BadMeta {
                 path: meta_path,
                 reason: format!(
@@ -142,32 +150,42 @@ impl SnapshotStore {
             size: facts.size,
             rdb_version: facts.version,
             crc64: facts.crc64,
+            content_crc64: facts.content_crc64,
             created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         };
         let meta_text = serde_yaml_ng::to_string(&meta)
             .map_err(|e| SnapshotError::BadMeta { path: self.dir.join(META_FILE), reason: e.to_string() })?;
         let meta_temp = PathBuf::from(format!("{}.meta", writer.temp_path.display()));
-        write_synced(&meta_temp, meta_text.as_bytes()).await?;
-        let rdb_path = self.rdb_path();
-        tokio::fs::rename(&writer.temp_path, &rdb_path).await.map_err(io_error(&rdb_path))?;
-        let meta_path = self.dir.join(META_FILE);
-        tokio::fs::rename(&meta_temp, &meta_path).await.map_err(io_error(&meta_path))?;
-        sync_dir(&self.dir).await?;
-        writer.temp_path = PathBuf::new();
-        self.current.send_replace(Some(meta.clone()));
+        // Synchronous and under the install lock: no await point, so a cancelled caller cannot
+        // leave the file, the metadata and the published value disagreeing.
+        {
+            let _installing = self.install.lock().unwrap_or_else(|p| p.into_inner());
+            write_synced(&meta_temp, meta_text.as_bytes())?;
+            let rdb_path = self.rdb_path();
+            std::fs::rename(&writer.temp_path, &rdb_path).map_err(io_error(&rdb_path))?;
+            writer.temp_path = PathBuf::new();
+            let meta_path = self.dir.join(META_FILE);
+            std::fs::rename(&meta_temp, &meta_path).map_err(io_error(&meta_path))?;
+            std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_error(&self.dir))?;
+            self.current.send_replace(Some(meta.clone()));
+        }
         Ok(meta)
+    }
+
+    /// Opens the cached RDB together with the metadata that describes it.
+    pub fn open_current(&self) -> Option<(SnapshotMeta, std::fs::File)> {
+        let _installing = self.install.lock().unwrap_or_else(|p| p.into_inner());
+        let meta = self.current()?;
+        let file = std::fs::File::open(self.rdb_path()).ok()?;
+        (file.metadata().ok()?.len() == meta.size).then_some((meta, file))
     }
 }
 
-async fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
-    let mut file = tokio::fs::File::create(path).await.map_err(io_error(path))?;
-    file.write_all(bytes).await.map_err(io_error(path))?;
-    file.sync_all().await.map_err(io_error(path))
-}
-
-async fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
-    let handle = tokio::fs::File::open(dir).await.map_err(io_error(dir))?;
-    handle.sync_all().await.map_err(io_error(dir))
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path).map_err(io_error(path))?;
+    file.write_all(bytes).map_err(io_error(path))?;
+    file.sync_all().map_err(io_error(path))
 }
 
 /// An RDB being received. Dropped without [`SnapshotStore::commit`], it deletes its temporary file, so
@@ -239,6 +257,25 @@ mod tests {
         assert!(matches!(store.commit(writer).await, Err(SnapshotError::Rdb(RdbError::CrcMismatch { .. }))));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         assert!(store.current().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_cached_file_without_trailer_checksum_is_not_adopted() {
+        // A master with `rdbchecksum no` writes a zero trailer: the cache still checks the content.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(dir.path()).unwrap();
+        let mut rdb = sample_rdb();
+        let n = rdb.len();
+        rdb[n - 8..].fill(0);
+        let mut writer = store.begin(&"f".repeat(40), 1).await.unwrap();
+        writer.write(&rdb).await.unwrap();
+        store.commit(writer).await.unwrap();
+        assert!(SnapshotStore::open(dir.path()).unwrap().current().is_some());
+        let mut bytes = std::fs::read(store.rdb_path()).unwrap();
+        bytes[11] ^= 1;
+        std::fs::write(store.rdb_path(), bytes).unwrap();
+        drop(store);
+        assert!(SnapshotStore::open(dir.path()).unwrap().current().is_none());
     }
 
     #[tokio::test]

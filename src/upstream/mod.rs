@@ -176,7 +176,7 @@ impl UpstreamLink {
         let mut target = self.config.target.clone();
         target.mark_unchanged();
         loop {
-            let mut reached_stream = false;
+            let mut reached_stream: Option<Instant> = None;
             let result = tokio::select! {
                 result = self.link_once(&mut reached_stream) => result,
                 _ = crate::relay::stopped(&mut shutdown) => return,
@@ -184,7 +184,7 @@ impl UpstreamLink {
                     if changed.is_ok() {
                         // Like replicationSetMaster: keep the log and the replicas, PSYNC the new master.
                         tracing::info!(master = %self.config.addr(), "switching to a new master (REPLICAOF)");
-                        reached_stream = true;
+                        reached_stream = Some(Instant::now() - Duration::from_secs(1));
                     }
                     Ok(())
                 }
@@ -207,11 +207,12 @@ impl UpstreamLink {
                 s.reconnects += 1;
                 s.read_offset = self.log.summary().end;
             });
-            backoff = if reached_stream {
-                Duration::ZERO
-            } else {
-                (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF)
-            };
+            // Reconnect at once after a link that streamed for a while (a killed link, a repoint);
+            // back off when attempts fail early or keep failing right after PSYNC (a full disk, a
+            // master sending garbage), so the master is not made to resend its backlog in a loop.
+            let healthy = reached_stream.is_some_and(|since| since.elapsed() >= Duration::from_secs(1));
+            backoff =
+                if healthy { Duration::ZERO } else { (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF) };
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = crate::relay::stopped(&mut shutdown) => return,
@@ -223,7 +224,7 @@ impl UpstreamLink {
         self.status.send_modify(|s| s.state = state);
     }
 
-    async fn link_once(&self, reached_stream: &mut bool) -> Result<(), LinkError> {
+    async fn link_once(&self, reached_stream: &mut Option<Instant>) -> Result<(), LinkError> {
         self.set_state(LinkState::Connecting);
         let mut conn = MasterConnection::connect(&self.config.addr(), self.config.repl_timeout).await?;
         self.set_state(LinkState::Handshake);
@@ -262,7 +263,7 @@ impl UpstreamLink {
         } else {
             return Err(LinkError::BadPsyncReply(reply));
         };
-        *reached_stream = true;
+        *reached_stream = Some(Instant::now());
         let now = Instant::now();
         self.status.send_modify(|s| {
             s.state = LinkState::Connected;
