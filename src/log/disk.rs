@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::format::{
     self, decode_record_header, decode_segment_header, encode_record_header, encode_segment_header, verify_record,
-    FormatError, HistoryMeta, RecordHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+    FormatError, HistoryMeta, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 
 const HISTORY_FILE: &str = "history.meta";
@@ -32,12 +32,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
     move |source| DiskError::Io { path: path.to_path_buf(), source }
 }
 
-/// Where one record lies in its segment file.
+/// Index points are kept at least this far apart in the stream: the in-memory index of a log is
+/// bounded by its size / this (16k entries per GiB), however small its records are.
+const INDEX_SPACING: u64 = 64 * 1024;
+
+/// A record start: where a read may begin.
 #[derive(Debug, Clone, Copy)]
-struct RecordRef {
+struct IndexPoint {
     position: u64,
     file_offset: u64,
-    len: u32,
 }
 
 #[derive(Debug)]
@@ -45,30 +48,32 @@ struct Segment {
     start: u64,
     end: u64,
     path: PathBuf,
-    records: Vec<RecordRef>,
+    /// Sparse: the first record, then the first record at least [`INDEX_SPACING`] after the last point.
+    index: Vec<IndexPoint>,
+    /// Bytes of the file that hold good records.
+    file_len: u64,
     /// When the newest byte was written (the file's mtime after a restart), for retention by age.
     last_write: SystemTime,
 }
 
-/// A piece of a disk read: one record, of which the bytes from `skip` on are wanted.
-#[derive(Debug, Clone)]
-pub struct DiskSlice {
-    path: PathBuf,
-    file_offset: u64,
-    header: RecordHeader,
-    skip: usize,
+impl Segment {
+    fn note_record(&mut self, position: u64, file_offset: u64, len: usize) {
+        if self.index.last().is_none_or(|last| position - last.position >= INDEX_SPACING) {
+            self.index.push(IndexPoint { position, file_offset });
+        }
+        self.end = position + len as u64;
+        self.file_len = file_offset + (RECORD_HEADER_LEN + len) as u64;
+    }
 }
 
-impl DiskSlice {
-    /// The stream position before the record's first byte: the record's identity.
-    pub fn position(&self) -> u64 {
-        self.header.position
-    }
-
-    /// How many of the record's first bytes the reader already has.
-    pub fn skip(&self) -> usize {
-        self.skip
-    }
+/// A disk read: a run of whole records in one segment file, starting at an index point.
+#[derive(Debug, Clone)]
+pub struct DiskRange {
+    path: PathBuf,
+    file_offset: u64,
+    /// The stream position before the run's first record.
+    position: u64,
+    len: u64,
 }
 
 /// What recovery found.
@@ -223,7 +228,14 @@ impl SegmentStore {
             OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).map_err(io_err(&path))?;
         file.write_all(&encode_segment_header(start)).map_err(io_err(&path))?;
         self.sync_dir()?;
-        self.segments.push(Segment { start, end: start, path, records: Vec::new(), last_write: SystemTime::now() });
+        self.segments.push(Segment {
+            start,
+            end: start,
+            path,
+            index: Vec::new(),
+            file_len: SEGMENT_HEADER_LEN as u64,
+            last_write: SystemTime::now(),
+        });
         self.active = Some((Arc::new(file), SEGMENT_HEADER_LEN as u64));
         Ok(())
     }
@@ -250,8 +262,7 @@ impl SegmentStore {
         // Header and payload in two positioned writes: no copy of the payload in user space.
         file.write_all_at(&header, *len).map_err(io_err(&segment.path))?;
         file.write_all_at(payload, *len + RECORD_HEADER_LEN as u64).map_err(io_err(&segment.path))?;
-        segment.records.push(RecordRef { position, file_offset: *len, len: payload.len() as u32 });
-        segment.end = position + payload.len() as u64;
+        segment.note_record(position, *len, payload.len());
         segment.last_write = SystemTime::now();
         *len += (RECORD_HEADER_LEN + payload.len()) as u64;
         Ok(())
@@ -277,41 +288,37 @@ impl SegmentStore {
         Ok(new_start)
     }
 
-    pub fn bytes_on_disk(&self) -> u64 {
-        let full: u64 = self.segments.iter().map(|s| s.end - s.start).sum();
-        full + self
-            .segments
-            .iter()
-            .map(|s| (SEGMENT_HEADER_LEN + s.records.len() * RECORD_HEADER_LEN) as u64)
-            .sum::<u64>()
+    /// Entries of the in-memory index, all segments together.
+    pub fn index_entries(&self) -> usize {
+        self.segments.iter().map(|s| s.index.len()).sum()
     }
 
-    /// Plans a read of up to `max_bytes` after `position`, record by record.
-    pub fn plan_read(&self, position: u64, max_bytes: usize) -> Vec<DiskSlice> {
-        let mut plan = Vec::new();
-        let segment_index = self.segments.partition_point(|s| s.start <= position).saturating_sub(1);
-        let mut planned = 0usize;
-        for segment in &self.segments[segment_index..] {
-            let first = segment.records.partition_point(|r| r.position <= position).saturating_sub(1);
-            for record in &segment.records[first..] {
-                let record_end = record.position + record.len as u64;
-                if record_end <= position {
-                    continue;
-                }
-                let skip = position.saturating_sub(record.position) as usize;
-                plan.push(DiskSlice {
-                    path: segment.path.clone(),
-                    file_offset: record.file_offset,
-                    header: RecordHeader { len: record.len as usize, crc: 0, position: record.position },
-                    skip,
-                });
-                planned += record.len as usize - skip;
-                if planned >= max_bytes {
-                    return plan;
-                }
-            }
+    pub fn bytes_on_disk(&self) -> u64 {
+        self.segments.iter().map(|s| s.file_len).sum()
+    }
+
+    /// Plans a read of at least `max_bytes` (when there are so many) after `position`: whole records
+    /// from the index point at or before it, within one segment.
+    pub fn plan_read(&self, position: u64, max_bytes: usize) -> Option<DiskRange> {
+        let index = self.segments.partition_point(|s| s.start <= position).checked_sub(1)?;
+        let segment = &self.segments[index];
+        if position >= segment.end {
+            return None;
         }
-        plan
+        let first = segment.index.partition_point(|p| p.position <= position).checked_sub(1)?;
+        let start = segment.index[first];
+        let wanted_end = position + max_bytes as u64;
+        let end_offset = segment.index[first + 1..]
+            .iter()
+            .find(|p| p.position >= wanted_end)
+            .map(|p| p.file_offset)
+            .unwrap_or(segment.file_len);
+        Some(DiskRange {
+            path: segment.path.clone(),
+            file_offset: start.file_offset,
+            position: start.position,
+            len: end_offset - start.file_offset,
+        })
     }
 }
 
@@ -326,53 +333,41 @@ pub enum DiskReadError {
     Corrupt { path: PathBuf, error: FormatError },
 }
 
-/// Executes a read plan with positioned reads, checking every record before any byte of it is used.
-/// Returns each record's whole payload (apply [`DiskSlice::skip`] to get what was asked for).
-/// Records that lie back to back in one file are read with one `pread` into one shared buffer.
-pub fn read_planned(plan: &[DiskSlice]) -> Result<Vec<Bytes>, DiskReadError> {
-    let mut out = Vec::with_capacity(plan.len());
-    let mut open: Option<(PathBuf, File)> = None;
-    let mut first = 0;
-    while first < plan.len() {
-        // The run of records that follow each other in the same file.
-        let mut last = first;
-        while last + 1 < plan.len()
-            && plan[last + 1].path == plan[first].path
-            && plan[last + 1].file_offset == plan[last].file_offset + (RECORD_HEADER_LEN + plan[last].header.len) as u64
-        {
-            last += 1;
+/// Reads a range with one positioned read and checks every record in it before any byte is used.
+/// Returns the records as (position before the first byte, payload), sharing one buffer.
+pub fn read_range(range: &DiskRange) -> Result<Vec<(u64, Bytes)>, DiskReadError> {
+    let path = &range.path;
+    let file = File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => DiskReadError::Gone,
+        _ => DiskReadError::Io { path: path.clone(), source: e },
+    })?;
+    let mut buffer = vec![0u8; range.len as usize];
+    file.read_exact_at(&mut buffer, range.file_offset)
+        .map_err(|source| DiskReadError::Io { path: path.clone(), source })?;
+    let buffer = Bytes::from(buffer);
+    let corrupt = |error| DiskReadError::Corrupt { path: path.clone(), error };
+    let mut records = Vec::new();
+    let mut at = 0;
+    let mut expected = range.position;
+    while at < buffer.len() {
+        if buffer.len() - at < RECORD_HEADER_LEN {
+            return Err(corrupt(FormatError::BadRecordLength((buffer.len() - at) as u64)));
         }
-        let run = &plan[first..=last];
-        let path = &run[0].path;
-        if open.as_ref().map(|(p, _)| p != path).unwrap_or(true) {
-            let file = File::open(path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => DiskReadError::Gone,
-                _ => DiskReadError::Io { path: path.clone(), source: e },
-            })?;
-            open = Some((path.clone(), file));
+        let header = decode_record_header(&buffer[at..at + RECORD_HEADER_LEN]).map_err(corrupt)?;
+        if header.position != expected {
+            return Err(corrupt(FormatError::Discontinuous { expected, found: header.position }));
         }
-        let Some((_, file)) = open.as_ref() else { return Err(DiskReadError::Gone) };
-        let run_len: usize = run.iter().map(|s| RECORD_HEADER_LEN + s.header.len).sum();
-        let mut buffer = vec![0u8; run_len];
-        file.read_exact_at(&mut buffer, run[0].file_offset)
-            .map_err(|source| DiskReadError::Io { path: path.clone(), source })?;
-        let buffer = Bytes::from(buffer);
-        let mut at = 0;
-        for slice in run {
-            let corrupt = |error| DiskReadError::Corrupt { path: path.clone(), error };
-            let header = decode_record_header(&buffer[at..at + RECORD_HEADER_LEN]).map_err(corrupt)?;
-            if header.position != slice.header.position || header.len != slice.header.len {
-                let found = header.position;
-                return Err(corrupt(FormatError::Discontinuous { expected: slice.header.position, found }));
-            }
-            let payload = buffer.slice(at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + header.len);
-            verify_record(&header, &payload).map_err(corrupt)?;
-            out.push(payload);
-            at += RECORD_HEADER_LEN + header.len;
+        let payload_end = at + RECORD_HEADER_LEN + header.len;
+        if payload_end > buffer.len() {
+            return Err(corrupt(FormatError::BadRecordLength(header.len as u64)));
         }
-        first = last + 1;
+        let payload = buffer.slice(at + RECORD_HEADER_LEN..payload_end);
+        verify_record(&header, &payload).map_err(corrupt)?;
+        records.push((header.position, payload));
+        expected += header.len as u64;
+        at = payload_end;
     }
-    Ok(out)
+    Ok(records)
 }
 
 /// Where a segment stops being good, and why.
@@ -388,7 +383,14 @@ fn scan_segment(path: &Path, start: u64) -> Result<(Segment, Option<ScanFailure>
     let metadata = file.metadata().map_err(io_err(path))?;
     let file_len = metadata.len();
     let last_write = metadata.modified().unwrap_or_else(|_| SystemTime::now());
-    let mut segment = Segment { start, end: start, path: path.to_path_buf(), records: Vec::new(), last_write };
+    let mut segment = Segment {
+        start,
+        end: start,
+        path: path.to_path_buf(),
+        index: Vec::new(),
+        file_len: SEGMENT_HEADER_LEN as u64,
+        last_write,
+    };
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut header = [0u8; SEGMENT_HEADER_LEN];
     let bad_header = |reason: String| ScanFailure { reason, header_ok: false, good_len: 0 };
@@ -429,8 +431,7 @@ fn scan_segment(path: &Path, start: u64) -> Result<(Segment, Option<ScanFailure>
         if let Err(e) = verify_record(&header, &payload) {
             return Ok((segment, cut(format!("{e} at file offset {offset}"), offset)));
         }
-        segment.records.push(RecordRef { position: header.position, file_offset: offset, len: header.len as u32 });
-        segment.end += header.len as u64;
+        segment.note_record(header.position, offset, header.len);
         offset += (RECORD_HEADER_LEN + header.len) as u64;
     }
 }

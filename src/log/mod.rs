@@ -28,7 +28,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 pub use disk::{DiskError, Recovery};
-use disk::{DiskSlice, SegmentStore};
+use disk::{DiskRange, SegmentStore};
 use format::HistoryMeta;
 
 /// When appended bytes are fsynced, like Redis's `appendfsync`. The relay ACKs upstream only what is
@@ -149,17 +149,34 @@ pub struct ReplicationLog {
 /// Bytes of verified disk records kept for cursors that trail the memory tail together.
 const DISK_CACHE_BYTES: usize = 8 << 20;
 
-/// A bounded FIFO of verified record payloads, keyed by (epoch, position).
+/// A bounded FIFO of verified record payloads, keyed by (epoch, position before the record).
 #[derive(Default)]
 struct RecordCache {
-    records: std::collections::HashMap<(u64, u64), Bytes>,
+    records: std::collections::BTreeMap<(u64, u64), Bytes>,
     order: VecDeque<(u64, u64)>,
     bytes: usize,
 }
 
 impl RecordCache {
-    fn get(&self, epoch: u64, position: u64) -> Option<Bytes> {
-        self.records.get(&(epoch, position)).cloned()
+    /// The cached records from the one holding the byte after `position` on, while consecutive.
+    fn get_from(&self, epoch: u64, position: u64, max_bytes: usize) -> Vec<(u64, Bytes)> {
+        let mut out = Vec::new();
+        let Some((&(_, first), _)) = self.records.range((epoch, 0)..=(epoch, position)).next_back() else {
+            return out;
+        };
+        let mut next = first;
+        let mut taken = 0;
+        for (&(record_epoch, start), payload) in self.records.range((epoch, first)..) {
+            if record_epoch != epoch || start != next || taken >= max_bytes {
+                break;
+            }
+            next = start + payload.len() as u64;
+            if next > position {
+                taken += payload.len();
+                out.push((start, payload.clone()));
+            }
+        }
+        out
     }
 
     fn insert(&mut self, epoch: u64, position: u64, payload: Bytes) {
@@ -181,7 +198,7 @@ impl RecordCache {
 /// Where a read's bytes are.
 pub enum Chunks {
     Memory(Vec<Bytes>),
-    Disk(Vec<DiskSlice>),
+    Disk(DiskRange),
 }
 
 /// A consistent view of the log's bounds and ids, for INFO and for PSYNC decisions.
@@ -411,7 +428,10 @@ impl ReplicationLog {
             return Err(ReadError::Trimmed(position));
         }
         if position < inner.memory_start {
-            return Ok(Chunks::Disk(inner.disk.plan_read(position, max_bytes)));
+            return match inner.disk.plan_read(position, max_bytes) {
+                Some(range) => Ok(Chunks::Disk(range)),
+                None => Err(ReadError::Trimmed(position)),
+            };
         }
         let mut out = Vec::new();
         if position == inner.end {
@@ -436,47 +456,45 @@ impl ReplicationLog {
     /// once their record checksums match. Records read from disk are kept in a small shared cache,
     /// so replicas trailing the memory tail together read each record once, not once each.
     pub async fn read_async(&self, epoch: u64, position: u64, max_bytes: usize) -> Result<Vec<Bytes>, ReadError> {
-        let plan = match self.read(epoch, position, max_bytes)? {
+        let range = match self.read(epoch, position, max_bytes)? {
             Chunks::Memory(chunks) => return Ok(chunks),
-            Chunks::Disk(plan) => plan,
+            Chunks::Disk(range) => range,
         };
-        // Serve the leading records the cache has; otherwise read up to the first cached one.
-        let cached: Vec<Bytes> = {
-            let cache = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner());
-            plan.iter().map_while(|slice| cache.get(epoch, slice.position())).collect()
-        };
-        let (plan, payloads) = if cached.is_empty() {
-            let to_read: Vec<DiskSlice> = {
-                let cache = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner());
-                plan.into_iter().take_while(|slice| cache.get(epoch, slice.position()).is_none()).collect()
-            };
-            let (to_read, result) = tokio::task::spawn_blocking(move || {
-                let result = disk::read_planned(&to_read);
-                (to_read, result)
-            })
-            .await
-            .map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
-            let payloads = match result {
-                Ok(payloads) => payloads,
+        let cached = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner()).get_from(epoch, position, max_bytes);
+        let records = if cached.is_empty() {
+            let records = tokio::task::spawn_blocking(move || disk::read_range(&range))
+                .await
+                .map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
+            let records = match records {
+                Ok(records) => records,
                 Err(disk::DiskReadError::Gone) => return Err(ReadError::Trimmed(position)),
                 Err(other) => return Err(ReadError::Corrupt(other.to_string())),
             };
             let mut cache = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner());
-            for (slice, payload) in to_read.iter().zip(&payloads) {
-                // A copy: the payload is a slice of a whole run's read buffer, which the cache must
+            for (start, payload) in &records {
+                // A copy: the payload is a slice of the whole range's buffer, which the cache must
                 // not keep alive.
-                cache.insert(epoch, slice.position(), Bytes::copy_from_slice(payload));
+                cache.insert(epoch, *start, Bytes::copy_from_slice(payload));
             }
-            (to_read, payloads)
+            records
         } else {
-            (plan, cached)
+            cached
         };
         let current_epoch = self.read_inner().epoch;
         if current_epoch != epoch {
             return Err(ReadError::EpochChanged(current_epoch));
         }
-        Ok(plan.iter().zip(payloads).map(|(slice, payload)| payload.slice(slice.skip()..)).collect())
+        Ok(slices_after(records, position))
     }
+}
+
+/// The parts of whole records that come after `position`.
+fn slices_after(records: Vec<(u64, Bytes)>, position: u64) -> Vec<Bytes> {
+    records
+        .into_iter()
+        .filter(|(start, payload)| start + payload.len() as u64 > position)
+        .map(|(start, payload)| payload.slice(position.saturating_sub(start) as usize..))
+        .collect()
 }
 
 #[cfg(test)]
@@ -493,12 +511,9 @@ mod tests {
         loop {
             let chunks = match log.read(epoch, position, 1 << 20)? {
                 Chunks::Memory(chunks) => chunks,
-                Chunks::Disk(plan) => disk::read_planned(&plan)
-                    .map_err(|e| ReadError::Corrupt(e.to_string()))?
-                    .into_iter()
-                    .zip(&plan)
-                    .map(|(payload, slice)| payload.slice(slice.skip()..))
-                    .collect(),
+                Chunks::Disk(range) => {
+                    slices_after(disk::read_range(&range).map_err(|e| ReadError::Corrupt(e.to_string()))?, position)
+                }
             };
             if chunks.is_empty() {
                 return Ok(out);
@@ -616,6 +631,27 @@ mod tests {
         let s = log.summary();
         assert_eq!(s.end, 300_005);
         assert!(s.first_byte_offset > 200_000, "{s:?}");
+    }
+
+    #[test]
+    fn the_index_stays_small_with_tiny_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(2_000_000, 11);
+        {
+            let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
+            log.reset("h".repeat(40), 0).unwrap();
+            for piece in data.chunks(20) {
+                log.append(Bytes::copy_from_slice(piece)).unwrap();
+            }
+            // 100,000 records, but one index entry per 64 KiB of stream (plus one per segment).
+            assert!(log.read_inner().disk.index_entries() < 2_000_000 / (64 * 1024) + 40);
+            let epoch = log.summary().epoch;
+            assert!(read_all(&log, epoch, 123_457).unwrap() == data[123_457..]);
+        }
+        let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
+        assert!(log.read_inner().disk.index_entries() < 2_000_000 / (64 * 1024) + 40, "after recovery too");
+        let epoch = log.summary().epoch;
+        assert!(read_all(&log, epoch, 999_999).unwrap() == data[999_999..]);
     }
 
     #[tokio::test]
