@@ -12,11 +12,16 @@
 //! - [`upstream`]: the replica link to the master (handshake, PSYNC, RDB receipt, applied offset, ACKs),
 //!   and the side-connection fetcher of fresh RDBs.
 //! - [`log`]: the replication log, the one fan-out buffer, addressed by master offset, with the
-//!   replication ids of its history.
+//!   replication ids of its history: an in-memory tail of shared chunks over checksummed segment
+//!   files ([`log::format`] is the on-disk format, [`log::disk`] the segments and their recovery).
 //! - [`snapshot`]: the on-disk cache of the master's RDB; [`snapshot::format`] holds the RDB checks.
 //! - [`downstream`]: the listener: client commands (`INFO`, `ROLE`, ...) and replicas served from the
 //!   snapshot and the log.
-//! - [`relay`]: wires one relay together; [`config`]: CLI and YAML; [`metrics`]: Prometheus.
+//! - [`relay`]: wires one relay together and stops it; [`config`]: CLI and YAML (many relays per
+//!   process); [`metrics`]: the Prometheus endpoint and the per-relay collector.
+//!
+//! Every relay has one shutdown signal (a `watch`); the binary supervises relays by name and
+//! reloads them on SIGHUP.
 
 pub mod config;
 pub mod downstream;
