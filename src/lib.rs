@@ -13,7 +13,7 @@
 //!   and the side-connection fetcher of fresh RDBs.
 //! - [`log`]: the replication log, the one fan-out buffer, addressed by master offset, with the
 //!   replication ids of its history: an in-memory tail of shared chunks over checksummed segment
-//!   files ([`log::format`] is the on-disk format, [`log::disk`] the segments and their recovery).
+//!   files ([`log::format`](mod@log::format) is the on-disk format, [`log::disk`] the segments and their recovery).
 //! - [`snapshot`]: the on-disk cache of the master's RDB; [`snapshot::format`] holds the RDB checks.
 //! - [`downstream`]: the listener: client commands (`INFO`, `ROLE`, ...) and replicas served from the
 //!   snapshot and the log.
