@@ -11,7 +11,7 @@
 //! The log also owns the replication ids (replid, replid2, second_repl_offset) because they describe
 //! its history: whether a PSYNC may continue is a question about this log.
 //!
-//! Two tiers: every append goes to a segment file on disk ([`disk`], format in [`format`]) and to an
+//! Two tiers: every append goes to a segment file on disk ([`disk`], format in [`format`](mod@format)) and to an
 //! in-memory tail of shared chunks. Cursors within the tail get the chunks themselves; cursors further
 //! behind read checksummed records from disk, so a replica hours behind costs disk reads, not memory.
 //! Retention is by size: whole old segments are deleted, and a cursor behind the log's start is told so.
