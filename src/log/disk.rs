@@ -87,11 +87,45 @@ pub struct Recovery {
     pub truncated: Option<String>,
 }
 
+/// Slow file-system work an append leaves for after the log's lock is released, so readers never
+/// wait behind an fsync or an unlink.
+#[derive(Debug)]
+pub enum Deferred {
+    /// A finished segment, to make durable.
+    SyncFile(Arc<File>),
+    /// The directory, after a segment file was created.
+    SyncDir(PathBuf),
+    /// A segment dropped by retention.
+    Remove(PathBuf),
+}
+
+impl Deferred {
+    /// Runs deferred work in order. A segment already gone is not an error.
+    pub fn run(work: Vec<Deferred>) -> Result<(), DiskError> {
+        for item in work {
+            match item {
+                Deferred::SyncFile(file) => {
+                    file.sync_data().map_err(|source| DiskError::Io { path: "log segment".into(), source })?
+                }
+                Deferred::SyncDir(dir) => File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))?,
+                Deferred::Remove(path) => match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(DiskError::Io { path, source: e });
+                    }
+                    _ => {}
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The segment files of one log. Owned by the log, behind its lock: one writer.
 pub struct SegmentStore {
     dir: PathBuf,
     segments: Vec<Segment>,
     active: Option<(Arc<File>, u64)>,
+    deferred: Vec<Deferred>,
     segment_size: u64,
     _lock: File,
 }
@@ -106,8 +140,14 @@ impl SegmentStore {
         if lock.try_lock().is_err() {
             return Err(DiskError::Locked(dir.to_path_buf()));
         }
-        let mut store =
-            SegmentStore { dir: dir.to_path_buf(), segments: Vec::new(), active: None, segment_size, _lock: lock };
+        let mut store = SegmentStore {
+            dir: dir.to_path_buf(),
+            segments: Vec::new(),
+            active: None,
+            deferred: Vec::new(),
+            segment_size,
+            _lock: lock,
+        };
         let recovery = store.recover()?;
         Ok((store, recovery))
     }
@@ -220,14 +260,14 @@ impl SegmentStore {
 
     fn open_segment(&mut self, start: u64) -> Result<(), DiskError> {
         if let Some((file, _)) = self.active.take() {
-            // A finished segment is made durable before the next one starts.
-            file.sync_data().map_err(io_err(&self.dir))?;
+            // A finished segment is made durable before the append that finished it returns.
+            self.deferred.push(Deferred::SyncFile(file));
         }
         let path = self.dir.join(format::segment_file_name(start));
         let mut file =
             OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).map_err(io_err(&path))?;
         file.write_all(&encode_segment_header(start)).map_err(io_err(&path))?;
-        self.sync_dir()?;
+        self.deferred.push(Deferred::SyncDir(self.dir.clone()));
         self.segments.push(Segment {
             start,
             end: start,
@@ -282,10 +322,15 @@ impl SegmentStore {
         };
         while self.segments.len() > 1 && (end - self.segments[1].start >= retain || too_old(&self.segments[0])) {
             let segment = self.segments.remove(0);
-            std::fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
+            self.deferred.push(Deferred::Remove(segment.path));
             new_start = Some(self.segments[0].start);
         }
         Ok(new_start)
+    }
+
+    /// The slow work the last appends left (see [`Deferred`]).
+    pub fn take_deferred(&mut self) -> Vec<Deferred> {
+        std::mem::take(&mut self.deferred)
     }
 
     /// Entries of the in-memory index, all segments together.

@@ -359,10 +359,15 @@ impl ReplicationLog {
         if bytes.is_empty() {
             return Ok(());
         }
-        let (tip, to_sync) = {
+        let (tip, to_sync, deferred) = {
             let mut inner = self.write_inner();
             let position = inner.end;
-            inner.disk.append(position, &bytes)?;
+            if let Err(error) = inner.disk.append(position, &bytes) {
+                let deferred = inner.disk.take_deferred();
+                drop(inner);
+                disk::Deferred::run(deferred)?;
+                return Err(error);
+            }
             inner.end += bytes.len() as u64;
             inner.chunks.push_back((position, bytes));
             // Keep at least `memory` bytes in memory, dropping whole chunks from the front.
@@ -385,8 +390,10 @@ impl ReplicationLog {
                 FsyncPolicy::Always => inner.disk.active_file(),
                 _ => None,
             };
-            (LogTip { epoch: inner.epoch, end }, to_sync)
+            (LogTip { epoch: inner.epoch, end }, to_sync, inner.disk.take_deferred())
         };
+        // Outside the lock: readers never wait for these fsyncs and unlinks.
+        disk::Deferred::run(deferred)?;
         match (self.options.fsync, to_sync) {
             (FsyncPolicy::No, _) => self.durable.fetch_max(tip.end, Ordering::AcqRel),
             (FsyncPolicy::Always, Some(file)) => {
