@@ -54,30 +54,57 @@ pub struct Scanned {
     pub kind: StreamCommand,
 }
 
+/// How far a scan got into a command that is not complete yet, so the next scan resumes there
+/// instead of walking every argument header again (a propagated command with millions of
+/// arguments arrives over many reads). Positions are relative to the command's first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialCommand {
+    argc: usize,
+    next_arg: usize,
+    pos: usize,
+    kind: StreamCommand,
+    first_is_replconf: bool,
+}
+
 /// Finds the first command in `buf`, which must start with `*` (the master only ever sends multibulk).
 /// Returns `Ok(None)` when the command is not complete yet. `base` is only used in error messages.
 pub fn scan_command(buf: &[u8], base: usize) -> Result<Option<Scanned>, ProtocolError> {
-    let Some((argc, mut pos)) = read_header(buf, 0, b'*', "multibulk", MAX_CLIENT_ARGS * 1024, base)? else {
-        return Ok(None);
+    scan_command_from(buf, base, &mut None)
+}
+
+/// [`scan_command`], resuming from and saving to `partial` when the command is incomplete.
+pub fn scan_command_from(
+    buf: &[u8],
+    base: usize,
+    partial: &mut Option<PartialCommand>,
+) -> Result<Option<Scanned>, ProtocolError> {
+    let mut state = match partial.take() {
+        Some(state) => state,
+        None => {
+            let Some((argc, pos)) = read_header(buf, 0, b'*', "multibulk", MAX_CLIENT_ARGS * 1024, base)? else {
+                return Ok(None);
+            };
+            PartialCommand { argc, next_arg: 0, pos, kind: StreamCommand::Other, first_is_replconf: false }
+        }
     };
-    let mut kind = StreamCommand::Other;
-    let mut first_arg: &[u8] = &[];
-    for index in 0..argc {
-        let Some((len, start)) = read_header(buf, pos, b'$', "bulk", MAX_UPSTREAM_BULK, base)? else {
+    while state.next_arg < state.argc {
+        let Some((len, start)) = read_header(buf, state.pos, b'$', "bulk", MAX_UPSTREAM_BULK, base)? else {
+            *partial = Some(state);
             return Ok(None);
         };
         let end = start + len;
         if buf.len() < end + 2 {
+            *partial = Some(state);
             return Ok(None);
         }
         if &buf[end..end + 2] != b"\r\n" {
             return Err(ProtocolError::MissingCrlf { at: base + end });
         }
         let arg = &buf[start..end];
-        match index {
+        match state.next_arg {
             0 => {
-                first_arg = arg;
-                kind = if arg.eq_ignore_ascii_case(b"MULTI") {
+                state.first_is_replconf = arg.eq_ignore_ascii_case(b"REPLCONF");
+                state.kind = if arg.eq_ignore_ascii_case(b"MULTI") {
                     StreamCommand::Multi
                 } else if arg.eq_ignore_ascii_case(b"EXEC") {
                     StreamCommand::Exec
@@ -87,14 +114,15 @@ pub fn scan_command(buf: &[u8], base: usize) -> Result<Option<Scanned>, Protocol
                     StreamCommand::Other
                 };
             }
-            1 if first_arg.eq_ignore_ascii_case(b"REPLCONF") && arg.eq_ignore_ascii_case(b"GETACK") => {
-                kind = StreamCommand::GetAck;
+            1 if state.first_is_replconf && arg.eq_ignore_ascii_case(b"GETACK") => {
+                state.kind = StreamCommand::GetAck;
             }
             _ => {}
         }
-        pos = end + 2;
+        state.pos = end + 2;
+        state.next_arg += 1;
     }
-    Ok(Some(Scanned { len: pos, kind }))
+    Ok(Some(Scanned { len: state.pos, kind: state.kind }))
 }
 
 /// Reads a `<prefix><number>\r\n` header at `pos`. Returns the number and the position after the CRLF.

@@ -100,8 +100,10 @@ pub enum Deferred {
 }
 
 impl Deferred {
-    /// Runs deferred work in order. A segment already gone is not an error.
-    pub fn run(work: Vec<Deferred>) -> Result<(), DiskError> {
+    /// Runs deferred work: unlinks first (so disk use drops back within its bound at once), then
+    /// the fsyncs in order. A segment already gone is not an error.
+    pub fn run(mut work: Vec<Deferred>) -> Result<(), DiskError> {
+        work.sort_by_key(|item| !matches!(item, Deferred::Remove(_)));
         for item in work {
             match item {
                 Deferred::SyncFile(file) => {

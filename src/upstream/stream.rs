@@ -1,7 +1,7 @@
 //! The applied offset, as a Redis replica's master client keeps it: it advances only at command
 //! boundaries, and a MULTI…EXEC block counts as one unit, applied at its EXEC (or DISCARD).
 
-use crate::protocol::{scan_command, ProtocolError, StreamCommand};
+use crate::protocol::{scan_command_from, PartialCommand, ProtocolError, StreamCommand};
 
 /// Tracks how much of the buffered stream is made of complete, appliable commands.
 #[derive(Debug, Default)]
@@ -12,6 +12,8 @@ pub struct StreamTracker {
     in_multi: bool,
     /// The last scanned position outside any transaction.
     boundary: usize,
+    /// Progress into the incomplete command that starts at `scanned`.
+    partial: Option<PartialCommand>,
 }
 
 /// What one scan found, in positions from the buffer's start.
@@ -28,7 +30,8 @@ impl StreamTracker {
     /// stream for error messages.
     pub fn scan(&mut self, buf: &[u8], stream_position: u64) -> Result<ScanResult, ProtocolError> {
         let mut result = ScanResult::default();
-        while let Some(command) = scan_command(&buf[self.scanned..], stream_position as usize + self.scanned)? {
+        let base = stream_position as usize;
+        while let Some(command) = scan_command_from(&buf[self.scanned..], base + self.scanned, &mut self.partial)? {
             let start = self.scanned;
             self.scanned += command.len;
             match command.kind {
@@ -118,5 +121,37 @@ mod tests {
         let mut tracker = StreamTracker::default();
         let result = tracker.scan(&stream, 0).unwrap();
         assert_eq!(result, ScanResult { appliable: stream.len(), getack_before: Some(before) });
+    }
+
+    #[test]
+    fn a_huge_command_arriving_in_pieces_is_found_once_complete() {
+        let mut stream = cmd(&["SET", "before", "x"]);
+        let before = stream.len();
+        let args: Vec<String> = (0..50_000).map(|i| format!("member-{i}")).collect();
+        let mut huge = vec!["SADD", "big"];
+        huge.extend(args.iter().map(String::as_str));
+        stream.extend(cmd(&huge));
+        let huge_end = stream.len();
+        stream.extend(cmd(&["REPLCONF", "GETACK", "*"]));
+        let mut tracker = StreamTracker::default();
+        let mut buf = Vec::new();
+        let mut applied = 0usize;
+        let mut boundaries = Vec::new();
+        for piece in stream.chunks(4096) {
+            buf.extend_from_slice(piece);
+            let result = tracker.scan(&buf, applied as u64).unwrap();
+            if let Some(getack) = result.getack_before {
+                assert_eq!(applied + getack, huge_end, "GETACK right after the huge command");
+            }
+            if result.appliable > 0 {
+                buf.drain(..result.appliable);
+                tracker.consumed(result.appliable);
+                applied += result.appliable;
+                boundaries.push(applied);
+            }
+        }
+        assert_eq!(applied, stream.len());
+        assert!(boundaries.contains(&before) || boundaries[0] > before);
+        assert!(boundaries.iter().all(|b| *b == before || *b >= huge_end), "never inside the huge command");
     }
 }
