@@ -50,6 +50,9 @@ pub struct RelayConfig {
     /// Serve full syncs in the EOF-marked form to replicas that announce `capa eof` (Redis's
     /// `repl-diskless-sync`); otherwise the `$<len>` form.
     pub downstream_eof_form: bool,
+    /// The password clients and replicas must give with `AUTH` (like redis.conf `requirepass`), so
+    /// replicas configured with `masterauth` for a protected master can use the relay too.
+    pub requirepass: Option<String>,
 }
 
 /// Parses a size in Redis's units (`1024`, `64kb`, `64mb`, `1gb`, `1k` = 1000, `1m`, `1g`).
@@ -120,6 +123,7 @@ struct FileRelay {
     upstream: FileUpstream,
     listen: String,
     dir: Option<PathBuf>,
+    requirepass: Option<String>,
     #[serde(flatten)]
     tunables: Tunables,
     /// serde cannot deny unknown fields next to a flattened struct: they land here and are refused.
@@ -284,6 +288,10 @@ impl Config {
                 log: resolved.log,
                 repl_timeout: resolved.repl_timeout,
                 downstream_eof_form: resolved.downstream_eof_form,
+                requirepass: match &relay.requirepass {
+                    Some(p) => Some(substitute_env(&at("requirepass"), p)?),
+                    None => None,
+                },
             });
         }
         let config = Config { metrics, relays };

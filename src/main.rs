@@ -62,6 +62,10 @@ struct Cli {
     /// Serve full syncs in the EOF-marked (diskless) form to replicas that support it.
     #[arg(long, value_name = "yes|no", default_value = "no")]
     repl_diskless_sync: String,
+    /// Password clients and replicas must give with AUTH (like requirepass; or set
+    /// REDIS_RELAY_REQUIREPASS).
+    #[arg(long, value_name = "P", env = "REDIS_RELAY_REQUIREPASS", hide_env_values = true)]
+    requirepass: Option<String>,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -122,6 +126,7 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
             log,
             repl_timeout,
             downstream_eof_form,
+            requirepass: cli.requirepass.clone(),
         }],
     };
     config.validate()?;

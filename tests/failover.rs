@@ -93,3 +93,46 @@ fn the_relay_refuses_promotion_and_failover() {
     let bare: redis::RedisResult<()> = redis::cmd("AUTH").arg("secret").query(&mut con);
     assert!(bare.is_err());
 }
+
+/// A relay with `requirepass` serves replicas that carry `masterauth` for a protected master, so
+/// they can be repointed between the two; clients without the password get `NOAUTH`.
+#[test]
+fn replicas_with_masterauth_use_a_relay_with_requirepass() {
+    let master = RedisServer::builder().requirepass("s3cret").start();
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let stderr = std::fs::File::create(work.path().join("relay.stderr")).unwrap();
+    let mut child = std::process::Command::new(relay_bin())
+        .args(["--upstream", &format!("127.0.0.1:{}", master.port()), "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--dir", &work.path().join("data").display().to_string()])
+        .args(["--upstream-password", "s3cret", "--requirepass", "s3cret"])
+        .stdin(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn redis-relay");
+    struct KillOnDrop<'a>(&'a mut std::process::Child);
+    impl Drop for KillOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = KillOnDrop(&mut child);
+    wait_until(SYNC_TIMEOUT, "the relay answers with the password", || {
+        connect(port, None, Some("s3cret"))
+            .and_then(|mut con| redis::cmd("PING").query::<String>(&mut con))
+            .is_ok_and(|pong| pong == "PONG")
+    });
+    let anonymous: redis::RedisResult<String> =
+        connect(port, None, None).and_then(|mut con| redis::cmd("INFO").query(&mut con));
+    assert!(anonymous.is_err_and(|e| e.to_string().contains("NOAUTH")), "INFO without AUTH must be refused");
+    let wrong = connect(port, None, Some("nope"));
+    assert!(wrong.is_err(), "a wrong password must be refused");
+
+    let replica = RedisServer::builder().arg("--masterauth").arg("s3cret").replica_of(port).start();
+    write_keys(&master, "auth", 200);
+    wait_until(SYNC_TIMEOUT, "the replica behind the protected relay has the master's data", || {
+        master.digest() == replica.digest()
+            && replica.info_field("replication", "master_link_status").as_deref() == Some("up")
+    });
+}

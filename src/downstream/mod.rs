@@ -114,12 +114,14 @@ pub async fn serve(listener: TcpListener, context: Arc<RelayContext>, mut shutdo
                     let context = context.clone();
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
+                        let authenticated = context.config.requirepass.is_none();
                         let mut session = Session {
                             conn: ClientConnection::new(stream),
                             peer,
                             context,
                             handshake: ReplicaHandshake::default(),
                             transaction: None,
+                            authenticated,
                         };
                         let mut stop = shutdown.clone();
                         // Whatever the session is doing (a long RDB transfer, a flush to a client
@@ -152,6 +154,8 @@ pub struct Session {
     pub handshake: ReplicaHandshake,
     /// Commands queued since `MULTI` (Sentinel wraps its reconfiguration in a transaction).
     pub transaction: Option<Vec<ClientCommand>>,
+    /// False until `AUTH` succeeds when the relay has a `requirepass`.
+    pub authenticated: bool,
 }
 
 /// What handling a command leads to.
@@ -265,12 +269,40 @@ impl Session {
         Reply::ok()
     }
 
+    /// `AUTH [user] password`, like redis-server with or without `requirepass` (only the default
+    /// user exists).
+    fn auth(&mut self, command: &ClientCommand) -> Reply {
+        let argc = command.args.len();
+        if !(2..=3).contains(&argc) {
+            return wrong_arity("auth");
+        }
+        let (user, password) =
+            if argc == 3 { (command.arg_str(1), command.arg_str(2)) } else { ("default".into(), command.arg_str(1)) };
+        match &self.context.config.requirepass {
+            Some(required) if user == "default" && password == *required => {
+                self.authenticated = true;
+                Reply::ok()
+            }
+            Some(_) => Reply::error("WRONGPASS invalid username-password pair or user is disabled."),
+            // No password: the default user is `nopass`, so `AUTH default <any>` succeeds while
+            // `AUTH <password>` is an error, as on redis-server.
+            None if argc == 3 && user == "default" => Reply::ok(),
+            None if argc == 3 => Reply::error("WRONGPASS invalid username-password pair or user is disabled."),
+            None => Reply::error(
+                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+            ),
+        }
+    }
+
     fn dispatch(&mut self, command: &ClientCommand) -> Next {
         if command.args.is_empty() {
             return Next::NoReply;
         }
         let name = command.name();
         let argc = command.args.len();
+        if !self.authenticated && !matches!(name.as_str(), "AUTH" | "QUIT") {
+            return Next::Reply(Reply::error("NOAUTH Authentication required."));
+        }
         let reply = match name.as_str() {
             "PING" => match argc {
                 1 => Reply::Simple("PONG".into()),
@@ -278,13 +310,7 @@ impl Session {
                 _ => wrong_arity("ping"),
             },
             "ECHO" if argc == 2 => Reply::Bulk(command.args[1].clone()),
-            // As a Redis without a password: the default user is `nopass`, so `AUTH default <any>`
-            // succeeds (replicas with masteruser default), `AUTH <password>` is an error.
-            "AUTH" if argc == 3 && command.arg_str(1) == "default" => Reply::ok(),
-            "AUTH" if argc == 3 => Reply::error("WRONGPASS invalid username-password pair or user is disabled."),
-            "AUTH" => Reply::error(
-                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
-            ),
+            "AUTH" => self.auth(command),
             "INFO" => Reply::Bulk(Bytes::from(info::render(&self.context, &command.args[1..]))),
             "ROLE" => info::role(&self.context),
             "COMMAND" => Reply::Array(Vec::new()),
