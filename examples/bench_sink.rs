@@ -302,6 +302,16 @@ impl Conn {
     }
 
     /// One line without its `\r\n` (or `\n`).
+    /// The next line that is not a newline keepalive.
+    async fn reply_line(&mut self) -> Result<String, BoxError> {
+        loop {
+            let line = self.line().await?;
+            if !line.is_empty() {
+                return Ok(line);
+            }
+        }
+    }
+
     async fn line(&mut self) -> Result<String, BoxError> {
         loop {
             if let Some(i) = self.buf[self.start..self.end].iter().position(|&b| b == b'\n') {
@@ -355,24 +365,14 @@ async fn sink_connection(addr: &str, port: u16, lat: bool, state: &SinkState) ->
         return Err(format!("REPLCONF capa: {ok}").into());
     }
     conn.stream.write_all(&encode(&[b"PSYNC", b"?", b"-1"])).await?;
-    let reply = loop {
-        let line = conn.line().await?;
-        if !line.is_empty() {
-            break line;
-        }
-    };
+    let reply = conn.reply_line().await?;
     let Some(rest) = reply.strip_prefix("+FULLRESYNC ") else {
         return Err(format!("PSYNC: {reply}").into());
     };
     let start_offset: u64 = rest.split_whitespace().nth(1).and_then(|o| o.parse().ok()).ok_or("bad FULLRESYNC")?;
     state.state.store(STATE_LOADING, Ordering::Relaxed);
     // The payload header, after any newline keepalives.
-    let header = loop {
-        let line = conn.line().await?;
-        if !line.is_empty() {
-            break line;
-        }
-    };
+    let header = conn.reply_line().await?;
     let Some(form) = header.strip_prefix('$') else {
         return Err(format!("expected the RDB payload header, got {header:?}").into());
     };

@@ -675,6 +675,18 @@ fn sigterm_restart_loses_nothing() {
 // 3. A replica away while a lot of stream passes
 // ---------------------------------------------------------------------------------------------
 
+/// A replica of `relay`, in sync, that saved its RDB (replid and offset in its aux fields) and
+/// was then killed: restarted in the returned directory it PSYNCs from the returned offset.
+fn replica_saved_then_killed(master: &RedisServer, relay: &Relay) -> (tempfile::TempDir, i64) {
+    let replica_dir = tempfile::Builder::new().prefix("replica-data-").tempdir().expect("temp dir");
+    let replica = start_replica_in(relay, replica_dir.path());
+    wait_in_sync(master, &replica, SYNC_TIMEOUT);
+    replica.query::<()>(&redis::cmd("SAVE"));
+    let saved_offset = offset_of(&replica);
+    drop(replica); // SIGKILL: the RDB on disk is all it keeps.
+    (replica_dir, saved_offset)
+}
+
 /// The replica is away while ~500 MB of stream pass through the relay (500 times the relay's
 /// memory tail). It was
 /// stopped with `SAVE` then SIGKILL, so on restart redis-server loads an RDB carrying the replid
@@ -700,12 +712,7 @@ fn a_replica_away_for_500mb_catches_up_from_the_disk_log() {
         .arg("600s")
         .start();
     wait_in_sync(&master, &relay, SYNC_TIMEOUT);
-    let replica_dir = tempfile::Builder::new().prefix("replica-data-").tempdir().expect("temp dir");
-    let replica = start_replica_in(&relay, replica_dir.path());
-    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
-    replica.query::<()>(&redis::cmd("SAVE"));
-    let saved_offset = offset_of(&replica);
-    drop(replica); // SIGKILL: the RDB on disk is all it keeps.
+    let (replica_dir, saved_offset) = replica_saved_then_killed(&master, &relay);
 
     let pid = relay.pid().expect("relay running");
     let idle_rss = rss_bytes(pid);
@@ -782,12 +789,7 @@ fn retention_bounds_the_segments_and_a_replica_that_fell_off_full_syncs() {
     let relay =
         Relay::builder(master.port()).arg("--log-size").arg("256kb").arg("--log-segment-size").arg("64kb").start();
     wait_in_sync(&master, &relay, SYNC_TIMEOUT);
-    let replica_dir = tempfile::Builder::new().prefix("replica-data-").tempdir().expect("temp dir");
-    let replica = start_replica_in(&relay, replica_dir.path());
-    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
-    replica.query::<()>(&redis::cmd("SAVE"));
-    let saved_offset = offset_of(&replica);
-    drop(replica);
+    let (replica_dir, saved_offset) = replica_saved_then_killed(&master, &relay);
 
     // About 4 MB of stream in small batches; the log's files stay bounded all along.
     let mut con = master.conn();
