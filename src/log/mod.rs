@@ -144,6 +144,8 @@ pub struct ReplicationLog {
     durable: AtomicU64,
     /// Verified records recently read from disk, shared by the cursors behind the memory tail.
     disk_cache: std::sync::Mutex<RecordCache>,
+    /// Disk reads in flight, to tell a lone cursor from cursors trailing together.
+    disk_readers: std::sync::atomic::AtomicUsize,
 }
 
 /// Bytes of verified disk records kept for cursors that trail the memory tail together.
@@ -264,6 +266,7 @@ impl ReplicationLog {
             options,
             durable: AtomicU64::new(recovery.end),
             disk_cache: Default::default(),
+            disk_readers: Default::default(),
         };
         Ok((log, recovery))
     }
@@ -469,16 +472,20 @@ impl ReplicationLog {
         };
         let cached = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner()).get_from(epoch, position, max_bytes);
         let records = if cached.is_empty() {
-            let records = tokio::task::spawn_blocking(move || disk::read_range(&range))
-                .await
-                .map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
+            // Cache only when cursors trail together (another disk read overlaps this one): a single
+            // cursor catching up gains nothing from it, and would only hold its memory.
+            let others_before = self.disk_readers.fetch_add(1, Ordering::AcqRel);
+            let joined = tokio::task::spawn_blocking(move || disk::read_range(&range)).await;
+            let others_after = self.disk_readers.fetch_sub(1, Ordering::AcqRel) - 1;
+            let shared = others_before > 0 || others_after > 0;
+            let records = joined.map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
             let records = match records {
                 Ok(records) => records,
                 Err(disk::DiskReadError::Gone) => return Err(ReadError::Trimmed(position)),
                 Err(other) => return Err(ReadError::Corrupt(other.to_string())),
             };
             let mut cache = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner());
-            for (start, payload) in &records {
+            for (start, payload) in records.iter().filter(|_| shared) {
                 // A copy: the payload is a slice of the whole range's buffer, which the cache must
                 // not keep alive.
                 cache.insert(epoch, *start, Bytes::copy_from_slice(payload));
@@ -662,7 +669,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn disk_reads_are_shared_and_never_serve_a_bad_record() {
+    async fn disk_reads_return_checked_bytes_and_never_serve_a_bad_record() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
         log.reset("g".repeat(40), 0).unwrap();
@@ -688,7 +695,7 @@ mod tests {
             out.truncate((until - start) as usize);
             Ok(out)
         }
-        // Two cursors over the first half: the second is served from the shared cache.
+        // Two cursors over the first half, one after the other.
         assert!(read_from(&log, epoch, 123, 100_000).await.unwrap() == data[123..100_000]);
         assert!(read_from(&log, epoch, 500, 100_000).await.unwrap() == data[500..100_000]);
         // Damage a record in the second half, which nobody has read yet: it is never served.
@@ -701,6 +708,19 @@ mod tests {
         file.write_all_at(&[byte[0] ^ 1], at).unwrap();
         let result = read_from(&log, epoch, 100_000, 200_000 - 4096).await;
         assert!(matches!(result, Err(ReadError::Corrupt(_))), "{result:?}");
+    }
+
+    #[test]
+    fn the_record_cache_serves_consecutive_records_from_any_position() {
+        let mut cache = RecordCache::default();
+        cache.insert(1, 100, Bytes::from_static(b"abcde"));
+        cache.insert(1, 105, Bytes::from_static(b"fgh"));
+        cache.insert(1, 200, Bytes::from_static(b"zz"));
+        let from = |position| -> Vec<u8> { slices_after(cache.get_from(1, position, 1 << 20), position).concat() };
+        assert_eq!(from(102), b"cdefgh", "from inside a record, through the next consecutive one");
+        assert_eq!(from(105), b"fgh");
+        assert!(from(108).is_empty(), "a gap: nothing cached holds the byte after 108");
+        assert!(cache.get_from(2, 102, 1 << 20).is_empty(), "another epoch");
     }
 
     /// Whatever byte the file is cut at, recovery yields a prefix of what was written, ending at a
