@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         let (reopened, recovery) = ReplicationLog::open(&dir, options)?;
         let reopen = started.elapsed();
         assert_eq!(reopened.summary().end, written, "recovered everything");
-        assert!(recovery.truncated.is_none());
+        assert!(recovery.dropped.is_none());
         let rate = written as f64 / (1 << 20) as f64 / elapsed.as_secs_f64();
         println!("| {} ({} MB) | {rate:.0} | {:.2} |", policy.name(), bytes >> 20, reopen.as_secs_f64());
         drop(reopened);

@@ -21,7 +21,7 @@ cargo clippy --all-targets -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --lib --tests -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee "$log"
+cargo test --no-fail-fast --lib --tests -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::RelayConfig;
 use crate::downstream::{self, ReplicaTable};
-use crate::log::{FsyncPolicy, ReplicationLog};
+use crate::log::{DropKind, FsyncPolicy, Recovery, ReplicationLog};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use crate::upstream::fetch::FetchRequests;
 use crate::upstream::{UpstreamConfig, UpstreamLink, UpstreamStatus};
@@ -53,6 +53,8 @@ pub struct RelayContext {
     pub stats: ServedStats,
     pub replicas: Arc<ReplicaTable>,
     pub fetcher: FetchRequests,
+    /// What the log's recovery found at start (INFO shows it).
+    pub log_recovery: Recovery,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,8 +123,21 @@ pub async fn start(
     // The log first: it locks the directory, so a second relay on it stops before touching anything.
     let (log, recovery) = ReplicationLog::open(&config.dir.join("log"), config.log)
         .map_err(|source| RelayError::Log { name: config.name.clone(), source })?;
-    if let Some(reason) = &recovery.truncated {
-        tracing::warn!(relay = %config.name, "log recovery dropped data after a bad record: {reason}");
+    match &recovery.dropped {
+        // An append the stop interrupted: never served nor acknowledged.
+        Some(dropped) if dropped.kind == DropKind::TornTail => tracing::info!(
+            relay = %config.name,
+            bytes = dropped.bytes,
+            "log recovery cut an unfinished append: {}",
+            dropped.reason
+        ),
+        Some(dropped) => tracing::warn!(
+            relay = %config.name,
+            bytes = dropped.bytes,
+            "log recovery dropped data after a bad record: {}",
+            dropped.reason
+        ),
+        None => {}
     }
     if let Some(history) = &recovery.history {
         tracing::info!(
@@ -161,6 +176,7 @@ pub async fn start(
         stats: ServedStats::default(),
         replicas: Arc::new(ReplicaTable::default()),
         fetcher,
+        log_recovery: recovery,
     });
     tracing::info!(
         relay = %context.config.name,

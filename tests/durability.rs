@@ -261,13 +261,25 @@ fn number_after(line: &str, key: &str) -> Option<u64> {
 }
 
 /// The `offset` of every "replication log recovered" line of the relay's stderr, in order.
-fn recovered_offsets(relay: &Relay) -> Vec<u64> {
-    relay
-        .stderr()
-        .lines()
-        .filter(|line| line.contains("replication log recovered"))
-        .filter_map(|line| number_after(line, " offset="))
-        .collect()
+/// What the relay's log recovery found at its last start (`INFO relay`).
+#[derive(Debug)]
+struct LogRecovery {
+    /// Where the recovered log ends.
+    offset: u64,
+    /// `none`, `torn_tail` (an append the stop interrupted) or `corrupt`.
+    dropped: String,
+    dropped_bytes: u64,
+}
+
+fn recovery_of(relay: &Relay) -> LogRecovery {
+    let info = relay.info("relay");
+    let field =
+        |name: &str| parse_info_field(&info, name).unwrap_or_else(|| panic!("INFO relay has no {name}:\n{info}"));
+    LogRecovery {
+        offset: field("log_recovered_offset").parse().expect("log_recovered_offset is a number"),
+        dropped: field("log_recovery_dropped"),
+        dropped_bytes: field("log_recovery_dropped_bytes").parse().expect("log_recovery_dropped_bytes is a number"),
+    }
 }
 
 /// The offset the master last saw ACKed by the replica listening on `port` (its `slaveN:` line).
@@ -435,7 +447,6 @@ fn restart_and_check_resume(
     after_stop: &mut dyn FnMut(),
 ) {
     let accepted_before = relay.stderr_count(MASTER_ACCEPTED);
-    let recoveries_before = recovered_offsets(relay).len();
     let partial_before: Vec<usize> = partial.iter().map(|r| count(&r.log(), REPLICA_PARTIAL)).collect();
     let full_before: Vec<usize> = partial.iter().map(|r| count(&r.log(), REPLICA_FULL)).collect();
     let acked = acked_on_master(master, relay.port());
@@ -454,15 +465,10 @@ fn restart_and_check_resume(
     let replica_offsets: Vec<u64> = partial.iter().map(|r| offset_of(*r) as u64).collect();
     after_stop();
 
+    // The restarted relay answers PING only once its recovery is done.
     relay.restart();
-    let recovered = wait_for(SYNC_TIMEOUT, "the restarted relay to log its recovery", || {
-        let offsets = recovered_offsets(relay);
-        if offsets.len() > recoveries_before {
-            Ok(offsets[offsets.len() - 1])
-        } else {
-            Err(format!("{} recovery lines, want more than {recoveries_before}", offsets.len()))
-        }
-    });
+    let recovery = recovery_of(relay);
+    let recovered = recovery.offset;
     assert!(
         recovered >= relay_offset,
         "{how:?}: the recovered log ends at {recovered}, but the relay had offset {relay_offset} before the stop"
@@ -476,8 +482,15 @@ fn restart_and_check_resume(
             "{how:?}: recovered log ends at {recovered} < replica {i}'s offset {offset} (it was served bytes the log lost)"
         );
     }
-    let stderr = relay.stderr();
-    assert_eq!(count(&stderr, "log recovery dropped data"), 0, "{how:?}: recovery dropped data:\n{stderr}");
+    // A kill may interrupt an append (a record is one vectored write, but a kill can still cut a large
+    // one short): that torn tail was never served nor ACKed, as the offsets above show. Anything else
+    // cut at recovery is damage.
+    let legal: &[&str] = match how {
+        StopBy::Sigkill => &["none", "torn_tail"],
+        StopBy::Sigterm => &["none"],
+    };
+    assert!(legal.contains(&recovery.dropped.as_str()), "{how:?}: recovery dropped data: {recovery:?}");
+    eprintln!("{how:?}: recovery {recovery:?}");
 
     wait_until(SYNC_TIMEOUT, "the master to accept the restarted relay's partial resync", || {
         relay.stderr_count(MASTER_ACCEPTED) > accepted_before
@@ -560,13 +573,7 @@ fn sigkill_during_a_downstream_full_sync() {
     let send_bulk = format!("port={},state=send_bulk", late.port());
     wait_for(SYNC_TIMEOUT, "the new replica to be in the middle of its full sync from the relay", || {
         let in_progress = late.info_field("replication", "master_sync_in_progress");
-        let rinfo = relay.info("replication");
-        let sending = rinfo.contains(&send_bulk);
-        eprintln!(
-            "DEBUG {:?} {in_progress:?} {}",
-            Instant::now(),
-            rinfo.lines().filter(|l| l.starts_with("slave")).collect::<Vec<_>>().join(" | ")
-        );
+        let sending = relay.info("replication").contains(&send_bulk);
         if in_progress.as_deref() == Some("1") && sending {
             Ok(())
         } else {
@@ -664,11 +671,12 @@ fn sigterm_restart_loses_nothing() {
     let before = offset_of(&relay) as u64;
     stop_gracefully(&mut relay);
     relay.restart();
-    let recovered = *recovered_offsets(&relay).last().expect("a recovery line");
+    let recovery = recovery_of(&relay);
+    let recovered = recovery.offset;
     assert!(recovered >= before, "a graceful stop lost data: recovered offset {recovered} < {before} before the stop");
     assert_all_equal(&master, &relay, &[("replica", &replica)]);
     assert_eq!(stat_of(&master, "sync_full"), master_full, "master sync_full");
-    assert_eq!(count(&relay.stderr(), "log recovery dropped data"), 0, "recovery dropped data");
+    assert_eq!((recovery.dropped.as_str(), recovery.dropped_bytes), ("none", 0), "recovery dropped data");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -872,10 +880,10 @@ fn a_corrupt_log_segment_is_cut_and_refilled_from_the_master() {
     }
 
     relay.restart();
-    wait_until(SYNC_TIMEOUT, "the recovery to report dropped data", || {
-        relay.stderr_count("log recovery dropped data") > 0
-    });
-    let recovered = *recovered_offsets(&relay).last().expect("a recovery line");
+    let recovery = recovery_of(&relay);
+    assert_eq!(recovery.dropped, "corrupt", "a flipped byte in a whole record: {recovery:?}");
+    assert!(recovery.dropped_bytes > 0, "{recovery:?}");
+    let recovered = recovery.offset;
     assert!(recovered < before, "recovery kept offset {recovered} though a byte before {before} was corrupted");
     wait_until(SYNC_TIMEOUT, "the master to continue the relay from the cut", || {
         relay.stderr_count(MASTER_ACCEPTED) > 0

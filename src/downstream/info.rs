@@ -158,6 +158,10 @@ fn relay(context: &RelayContext, out: &mut String) {
         "snapshot_age_seconds",
         snapshot.as_ref().map(|s| now.saturating_sub(s.created_unix) as i64).unwrap_or(-1),
     );
+    let recovery = &context.log_recovery;
+    line(out, "log_recovered_offset", recovery.history.as_ref().map(|_| recovery.end as i64).unwrap_or(-1));
+    line(out, "log_recovery_dropped", recovery.dropped.as_ref().map(|d| d.kind.name()).unwrap_or("none"));
+    line(out, "log_recovery_dropped_bytes", recovery.dropped.as_ref().map(|d| d.bytes).unwrap_or(0));
 }
 
 /// `ROLE` as a replica: `slave`, master host, port, link state, applied offset.

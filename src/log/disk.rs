@@ -83,8 +83,38 @@ pub struct Recovery {
     pub start: u64,
     pub end: u64,
     pub segments: usize,
-    /// Why data was dropped, when it was.
-    pub truncated: Option<String>,
+    /// What was cut, when something was.
+    pub dropped: Option<Dropped>,
+}
+
+/// Data recovery cut from the log.
+#[derive(Debug, Clone)]
+pub struct Dropped {
+    pub kind: DropKind,
+    /// Bytes of segment files past the last good record (the cut record and everything after it).
+    pub bytes: u64,
+    pub reason: String,
+}
+
+/// Why recovery cut the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropKind {
+    /// The newest segment ends inside a record (or inside its own header): the relay stopped in the
+    /// middle of an append. Legal after a kill: that record was never served nor acknowledged, since
+    /// the log publishes a record only after its write returned.
+    TornTail,
+    /// A record that is whole but fails its check, or segments that do not continue the log.
+    Corrupt,
+}
+
+impl DropKind {
+    /// The name `INFO` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropKind::TornTail => "torn_tail",
+            DropKind::Corrupt => "corrupt",
+        }
+    }
 }
 
 /// Slow file-system work an append leaves for after the log's lock is released, so readers never
@@ -210,19 +240,26 @@ impl SegmentStore {
         let mut recovery =
             Recovery { history: Some(history.clone()), start: history.start, end: history.start, ..Default::default() };
         let mut broken = false;
-        for (start, path) in files {
+        let count = files.len();
+        for (i, (start, path)) in files.into_iter().enumerate() {
+            let newest = i + 1 == count;
             if broken || start < history.start || (!self.segments.is_empty() && start != recovery.end) {
                 if !broken && start >= history.start {
-                    recovery
-                        .truncated
-                        .get_or_insert_with(|| format!("segment {} does not continue the log", path.display()));
+                    let reason = format!("segment {} does not continue the log", path.display());
+                    recovery.dropped.get_or_insert(Dropped { kind: DropKind::Corrupt, bytes: 0, reason });
+                }
+                if let Some(dropped) = recovery.dropped.as_mut() {
+                    dropped.bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 }
                 std::fs::remove_file(&path).map_err(io_err(&path))?;
                 continue;
             }
             let (segment, failure) = scan_segment(&path, start)?;
             if let Some(failure) = failure {
-                recovery.truncated = Some(format!("{}: {}", path.display(), failure.reason));
+                let file_len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+                let kind = if newest && failure.torn { DropKind::TornTail } else { DropKind::Corrupt };
+                let reason = format!("{}: {}", path.display(), failure.reason);
+                recovery.dropped = Some(Dropped { kind, bytes: file_len.saturating_sub(failure.good_len), reason });
                 broken = true;
                 if !failure.header_ok {
                     std::fs::remove_file(&path).map_err(io_err(&path))?;
@@ -301,9 +338,7 @@ impl SegmentStore {
             return Err(DiskError::Io { path: self.dir.clone(), source: std::io::ErrorKind::NotFound.into() });
         };
         let header = encode_record_header(position, payload);
-        // Header and payload in two positioned writes: no copy of the payload in user space.
-        file.write_all_at(&header, *len).map_err(io_err(&segment.path))?;
-        file.write_all_at(payload, *len + RECORD_HEADER_LEN as u64).map_err(io_err(&segment.path))?;
+        write_record_at(file, &header, payload, *len).map_err(io_err(&segment.path))?;
         segment.note_record(position, *len, payload.len());
         segment.last_write = SystemTime::now();
         *len += (RECORD_HEADER_LEN + payload.len()) as u64;
@@ -422,6 +457,31 @@ struct ScanFailure {
     reason: String,
     header_ok: bool,
     good_len: u64,
+    /// The file ends inside the failed record (or header): what an interrupted append leaves.
+    torn: bool,
+}
+
+/// Writes a record's `header` then its `payload` at file `offset` in one positioned vectored write:
+/// no copy of the payload in user space, and no window between a header and its payload in which a
+/// kill leaves a header alone. A short write (a kill can still interrupt a large one) continues where
+/// it stopped; what a kill leaves is a prefix, which recovery reports as a torn tail.
+fn write_record_at(file: &File, header: &[u8], payload: &[u8], offset: u64) -> std::io::Result<()> {
+    let total = header.len() + payload.len();
+    let mut written = 0;
+    while written < total {
+        let (head, body) = match written.checked_sub(header.len()) {
+            None => (&header[written..], payload),
+            Some(into_payload) => (&[][..], &payload[into_payload..]),
+        };
+        let parts = [std::io::IoSlice::new(head), std::io::IoSlice::new(body)];
+        match rustix::io::pwritev(file, &parts, offset + written as u64) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Reads a segment and checks every record; returns what is good and why the rest is not.
@@ -440,9 +500,10 @@ fn scan_segment(path: &Path, start: u64) -> Result<(Segment, Option<ScanFailure>
     };
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut header = [0u8; SEGMENT_HEADER_LEN];
-    let bad_header = |reason: String| ScanFailure { reason, header_ok: false, good_len: 0 };
+    let bad_header = |reason: String| ScanFailure { reason, header_ok: false, good_len: 0, torn: false };
     if reader.read_exact(&mut header).is_err() {
-        return Ok((segment, Some(bad_header("segment header is torn".into()))));
+        let failure = ScanFailure { torn: true, ..bad_header("segment header is torn".into()) };
+        return Ok((segment, Some(failure)));
     }
     match decode_segment_header(&header) {
         Ok(declared) if declared == start => {}
@@ -452,7 +513,10 @@ fn scan_segment(path: &Path, start: u64) -> Result<(Segment, Option<ScanFailure>
         Err(e) => return Ok((segment, Some(bad_header(e.to_string())))),
     }
     let mut offset = SEGMENT_HEADER_LEN as u64;
-    let cut = |reason: String, offset: u64| Some(ScanFailure { reason, header_ok: true, good_len: offset });
+    let cut =
+        |reason: String, offset: u64| Some(ScanFailure { reason, header_ok: true, good_len: offset, torn: false });
+    let torn =
+        |reason: String, offset: u64| Some(ScanFailure { reason, header_ok: true, good_len: offset, torn: true });
     let mut payload = Vec::new();
     loop {
         if offset == file_len {
@@ -460,7 +524,7 @@ fn scan_segment(path: &Path, start: u64) -> Result<(Segment, Option<ScanFailure>
         }
         let mut record_header = [0u8; RECORD_HEADER_LEN];
         if reader.read_exact(&mut record_header).is_err() {
-            return Ok((segment, cut(format!("torn record header at file offset {offset}"), offset)));
+            return Ok((segment, torn(format!("torn record header at file offset {offset}"), offset)));
         }
         let header = match decode_record_header(&record_header) {
             Ok(h) => h,
@@ -471,7 +535,7 @@ fn scan_segment(path: &Path, start: u64) -> Result<(Segment, Option<ScanFailure>
             return Ok((segment, cut(format!("{error} at file offset {offset}"), offset)));
         }
         if offset + (RECORD_HEADER_LEN + header.len) as u64 > file_len {
-            return Ok((segment, cut(format!("torn record at file offset {offset}"), offset)));
+            return Ok((segment, torn(format!("torn record at file offset {offset}"), offset)));
         }
         payload.resize(header.len, 0);
         reader.read_exact(&mut payload).map_err(io_err(path))?;

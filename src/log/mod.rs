@@ -27,7 +27,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-pub use disk::{DiskError, Recovery};
+pub use disk::{DiskError, DropKind, Dropped, Recovery};
 use disk::{DiskRange, SegmentStore};
 use format::HistoryMeta;
 
@@ -603,7 +603,7 @@ mod tests {
             log.shift_replid("d".repeat(40)).unwrap();
         }
         let (log, recovery) = ReplicationLog::open(dir.path(), options(1 << 20, 4096)).unwrap();
-        assert!(recovery.truncated.is_none());
+        assert!(recovery.dropped.is_none());
         let s = log.summary();
         assert_eq!((s.first_byte_offset, s.end), (6, 5 + data.len() as u64));
         let ids = s.ids.clone().unwrap();
@@ -721,6 +721,55 @@ mod tests {
         assert_eq!(from(105), b"fgh");
         assert!(from(108).is_empty(), "a gap: nothing cached holds the byte after 108");
         assert!(cache.get_from(2, 102, 1 << 20).is_empty(), "another epoch");
+    }
+
+    /// A cut inside the newest segment's last record is what a kill mid-append leaves (a torn tail);
+    /// a whole record that fails its check, or damage in an older segment, is corruption.
+    #[test]
+    fn recovery_tells_a_torn_tail_from_corruption() {
+        use std::os::unix::fs::FileExt;
+        let write_log = |dir: &Path| {
+            let (log, _) = ReplicationLog::open(dir, options(1 << 30, 4096)).unwrap();
+            log.reset("f".repeat(40), 0).unwrap();
+            for piece in pattern(200_000, 9).chunks(1000) {
+                log.append(Bytes::copy_from_slice(piece)).unwrap();
+            }
+        };
+        let reopen = |dir: &Path| ReplicationLog::open(dir, options(1 << 30, 4096)).unwrap().1;
+
+        let dir = tempfile::tempdir().unwrap();
+        write_log(dir.path());
+        let segments = disk::segment_paths(dir.path());
+        assert!(segments.len() >= 3, "{segments:?}");
+        let newest = segments.last().unwrap();
+        let len = std::fs::metadata(newest).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(newest).unwrap().set_len(len - 10).unwrap();
+        let dropped = reopen(dir.path()).dropped.expect("the cut is reported");
+        assert_eq!(dropped.kind, DropKind::TornTail, "{dropped:?}");
+        assert_eq!(
+            dropped.bytes,
+            1000 + format::RECORD_HEADER_LEN as u64 - 10,
+            "the part of the last record that was there"
+        );
+        assert!(reopen(dir.path()).dropped.is_none(), "the cut is made once");
+
+        let dir = tempfile::tempdir().unwrap();
+        write_log(dir.path());
+        let newest = disk::segment_paths(dir.path()).pop().unwrap();
+        let len = std::fs::metadata(&newest).unwrap().len();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&newest).unwrap();
+        file.write_all_at(b"X", len - 1).unwrap();
+        assert_eq!(reopen(dir.path()).dropped.map(|d| d.kind), Some(DropKind::Corrupt), "a whole record, bad");
+
+        let dir = tempfile::tempdir().unwrap();
+        write_log(dir.path());
+        let segments = disk::segment_paths(dir.path());
+        let oldest = &segments[0];
+        let len = std::fs::metadata(oldest).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(oldest).unwrap().set_len(len - 10).unwrap();
+        let dropped = reopen(dir.path()).dropped.expect("the cut is reported");
+        assert_eq!(dropped.kind, DropKind::Corrupt, "a torn record in an older segment: {dropped:?}");
+        assert!(dropped.bytes > 1000, "the later segments are counted too: {dropped:?}");
     }
 
     /// Whatever byte the file is cut at, recovery yields a prefix of what was written, ending at a
