@@ -22,17 +22,17 @@ struct Cli {
     /// YAML file describing the relays (instead of the single-relay flags).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The master to replicate, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// The master to replicate, HOST:PORT (or set REDIS_RELAY_UPSTREAM).
+    #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_UPSTREAM")]
     upstream: Option<String>,
-    /// Where replicas and clients connect, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Where replicas and clients connect, HOST:PORT (or set REDIS_RELAY_LISTEN).
+    #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_LISTEN")]
     listen: Option<String>,
-    /// Data directory (snapshot cache).
-    #[arg(long, value_name = "PATH")]
+    /// Data directory: replication log and snapshot cache (or set REDIS_RELAY_DIR).
+    #[arg(long, value_name = "PATH", env = "REDIS_RELAY_DIR")]
     dir: Option<PathBuf>,
-    /// Prometheus endpoint, HOST:PORT (serves /metrics).
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Prometheus endpoint, HOST:PORT, serving /metrics (or set REDIS_RELAY_METRICS).
+    #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_METRICS")]
     metrics: Option<String>,
     /// ACL user for AUTH to the master.
     #[arg(long, value_name = "U")]
