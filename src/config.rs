@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::downstream::ReplicaofPolicy;
 use crate::log::{FsyncPolicy, LogOptions};
+use crate::upstream::history::{HistoryResetPolicy, DEFAULT_MIN_KEY_RATIO};
+use crate::upstream::AckMode;
 
 pub const DEFAULT_LOG_SIZE: u64 = 1 << 30;
 pub const DEFAULT_LOG_MEMORY: u64 = 64 << 20;
@@ -53,6 +56,24 @@ pub struct RelayConfig {
     /// The password clients and replicas must give with `AUTH` (like redis.conf `requirepass`), so
     /// replicas configured with `masterauth` for a protected master can use the relay too.
     pub requirepass: Option<String>,
+    /// What to do when the master presents another history with far fewer keys (`history_reset`).
+    pub history_reset: HistoryResetPolicy,
+    /// A new history with fewer than this fraction of the cached snapshot's keys is a shrink.
+    pub history_reset_min_key_ratio: f64,
+    /// Whether clients may repoint the relay (`replicaof: allow | deny`).
+    pub replicaof: ReplicaofPolicy,
+    /// What the relay ACKs upstream (`upstream_ack: fack | durable`).
+    pub upstream_ack: AckMode,
+}
+
+/// The settings about the master's lifecycle, with their defaults.
+pub const DEFAULT_HISTORY_RESET: HistoryResetPolicy = HistoryResetPolicy::Hold;
+pub const DEFAULT_REPLICAOF: ReplicaofPolicy = ReplicaofPolicy::Allow;
+pub const DEFAULT_UPSTREAM_ACK: AckMode = AckMode::Fack;
+
+/// Parses `history_reset_min_key_ratio`: a fraction from 0 to 1.
+pub fn parse_ratio(text: &str) -> Option<f64> {
+    text.trim().parse::<f64>().ok().filter(|r| (0.0..=1.0).contains(r))
 }
 
 /// Parses a size in Redis's units (`1024`, `64kb`, `64mb`, `1gb`, `1k` = 1000, `1m`, `1g`).
@@ -141,6 +162,11 @@ struct Tunables {
     appendfsync: Option<String>,
     repl_timeout: Option<String>,
     repl_diskless_sync: Option<bool>,
+    history_reset: Option<String>,
+    /// A YAML number or string: kept as written, parsed with the others.
+    history_reset_min_key_ratio: Option<serde_yaml_ng::Value>,
+    replicaof: Option<String>,
+    upstream_ack: Option<String>,
 }
 
 /// The settings of one relay after inheritance.
@@ -148,6 +174,10 @@ struct Resolved {
     log: LogOptions,
     repl_timeout: Duration,
     downstream_eof_form: bool,
+    history_reset: HistoryResetPolicy,
+    history_reset_min_key_ratio: f64,
+    replicaof: ReplicaofPolicy,
+    upstream_ack: AckMode,
 }
 
 fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> Result<Resolved, ConfigError> {
@@ -188,10 +218,47 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
             parse_duration(&v).ok_or_else(|| field_error(&field, &v, "expected a duration such as 60s or 5m"))?
         }
     };
+    let choice = |name: &str, own: &Option<String>, default: &Option<String>| pick(own, default, name);
+    let history_reset = match choice("history_reset", &own.history_reset, &defaults.history_reset) {
+        None => DEFAULT_HISTORY_RESET,
+        Some((field, v)) => {
+            HistoryResetPolicy::parse(&v).ok_or_else(|| field_error(&field, &v, "expected hold or follow"))?
+        }
+    };
+    let as_text = |value: &Option<serde_yaml_ng::Value>| match value {
+        Some(serde_yaml_ng::Value::Number(n)) => Some(n.to_string()),
+        Some(serde_yaml_ng::Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(format!("{other:?}")),
+        None => None,
+    };
+    let history_reset_min_key_ratio = match choice(
+        "history_reset_min_key_ratio",
+        &as_text(&own.history_reset_min_key_ratio),
+        &as_text(&defaults.history_reset_min_key_ratio),
+    ) {
+        None => DEFAULT_MIN_KEY_RATIO,
+        Some((field, v)) => {
+            parse_ratio(&v).ok_or_else(|| field_error(&field, &v, "expected a fraction from 0 to 1, e.g. 0.5"))?
+        }
+    };
+    let replicaof = match choice("replicaof", &own.replicaof, &defaults.replicaof) {
+        None => DEFAULT_REPLICAOF,
+        Some((field, v)) => {
+            ReplicaofPolicy::parse(&v).ok_or_else(|| field_error(&field, &v, "expected allow or deny"))?
+        }
+    };
+    let upstream_ack = match choice("upstream_ack", &own.upstream_ack, &defaults.upstream_ack) {
+        None => DEFAULT_UPSTREAM_ACK,
+        Some((field, v)) => AckMode::parse(&v).ok_or_else(|| field_error(&field, &v, "expected fack or durable"))?,
+    };
     Ok(Resolved {
         log: LogOptions { retention, memory, segment_size: segment_size.max(64 * 1024), max_age, fsync },
         repl_timeout,
         downstream_eof_form: own.repl_diskless_sync.or(defaults.repl_diskless_sync).unwrap_or(false),
+        history_reset,
+        history_reset_min_key_ratio,
+        replicaof,
+        upstream_ack,
     })
 }
 
@@ -292,6 +359,10 @@ impl Config {
                     Some(p) => Some(substitute_env(&at("requirepass"), p)?),
                     None => None,
                 },
+                history_reset: resolved.history_reset,
+                history_reset_min_key_ratio: resolved.history_reset_min_key_ratio,
+                replicaof: resolved.replicaof,
+                upstream_ack: resolved.upstream_ack,
             });
         }
         let config = Config { metrics, relays };
@@ -363,6 +434,23 @@ mod tests {
         assert_eq!(relay.log.fsync, FsyncPolicy::EverySec);
         assert_eq!(relay.upstream_password.as_deref(), Some("s3cret"));
         assert_eq!(relay.repl_timeout, DEFAULT_REPL_TIMEOUT);
+        assert_eq!(relay.history_reset, HistoryResetPolicy::Hold);
+        assert_eq!(relay.history_reset_min_key_ratio, 0.5);
+        assert_eq!(relay.replicaof, ReplicaofPolicy::Allow);
+        assert_eq!(relay.upstream_ack, AckMode::Fack);
+    }
+
+    #[test]
+    fn lifecycle_settings_parse_and_inherit() {
+        let config = Config::from_yaml(
+            "data_dir: /d\ndefaults: {history_reset: follow, upstream_ack: durable}\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', replicaof: deny, history_reset_min_key_ratio: 0.2}\n",
+        )
+        .unwrap();
+        let relay = &config.relays[0];
+        assert_eq!(relay.history_reset, HistoryResetPolicy::Follow);
+        assert_eq!(relay.history_reset_min_key_ratio, 0.2);
+        assert_eq!(relay.replicaof, ReplicaofPolicy::Deny);
+        assert_eq!(relay.upstream_ack, AckMode::Durable);
     }
 
     #[test]
@@ -405,6 +493,10 @@ mod tests {
             ("  - {name: a, upstream: {addr: 'h:1', password: '${RELAY_TEST_SURELY_UNSET}'}, listen: '127.0.0.1:1'}\n", &["relays[0].upstream.password", "RELAY_TEST_SURELY_UNSET"]),
             ("  - {name: a, upstream: {addr: 'nohost'}, listen: '127.0.0.1:1'}\n", &["relays[0].upstream.addr", "nohost"]),
             ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', appendfsync: sometimes}\n", &["relays[0].appendfsync", "sometimes"]),
+            ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', history_reset: wipe}\n", &["relays[0].history_reset", "wipe", "hold or follow"]),
+            ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', history_reset_min_key_ratio: '1.5'}\n", &["relays[0].history_reset_min_key_ratio", "1.5"]),
+            ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', replicaof: maybe}\n", &["relays[0].replicaof", "maybe", "allow or deny"]),
+            ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', upstream_ack: all}\n", &["relays[0].upstream_ack", "all", "fack or durable"]),
         ];
         for (relays, needles) in cases {
             let message = error_of(&format!("{base}{relays}"));

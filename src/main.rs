@@ -10,8 +10,11 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
 use redis_relay::config::{self, Config, RelayConfig};
+use redis_relay::downstream::ReplicaofPolicy;
 use redis_relay::log::{FsyncPolicy, LogOptions};
 use redis_relay::relay::RunningRelay;
+use redis_relay::upstream::history::HistoryResetPolicy;
+use redis_relay::upstream::AckMode;
 
 /// A Redis replication relay: one replica of the master, a master to many replicas.
 #[derive(Parser, Debug)]
@@ -66,6 +69,21 @@ struct Cli {
     /// REDIS_RELAY_REQUIREPASS).
     #[arg(long, value_name = "P", env = "REDIS_RELAY_REQUIREPASS", hide_env_values = true)]
     requirepass: Option<String>,
+    /// When the master presents another history with far fewer keys (e.g. it restarted empty):
+    /// hold (keep serving the old dataset until RELAY HISTORY ACCEPT) or follow.
+    #[arg(long, value_name = "hold|follow", default_value = "hold")]
+    history_reset: String,
+    /// A new history with fewer keys than this fraction of the cached snapshot's is held (an
+    /// empty one always is, when the snapshot has keys).
+    #[arg(long, value_name = "RATIO", default_value = "0.5")]
+    history_reset_min_key_ratio: String,
+    /// Whether clients may repoint the relay with REPLICAOF/SLAVEOF (allow or deny).
+    #[arg(long, value_name = "allow|deny", default_value = "allow")]
+    replicaof: String,
+    /// What the relay ACKs to its master: fack (ACK applied, FACK durable, like a Redis 7.2+
+    /// replica with AOF) or durable (ACK only what is fsynced).
+    #[arg(long, value_name = "fack|durable", default_value = "fack")]
+    upstream_ack: String,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -110,6 +128,18 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
         "no" => false,
         other => bail!("--repl-diskless-sync: expected yes or no, got {other:?}"),
     };
+    let history_reset = HistoryResetPolicy::parse(&cli.history_reset)
+        .with_context(|| format!("--history-reset: expected hold or follow, got {:?}", cli.history_reset))?;
+    let history_reset_min_key_ratio = config::parse_ratio(&cli.history_reset_min_key_ratio).with_context(|| {
+        format!(
+            "--history-reset-min-key-ratio: expected a fraction from 0 to 1, got {:?}",
+            cli.history_reset_min_key_ratio
+        )
+    })?;
+    let replicaof = ReplicaofPolicy::parse(&cli.replicaof)
+        .with_context(|| format!("--replicaof: expected allow or deny, got {:?}", cli.replicaof))?;
+    let upstream_ack = AckMode::parse(&cli.upstream_ack)
+        .with_context(|| format!("--upstream-ack: expected fack or durable, got {:?}", cli.upstream_ack))?;
     let metrics = match &cli.metrics {
         Some(addr) => Some(config::parse_listen("--metrics", addr)?),
         None => None,
@@ -127,6 +157,10 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
             repl_timeout,
             downstream_eof_form,
             requirepass: cli.requirepass.clone(),
+            history_reset,
+            history_reset_min_key_ratio,
+            replicaof,
+            upstream_ack,
         }],
     };
     config.validate()?;

@@ -50,6 +50,12 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("redis_relay_snapshot_offset_bytes", Kind::Gauge, "Master offset of the cached RDB (-1 if none)"),
     ("redis_relay_snapshot_size_bytes", Kind::Gauge, "Size of the cached RDB"),
     ("redis_relay_snapshot_age_seconds", Kind::Gauge, "Age of the cached RDB"),
+    ("redis_relay_snapshot_keys", Kind::Gauge, "Keys in the cached RDB (-1 if unknown)"),
+    (
+        "redis_relay_history_reset_held",
+        Kind::Gauge,
+        "1 while the relay holds its old dataset against a master's new, much smaller history",
+    ),
     ("redis_relay_rdb_fetches_total", Kind::Counter, "RDBs fetched from the master (each one a master fork)"),
     ("redis_relay_rdb_rejected_total", Kind::Counter, "RDB payloads from the master rejected as corrupt"),
     ("redis_relay_full_syncs_served_total", Kind::Counter, "Full syncs served to replicas from the cache"),
@@ -132,6 +138,9 @@ fn sample(context: &RelayContext) {
     gauge!("redis_relay_snapshot_size_bytes", &labels).set(snapshot.as_ref().map(|s| s.size as f64).unwrap_or(0.0));
     let age = snapshot.as_ref().map(|s| now.saturating_sub(s.created_unix) as f64).unwrap_or(-1.0);
     gauge!("redis_relay_snapshot_age_seconds", &labels).set(age);
+    let keys = snapshot.as_ref().and_then(|s| s.keys).map(|k| k.keys as f64).unwrap_or(-1.0);
+    gauge!("redis_relay_snapshot_keys", &labels).set(keys);
+    gauge!("redis_relay_history_reset_held", &labels).set(f64::from(u8::from(upstream.history_held.is_some())));
     counter!("redis_relay_rdb_fetches_total", &labels).absolute(upstream.rdb_fetches);
     counter!("redis_relay_rdb_rejected_total", &labels).absolute(upstream.rdb_rejected);
 

@@ -48,6 +48,8 @@ pub struct RelayContext {
     pub upstream_config: UpstreamConfig,
     /// Where the upstream link connects; `REPLICAOF host port` sends a new address here.
     pub upstream_target: watch::Sender<String>,
+    /// `RELAY HISTORY ACCEPT` sends the held history's replid here; the upstream link follows it.
+    pub history_accept: watch::Sender<Option<String>>,
     pub run_id: String,
     pub started: Instant,
     pub stats: ServedStats,
@@ -155,12 +157,17 @@ pub async fn start(
             .map_err(|source| RelayError::Snapshot { name: config.name.clone(), source })?,
     );
     let (upstream_target, target) = watch::channel(config.upstream.clone());
+    let (history_accept, accepted) = watch::channel(None);
     let upstream_config = UpstreamConfig {
         target,
         user: config.upstream_user.clone(),
         password: config.upstream_password.clone(),
         listening_port: config.listen.port(),
         repl_timeout: config.repl_timeout,
+        history_reset: config.history_reset,
+        history_reset_min_key_ratio: config.history_reset_min_key_ratio,
+        history_accept: accepted,
+        ack: config.upstream_ack,
     };
     let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone());
     let (fetcher_task, fetcher) = link.fetcher();
@@ -171,6 +178,7 @@ pub async fn start(
         upstream,
         upstream_config,
         upstream_target,
+        history_accept,
         run_id: random_hex_id(),
         started: Instant::now(),
         stats: ServedStats::default(),

@@ -5,8 +5,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -105,31 +103,6 @@ fn write_keys(master: &RedisServer, prefix: &str, count: usize) {
 
 fn wait_digest_equal(master: &RedisServer, replica: &RedisServer) {
     wait_until(SYNC_TIMEOUT, "replica digest equals the master's", || master.digest() == replica.digest());
-}
-
-/// Reads `/metrics` over plain HTTP/1.0.
-fn scrape(port: u16) -> String {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    if stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
-        return String::new();
-    }
-    let mut body = String::new();
-    let _ = stream.read_to_string(&mut body);
-    body
-}
-
-/// The value of the series `name{labels...}` whose label set contains every `(key, value)` given.
-fn metric_value(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    scrape.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
-        if series_name != name {
-            return None;
-        }
-        let all_match = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-        all_match.then(|| value.parse().ok()).flatten()
-    })
 }
 
 fn metric_names(scrape: &str) -> BTreeSet<String> {

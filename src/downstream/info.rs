@@ -10,6 +10,7 @@ use super::ReplicaState;
 use crate::log::NO_REPLID;
 use crate::protocol::Reply;
 use crate::relay::{RelayContext, ServedStats};
+use crate::upstream::history::HistoryResetPolicy;
 use crate::upstream::LinkState;
 
 const SECTIONS: [&str; 4] = ["server", "replication", "stats", "relay"];
@@ -162,6 +163,27 @@ fn relay(context: &RelayContext, out: &mut String) {
     line(out, "log_recovered_offset", recovery.history.as_ref().map(|_| recovery.end as i64).unwrap_or(-1));
     line(out, "log_recovery_dropped", recovery.dropped.as_ref().map(|d| d.kind.name()).unwrap_or("none"));
     line(out, "log_recovery_dropped_bytes", recovery.dropped.as_ref().map(|d| d.bytes).unwrap_or(0));
+    let keys = snapshot.as_ref().and_then(|s| s.keys);
+    line(out, "snapshot_keys", keys.map(|k| k.keys as i64).unwrap_or(-1));
+    line(out, "snapshot_keys_exact", u8::from(keys.is_some_and(|k| k.exact)));
+    line(out, "history_reset_policy", policy_name(context.config.history_reset));
+    line(out, "history_reset_held", u8::from(upstream.history_held.is_some()));
+    if let Some(held) = &upstream.history_held {
+        line(out, "history_reset_new_replid", &held.new_replid);
+        line(out, "history_reset_new_offset", held.new_offset);
+        line(out, "history_reset_new_keys", held.new_keys.keys);
+        line(out, "history_reset_old_replid", &held.old_replid);
+        line(out, "history_reset_old_keys", held.old_keys);
+        let since = held.since.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        line(out, "history_reset_held_seconds", now.saturating_sub(since));
+    }
+}
+
+fn policy_name(policy: HistoryResetPolicy) -> &'static str {
+    match policy {
+        HistoryResetPolicy::Hold => "hold",
+        HistoryResetPolicy::Follow => "follow",
+    }
 }
 
 /// `ROLE` as a replica: `slave`, master host, port, link state, applied offset.

@@ -22,6 +22,24 @@ use crate::protocol::{ClientCommand, Reply};
 use crate::relay::{RelayContext, ServedStats};
 pub use connection::{ClientConnection, ClientError};
 
+/// Whether clients may repoint the relay with `REPLICAOF`/`SLAVEOF` (`replicaof`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaofPolicy {
+    Allow,
+    /// Refused with an error, like `rename-command REPLICAOF ""` on redis-server.
+    Deny,
+}
+
+impl ReplicaofPolicy {
+    pub fn parse(text: &str) -> Option<ReplicaofPolicy> {
+        match text.to_ascii_lowercase().as_str() {
+            "allow" => Some(ReplicaofPolicy::Allow),
+            "deny" => Some(ReplicaofPolicy::Deny),
+            _ => None,
+        }
+    }
+}
+
 /// Replica states as `INFO replication` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicaState {
@@ -269,6 +287,45 @@ impl Session {
         Reply::ok()
     }
 
+    /// `RELAY HISTORY ACCEPT`: the operator's consent to follow the held history (the relay then
+    /// full-syncs it and its replicas start over on it). Behind `AUTH` when `requirepass` is set,
+    /// like every command.
+    fn relay_command(&self, command: &ClientCommand) -> Reply {
+        let words: Vec<String> =
+            command.args[1..].iter().map(|a| String::from_utf8_lossy(a).to_ascii_uppercase()).collect();
+        match words.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+            ["HISTORY", "ACCEPT"] => {
+                let held = self.context.upstream.borrow().history_held.clone();
+                let Some(held) = held else {
+                    return Reply::error("ERR no history reset is held: nothing to accept");
+                };
+                tracing::warn!(
+                    peer = %self.peer,
+                    new_replid = %held.new_replid,
+                    new_keys = held.new_keys.keys,
+                    old_keys = held.old_keys,
+                    "RELAY HISTORY ACCEPT: following the master's new history"
+                );
+                self.context.history_accept.send_replace(Some(held.new_replid));
+                Reply::ok()
+            }
+            ["HELP"] => Reply::Array(
+                [
+                    "RELAY <subcommand>",
+                    "HISTORY ACCEPT",
+                    "    Follow the master's new history that is held (see INFO relay).",
+                ]
+                .iter()
+                .map(|line| Reply::Simple(line.to_string()))
+                .collect(),
+            ),
+            _ => Reply::error(format!(
+                "ERR unknown subcommand or wrong number of arguments for 'RELAY {}'. Try RELAY HELP.",
+                words.join(" ")
+            )),
+        }
+    }
+
     /// `AUTH [user] password`, like redis-server with or without `requirepass` (only the default
     /// user exists).
     fn auth(&mut self, command: &ClientCommand) -> Reply {
@@ -324,6 +381,7 @@ impl Session {
             "PSYNC" | "SYNC" => return Next::BecomeReplica,
             "REPLICAOF" | "SLAVEOF" => self.replicaof(command),
             "CONFIG" if command.arg_str(1).eq_ignore_ascii_case("rewrite") => Reply::ok(),
+            "RELAY" => self.relay_command(command),
             _ => unknown_command(command),
         };
         Next::Reply(reply)

@@ -99,6 +99,15 @@ impl ReplIds {
     pub fn new(replid: String) -> ReplIds {
         ReplIds { replid, replid2: NO_REPLID.into(), second_repl_offset: -1 }
     }
+
+    /// Whether a dataset the master produced at `offset` under `replid` (a snapshot, a `+FULLRESYNC`)
+    /// belongs to this history: the current id, or the previous one up to where it was valid.
+    pub fn holds(&self, replid: &str, offset: u64) -> bool {
+        replid.eq_ignore_ascii_case(&self.replid)
+            || (self.second_repl_offset >= 0
+                && replid.eq_ignore_ascii_case(&self.replid2)
+                && (offset + 1) as i64 <= self.second_repl_offset)
+    }
 }
 
 /// What readers watch: the log's generation and its last offset. A new epoch means the history was

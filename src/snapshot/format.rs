@@ -36,6 +36,7 @@ pub struct RdbVerifier {
     /// The last byte given to the digest: the EOF opcode once the whole RDB has been seen.
     last_digested: u8,
     total: u64,
+    keys: KeyCounter,
 }
 
 /// What a verified RDB says about itself.
@@ -47,6 +48,7 @@ pub struct RdbFacts {
     pub crc64: u64,
     /// As computed over the content, whatever the trailer says: what the cache checks on reopen.
     pub content_crc64: u64,
+    pub keys: KeyCount,
 }
 
 impl Default for RdbVerifier {
@@ -57,6 +59,7 @@ impl Default for RdbVerifier {
             held: Vec::new(),
             last_digested: 0,
             total: 0,
+            keys: KeyCounter::default(),
         }
     }
 }
@@ -64,6 +67,7 @@ impl Default for RdbVerifier {
 impl RdbVerifier {
     pub fn update(&mut self, mut data: &[u8]) {
         self.total += data.len() as u64;
+        self.keys.update(data);
         if self.header.len() < HEADER_LEN {
             let take = (HEADER_LEN - self.header.len()).min(data.len());
             self.header.extend_from_slice(&data[..take]);
@@ -86,6 +90,11 @@ impl RdbVerifier {
         }
     }
 
+    /// The keys seen so far (exact once the whole RDB has been fed).
+    pub fn keys(&self) -> KeyCount {
+        self.keys.count()
+    }
+
     fn digest_bytes(&mut self, bytes: &[u8]) {
         if let Some(&last) = bytes.last() {
             self.last_digested = last;
@@ -106,7 +115,7 @@ impl RdbVerifier {
         if stored != 0 && stored != computed {
             return Err(RdbError::CrcMismatch { stored, computed });
         }
-        Ok(RdbFacts { version, size: self.total, crc64: stored, content_crc64: computed })
+        Ok(RdbFacts { version, size: self.total, crc64: stored, content_crc64: computed, keys: self.keys.count() })
     }
 }
 
@@ -116,6 +125,382 @@ fn parse_header(header: &[u8]) -> Result<u32, RdbError> {
         return Err(bad());
     }
     std::str::from_utf8(&header[MAGIC.len()..]).ok().and_then(|v| v.parse::<u32>().ok()).ok_or_else(bad)
+}
+
+/// How many keys an RDB holds, as read while it streams by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct KeyCount {
+    pub keys: u64,
+    /// False when the walk stopped at an encoding it cannot skip (a module type without the self-
+    /// describing format, a type newer than the relay): `keys` is then a lower bound made of the
+    /// entries counted so far and the `RESIZEDB` sizes of the databases seen.
+    pub exact: bool,
+}
+
+/// One thing the walker expects next. The stack holds them in reverse order of reading.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// A string: length-prefixed, an encoded integer, or LZF-compressed.
+    Str,
+    /// `n` items of one kind.
+    Repeat(u64, Item),
+    /// A length whose value says how many `Item`s follow.
+    CountOf(Item),
+    /// Raw bytes to pass over.
+    Skip(u64),
+    /// One length-encoded number to pass over.
+    Len,
+    /// A double as `rdbSaveDoubleValue` writes it: a length byte (253..=255 for NaN and the
+    /// infinities) and that many ASCII bytes.
+    OldDouble,
+    /// The opcodes of a module value (`RDB_TYPE_MODULE_2`), up to `RDB_MODULE_OPCODE_EOF`.
+    ModuleOpcodes,
+}
+
+/// A repeated element.
+#[derive(Debug, Clone, Copy)]
+enum Item {
+    Str,
+    /// String then a string-encoded double (`RDB_TYPE_ZSET`).
+    StrAndOldDouble,
+    /// String then an 8-byte double (`RDB_TYPE_ZSET_2`).
+    StrAndDouble,
+    /// Container format then a string (`RDB_TYPE_LIST_QUICKLIST_2`).
+    LenAndStr,
+    /// A pair of strings (hash fields, stream listpack keys and values).
+    StrPair,
+    /// A stream consumer group (`version` 1..=3 of the stream type).
+    StreamGroup(u8),
+    /// A pending-entries-list entry of a group: 16-byte id, 8-byte delivery time, delivery count.
+    GroupPel,
+    /// A consumer (`version` 3 adds the active time).
+    StreamConsumer(u8),
+    /// A consumer's PEL entry: a 16-byte id.
+    ConsumerPel,
+}
+
+/// Counts the keys of an RDB as its bytes stream by, without holding more than a few bytes: each
+/// value is passed over by its encoding, so a key costs a few header reads whatever its size.
+///
+/// The count is of key entries; a database's `RESIZEDB` size stands in when the walk cannot finish.
+#[derive(Debug)]
+pub struct KeyCounter {
+    /// Unread bytes shorter than the next header (at most a few dozen).
+    pending: Vec<u8>,
+    skip: u64,
+    stack: Vec<Expect>,
+    header_left: Option<usize>,
+    counted: u64,
+    /// Keys counted and RESIZEDB size of the database being read.
+    db_counted: u64,
+    db_resize: u64,
+    /// Sum over finished databases of max(counted, RESIZEDB).
+    bound: u64,
+    done: bool,
+    stopped: bool,
+}
+
+/// `rdbLoadLen`: returns (value, is_encoded, bytes used).
+fn parse_len(bytes: &[u8]) -> Option<(u64, bool, usize)> {
+    let first = *bytes.first()?;
+    match first >> 6 {
+        0 => Some(((first & 0x3F) as u64, false, 1)),
+        1 => Some(((((first & 0x3F) as u64) << 8) | *bytes.get(1)? as u64, false, 2)),
+        2 if first == 0x80 => {
+            let b: [u8; 4] = bytes.get(1..5)?.try_into().ok()?;
+            Some((u32::from_be_bytes(b) as u64, false, 5))
+        }
+        2 if first == 0x81 => {
+            let b: [u8; 8] = bytes.get(1..9)?.try_into().ok()?;
+            Some((u64::from_be_bytes(b), false, 9))
+        }
+        // An unknown length form: reported as encoded type 0xFF, which no caller accepts.
+        2 => Some((0xFF, true, 1)),
+        _ => Some(((first & 0x3F) as u64, true, 1)),
+    }
+}
+
+impl Default for KeyCounter {
+    fn default() -> Self {
+        KeyCounter {
+            pending: Vec::new(),
+            skip: 0,
+            stack: Vec::new(),
+            header_left: Some(HEADER_LEN),
+            counted: 0,
+            db_counted: 0,
+            db_resize: 0,
+            bound: 0,
+            done: false,
+            stopped: false,
+        }
+    }
+}
+
+impl KeyCounter {
+    /// The count so far; exact once the EOF opcode has been read.
+    pub fn count(&self) -> KeyCount {
+        if self.done {
+            return KeyCount { keys: self.counted, exact: true };
+        }
+        KeyCount { keys: self.bound + self.db_counted.max(self.db_resize), exact: false }
+    }
+
+    fn finish_db(&mut self) {
+        self.bound += self.db_counted.max(self.db_resize);
+        self.db_counted = 0;
+        self.db_resize = 0;
+    }
+
+    fn stop(&mut self) {
+        self.stopped = true;
+        self.pending = Vec::new();
+        self.stack.clear();
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && !self.done && !self.stopped {
+            if let Some(left) = self.header_left {
+                let take = left.min(data.len());
+                data = &data[take..];
+                self.header_left = if left == take { None } else { Some(left - take) };
+                continue;
+            }
+            if self.skip > 0 {
+                let take = self.skip.min(data.len() as u64);
+                self.skip -= take;
+                data = &data[take as usize..];
+                continue;
+            }
+            // Feed a little at a time so that `pending` stays small: headers are at most 19 bytes.
+            let take = data.len().min(32usize.saturating_sub(self.pending.len()).max(1));
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            self.drain_pending();
+        }
+    }
+
+    /// Parses what `pending` holds; leaves an incomplete header there for the next bytes.
+    fn drain_pending(&mut self) {
+        loop {
+            if self.done || self.stopped || self.pending.is_empty() {
+                return;
+            }
+            if self.skip > 0 {
+                let take = self.skip.min(self.pending.len() as u64) as usize;
+                self.skip -= take as u64;
+                self.pending.drain(..take);
+                continue;
+            }
+            let used = match self.stack.pop() {
+                None => self.top_level(),
+                Some(expect) => match self.expected(expect) {
+                    Some(used) => Some(used),
+                    None => {
+                        self.stack.push(expect);
+                        None
+                    }
+                },
+            };
+            match used {
+                Some(used) => {
+                    self.pending.drain(..used.min(self.pending.len()));
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// A top-level opcode or a value type (then the key and the value).
+    fn top_level(&mut self) -> Option<usize> {
+        let bytes = &self.pending;
+        let opcode = *bytes.first()?;
+        match opcode {
+            0xFF => {
+                self.finish_db();
+                self.done = true;
+                Some(1)
+            }
+            0xFE => {
+                let (_, _, n) = parse_len(&bytes[1..])?;
+                self.finish_db();
+                Some(1 + n)
+            }
+            0xFB => {
+                let (db_size, _, a) = parse_len(&bytes[1..])?;
+                let (_, _, b) = parse_len(&bytes[1 + a..])?;
+                self.db_resize = db_size;
+                Some(1 + a + b)
+            }
+            0xFA => {
+                self.stack.extend([Expect::Str, Expect::Str]);
+                Some(1)
+            }
+            0xFD => {
+                self.skip = 4;
+                Some(1)
+            }
+            0xFC => {
+                self.skip = 8;
+                Some(1)
+            }
+            0xF9 => {
+                self.skip = 1;
+                Some(1)
+            }
+            0xF8 => {
+                self.stack.push(Expect::Len);
+                Some(1)
+            }
+            0xF7 => {
+                // MODULE_AUX: module id, `when` opcode and value, then the module's opcodes.
+                self.stack.extend([Expect::ModuleOpcodes, Expect::Len, Expect::Len, Expect::Len]);
+                Some(1)
+            }
+            0xF5 => {
+                self.stack.push(Expect::Str);
+                Some(1)
+            }
+            0xF4 => {
+                // SLOT_INFO: slot id, slot size, expires slot size.
+                self.stack.extend([Expect::Len, Expect::Len, Expect::Len]);
+                Some(1)
+            }
+            value_type => {
+                let value = match value_type {
+                    0 | 9..=13 | 16 | 17 | 20 => Expect::Str,
+                    1 | 2 | 14 => Expect::CountOf(Item::Str),
+                    3 => Expect::CountOf(Item::StrAndOldDouble),
+                    4 => Expect::CountOf(Item::StrPair),
+                    5 => Expect::CountOf(Item::StrAndDouble),
+                    7 => {
+                        self.stack.push(Expect::ModuleOpcodes);
+                        Expect::Len
+                    }
+                    18 => Expect::CountOf(Item::LenAndStr),
+                    15 | 19 | 21 => {
+                        let version = match value_type {
+                            15 => 1,
+                            19 => 2,
+                            _ => 3,
+                        };
+                        // Consumer groups last, then the stream's metadata, then its listpacks.
+                        self.stack.push(Expect::CountOf(Item::StreamGroup(version)));
+                        let metadata_lens = if version >= 2 { 8 } else { 3 };
+                        for _ in 0..metadata_lens {
+                            self.stack.push(Expect::Len);
+                        }
+                        Expect::CountOf(Item::StrPair)
+                    }
+                    _ => {
+                        self.stop();
+                        return None;
+                    }
+                };
+                self.counted += 1;
+                self.db_counted += 1;
+                self.stack.push(value);
+                self.stack.push(Expect::Str);
+                Some(1)
+            }
+        }
+    }
+
+    fn expected(&mut self, expect: Expect) -> Option<usize> {
+        let bytes = &self.pending;
+        match expect {
+            Expect::Skip(n) => {
+                self.skip = n;
+                Some(0)
+            }
+            Expect::Len => parse_len(bytes).map(|(_, _, n)| n),
+            Expect::OldDouble => {
+                let len = *bytes.first()?;
+                if len < 253 {
+                    self.skip = len as u64;
+                }
+                Some(1)
+            }
+            Expect::Str => {
+                let (len, encoded, n) = parse_len(bytes)?;
+                if !encoded {
+                    self.skip = len;
+                    return Some(n);
+                }
+                match len {
+                    0 => self.skip = 1,
+                    1 => self.skip = 2,
+                    2 => self.skip = 4,
+                    3 => {
+                        let (compressed, _, a) = parse_len(&bytes[n..])?;
+                        let (_, _, b) = parse_len(&bytes[n + a..])?;
+                        self.skip = compressed;
+                        return Some(n + a + b);
+                    }
+                    _ => {
+                        self.stop();
+                        return Some(0);
+                    }
+                }
+                Some(n)
+            }
+            Expect::CountOf(item) => {
+                let (count, _, n) = parse_len(bytes)?;
+                self.stack.push(Expect::Repeat(count, item));
+                Some(n)
+            }
+            Expect::Repeat(0, _) => Some(0),
+            Expect::Repeat(left, item) => {
+                self.stack.push(Expect::Repeat(left - 1, item));
+                self.push_item(item);
+                Some(0)
+            }
+            Expect::ModuleOpcodes => {
+                let (opcode, _, n) = parse_len(bytes)?;
+                match opcode {
+                    0 => return Some(n),
+                    1 | 2 => self.stack.extend([Expect::ModuleOpcodes, Expect::Len]),
+                    3 => self.stack.extend([Expect::ModuleOpcodes, Expect::Skip(4)]),
+                    4 => self.stack.extend([Expect::ModuleOpcodes, Expect::Skip(8)]),
+                    5 => self.stack.extend([Expect::ModuleOpcodes, Expect::Str]),
+                    _ => {
+                        self.stop();
+                        return Some(0);
+                    }
+                }
+                Some(n)
+            }
+        }
+    }
+
+    /// Pushes the parts of one `item`, the first part read last pushed.
+    fn push_item(&mut self, item: Item) {
+        let parts: &[Expect] = match item {
+            Item::Str => &[Expect::Str],
+            Item::StrPair => &[Expect::Str, Expect::Str],
+            Item::StrAndDouble => &[Expect::Skip(8), Expect::Str],
+            Item::LenAndStr => &[Expect::Str, Expect::Len],
+            Item::GroupPel => &[Expect::Len, Expect::Skip(24)],
+            Item::ConsumerPel => &[Expect::Skip(16)],
+            Item::StrAndOldDouble => &[Expect::OldDouble, Expect::Str],
+            Item::StreamGroup(version) => {
+                self.stack.push(Expect::CountOf(Item::StreamConsumer(version)));
+                self.stack.push(Expect::CountOf(Item::GroupPel));
+                if version >= 2 {
+                    self.stack.push(Expect::Len);
+                }
+                &[Expect::Len, Expect::Len, Expect::Str]
+            }
+            Item::StreamConsumer(version) => {
+                self.stack.push(Expect::CountOf(Item::ConsumerPel));
+                if version >= 3 {
+                    self.stack.push(Expect::Skip(8));
+                }
+                &[Expect::Skip(8), Expect::Str]
+            }
+        };
+        self.stack.extend_from_slice(parts);
+    }
 }
 
 /// The metadata stored beside a cached RDB (`snapshot.meta`, YAML).
@@ -135,6 +520,10 @@ pub struct SnapshotMeta {
     pub content_crc64: u64,
     /// Unix seconds when the relay finished receiving it.
     pub created_unix: u64,
+    /// Keys the RDB holds (absent in metadata written before the relay counted them: counted on
+    /// reopen).
+    #[serde(default)]
+    pub keys: Option<KeyCount>,
 }
 
 #[cfg(test)]
@@ -186,6 +575,89 @@ pub(crate) mod tests {
         let mut bad = sample_rdb();
         bad[0] = b'X';
         assert!(matches!(verify_in_pieces(&bad, 4), Err(RdbError::BadMagic(_))));
+    }
+
+    fn short_str(out: &mut Vec<u8>, s: &[u8]) {
+        out.push(s.len() as u8);
+        out.extend_from_slice(s);
+    }
+
+    /// Two databases with strings (plain, int-encoded, LZF, 14-bit length), expiries, a hash, an
+    /// old-style zset, a quicklist2, a module-aux record and a function, then EOF and a checksum.
+    fn rdb_with_keys() -> Vec<u8> {
+        let mut rdb = b"REDIS0010".to_vec();
+        rdb.push(0xFA);
+        short_str(&mut rdb, b"redis-ver");
+        short_str(&mut rdb, b"7.0.15");
+        rdb.push(0xF5);
+        short_str(&mut rdb, b"#!lua name=lib\nredis.register_function('f', g)");
+        rdb.extend_from_slice(&[0xFE, 0, 0xFB, 4, 1]);
+        rdb.push(0);
+        short_str(&mut rdb, b"plain");
+        short_str(&mut rdb, b"value");
+        rdb.push(0xFC);
+        rdb.extend_from_slice(&1_900_000_000_000u64.to_le_bytes());
+        rdb.push(0);
+        short_str(&mut rdb, b"intkey");
+        rdb.extend_from_slice(&[0xC1, 0x39, 0x30]);
+        rdb.push(0);
+        short_str(&mut rdb, b"lzf");
+        rdb.extend_from_slice(&[0xC3, 3, 60, b'a', b'b', b'c']);
+        rdb.push(4);
+        short_str(&mut rdb, b"hash");
+        rdb.push(2);
+        for field in [b"f1", b"v1", b"f2", b"v2"] {
+            short_str(&mut rdb, field);
+        }
+        rdb.extend_from_slice(&[0xF7, 0x81, 1, 2, 3, 4, 5, 6, 7, 8, 2, 2]);
+        rdb.extend_from_slice(&[2, 7, 5, 3, b'a', b'u', b'x', 4]);
+        rdb.extend_from_slice(&1.5f64.to_le_bytes());
+        rdb.push(0);
+        rdb.extend_from_slice(&[0xFE, 1, 0xFB, 3, 0]);
+        rdb.push(3);
+        short_str(&mut rdb, b"zset");
+        rdb.push(2);
+        short_str(&mut rdb, b"m1");
+        short_str(&mut rdb, b"1.5");
+        short_str(&mut rdb, b"m2");
+        rdb.push(254);
+        rdb.push(18);
+        short_str(&mut rdb, b"list");
+        rdb.extend_from_slice(&[1, 2]);
+        short_str(&mut rdb, b"listpack-bytes");
+        rdb.push(0);
+        short_str(&mut rdb, b"long");
+        rdb.extend_from_slice(&[0x41, 0x00]);
+        rdb.extend_from_slice(&[b'x'; 256]);
+        rdb.push(0xFF);
+        let crc = CRC64.checksum(&rdb);
+        rdb.extend_from_slice(&crc.to_le_bytes());
+        rdb
+    }
+
+    #[test]
+    fn counts_keys_in_any_split() {
+        let rdb = rdb_with_keys();
+        for piece in 1..rdb.len() + 1 {
+            let facts = verify_in_pieces(&rdb, piece).unwrap();
+            assert_eq!(facts.keys, KeyCount { keys: 7, exact: true }, "piece {piece}");
+        }
+        assert_eq!(verify_in_pieces(&sample_rdb(), 3).unwrap().keys, KeyCount { keys: 0, exact: true });
+    }
+
+    #[test]
+    fn an_unknown_type_gives_a_lower_bound_from_resizedb() {
+        let mut rdb = b"REDIS0010".to_vec();
+        rdb.extend_from_slice(&[0xFE, 0, 0xFB, 0x40, 200, 0]);
+        rdb.push(0);
+        short_str(&mut rdb, b"k");
+        short_str(&mut rdb, b"v");
+        rdb.push(6); // a module value in the old format, which cannot be passed over
+        short_str(&mut rdb, b"m");
+        rdb.extend_from_slice(&[1, 2, 3, 0xFF]);
+        let crc = CRC64.checksum(&rdb);
+        rdb.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(verify_in_pieces(&rdb, 4).unwrap().keys, KeyCount { keys: 200, exact: false });
     }
 
     #[test]

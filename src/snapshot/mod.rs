@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use format::RdbVerifier;
-pub use format::{RdbError, SnapshotMeta};
+pub use format::{KeyCount, RdbError, SnapshotMeta};
 
 const RDB_FILE: &str = "snapshot.rdb";
 const META_FILE: &str = "snapshot.meta";
@@ -82,7 +82,7 @@ impl SnapshotStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(SnapshotError::Io { path: meta_path, source: e }),
         };
-        let meta: SnapshotMeta = serde_yaml_ng::from_str(&text)
+        let mut meta: SnapshotMeta = serde_yaml_ng::from_str(&text)
             .map_err(|e| SnapshotError::BadMeta { path: meta_path.clone(), reason: e.to_string() })?;
         let rdb_path = self.rdb_path();
         let mut verifier = RdbVerifier::default();
@@ -105,6 +105,7 @@ impl SnapshotStore {
                 ),
             });
         }
+        meta.keys.get_or_insert(facts.keys);
         Ok(Some(meta))
     }
 
@@ -152,6 +153,7 @@ impl SnapshotStore {
             crc64: facts.crc64,
             content_crc64: facts.content_crc64,
             created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            keys: Some(facts.keys),
         };
         let meta_text = serde_yaml_ng::to_string(&meta)
             .map_err(|e| SnapshotError::BadMeta { path: self.dir.join(META_FILE), reason: e.to_string() })?;
@@ -209,6 +211,11 @@ impl SnapshotWriter {
 
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// The keys of what was written so far (exact once the whole RDB is in).
+    pub fn keys(&self) -> KeyCount {
+        self.verifier.keys()
     }
 
     pub fn replid(&self) -> &str {

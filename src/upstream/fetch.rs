@@ -22,12 +22,7 @@ const MIN_FETCH_INTERVAL: Duration = Duration::from_secs(5);
 /// reaches it) the stream right after it, in the same history.
 pub fn snapshot_is_current(snapshot: &SnapshotMeta, log: &LogSummary) -> bool {
     let Some(ids) = &log.ids else { return false };
-    let next = snapshot.offset + 1;
-    let same_history = snapshot.replid.eq_ignore_ascii_case(&ids.replid)
-        || (ids.second_repl_offset >= 0
-            && snapshot.replid.eq_ignore_ascii_case(&ids.replid2)
-            && next as i64 <= ids.second_repl_offset);
-    same_history && next >= log.first_byte_offset
+    ids.holds(&snapshot.replid, snapshot.offset) && snapshot.offset + 1 >= log.first_byte_offset
 }
 
 /// Lets replicas ask for a fresh snapshot; cheap to clone, asking twice is asking once.
@@ -95,6 +90,10 @@ impl RdbFetcher {
                     self.status.send_modify(|s| s.rdb_rejected += 1);
                     tracing::warn!("side fetch: {error}");
                 }
+                Err(LinkError::HistoryHeld(replid)) => tracing::warn!(
+                    new_replid = %replid,
+                    "side fetch: the master presents another history; not cached (the main link decides)"
+                ),
                 Err(error) => tracing::warn!("side fetch of a fresh RDB failed: {error}"),
             }
         }
@@ -110,6 +109,11 @@ impl RdbFetcher {
             return Err(LinkError::BadPsyncReply(reply));
         };
         self.status.send_modify(|s| s.rdb_fetches += 1);
+        // Another history is the main link's to judge (and maybe hold): a side fetch never
+        // replaces the snapshot with it.
+        if self.log.summary().ids.is_some_and(|ids| !ids.holds(replid, offset)) {
+            return Err(LinkError::HistoryHeld(replid.to_string()));
+        }
         let mut writer = self.snapshots.begin(replid, offset).await?;
         rdb::receive(&mut conn, &mut writer, &mut |_, _| {}).await?;
         Ok(self.snapshots.commit(writer).await?)

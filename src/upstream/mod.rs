@@ -8,6 +8,7 @@
 
 mod connection;
 pub mod fetch;
+pub mod history;
 pub mod rdb;
 pub mod stream;
 
@@ -22,6 +23,7 @@ use crate::log::ReplicationLog;
 use crate::protocol::{encode_command, ProtocolError};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use connection::MasterConnection;
+use history::{HeldHistory, HistoryResetPolicy};
 use rdb::PayloadForm;
 use stream::StreamTracker;
 
@@ -35,6 +37,13 @@ pub struct UpstreamConfig {
     /// The port we announce with `REPLCONF listening-port` (our listen port).
     pub listening_port: u16,
     pub repl_timeout: Duration,
+    /// What to do when the master presents another history with far fewer keys.
+    pub history_reset: HistoryResetPolicy,
+    /// Below this fraction of the cached snapshot's keys a new history is a shrink.
+    pub history_reset_min_key_ratio: f64,
+    /// The replid of a held history an operator accepted (`RELAY HISTORY ACCEPT`).
+    pub history_accept: watch::Receiver<Option<String>>,
+    pub ack: AckMode,
 }
 
 impl UpstreamConfig {
@@ -49,6 +58,28 @@ impl UpstreamConfig {
 
     pub fn port(&self) -> u16 {
         self.addr().rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
+    }
+}
+
+/// What the relay ACKs to its master (`upstream_ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// `REPLCONF ACK <applied> FACK <durable>`, as a Redis 7.2+ replica with AOF sends it: `WAIT`
+    /// counts what the relay has in its log, `WAITAOF` what it has fsynced. Masters before 7.2
+    /// ignore the FACK pair.
+    Fack,
+    /// `REPLCONF ACK <durable>`: only what the log's fsync policy made durable, so `WAIT` on any
+    /// master means "on the relay's disk" (and waits up to the fsync period).
+    Durable,
+}
+
+impl AckMode {
+    pub fn parse(text: &str) -> Option<AckMode> {
+        match text.to_ascii_lowercase().as_str() {
+            "fack" => Some(AckMode::Fack),
+            "durable" => Some(AckMode::Durable),
+            _ => None,
+        }
     }
 }
 
@@ -94,6 +125,8 @@ pub struct UpstreamStatus {
     pub partial_syncs: u64,
     /// Every byte read from the master on the main link (`total_net_repl_input_bytes`).
     pub input_bytes: u64,
+    /// The new history the link refuses to follow, while it holds the old dataset.
+    pub history_held: Option<HeldHistory>,
 }
 
 impl Default for UpstreamStatus {
@@ -111,6 +144,7 @@ impl Default for UpstreamStatus {
             reconnects: 0,
             partial_syncs: 0,
             input_bytes: 0,
+            history_held: None,
         }
     }
 }
@@ -142,6 +176,8 @@ pub enum LinkError {
     Snapshot(#[from] SnapshotError),
     #[error("replication log write failed: {0}")]
     Log(#[from] crate::log::DiskError),
+    #[error("holding the old dataset: the master's new history {0} is not followed until accepted")]
+    HistoryHeld(String),
 }
 
 /// The upstream link task of one relay.
@@ -154,6 +190,9 @@ pub struct UpstreamLink {
 
 const ACK_PERIOD: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// While a history reset is held, how often the link asks the master again (it may have been
+/// restored, or repointed back into the old history); an accept or a REPLICAOF wakes it at once.
+const HOLD_RECHECK: Duration = Duration::from_secs(30);
 
 impl UpstreamLink {
     pub fn new(
@@ -175,6 +214,8 @@ impl UpstreamLink {
         let mut backoff = Duration::ZERO;
         let mut target = self.config.target.clone();
         target.mark_unchanged();
+        let mut accept = self.config.history_accept.clone();
+        accept.mark_unchanged();
         loop {
             let mut reached_stream: Option<Instant> = None;
             let result = tokio::select! {
@@ -189,8 +230,10 @@ impl UpstreamLink {
                     Ok(())
                 }
             };
+            let held = matches!(result, Err(LinkError::HistoryHeld(_)));
             if let Err(error) = result {
                 match &error {
+                    LinkError::HistoryHeld(_) => {}
                     LinkError::Snapshot(_) | LinkError::BadPayload(_) => {
                         self.status.send_modify(|s| s.rdb_rejected += 1);
                         tracing::warn!(master = %self.config.addr(), "{error}");
@@ -213,6 +256,16 @@ impl UpstreamLink {
             let healthy = reached_stream.is_some_and(|since| since.elapsed() >= Duration::from_secs(1));
             backoff =
                 if healthy { Duration::ZERO } else { (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF) };
+            if held {
+                // Asking again at once would make the master fork and send the same RDB in a loop.
+                tokio::select! {
+                    _ = tokio::time::sleep(HOLD_RECHECK) => {}
+                    _ = accept.changed() => tracing::info!("history reset accepted by an operator: following the master"),
+                    _ = target.changed() => {}
+                    _ = crate::relay::stopped(&mut shutdown) => return,
+                }
+                continue;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = crate::relay::stopped(&mut shutdown) => return,
@@ -247,7 +300,12 @@ impl UpstreamLink {
             if replid.len() != 40 {
                 return Err(LinkError::BadPsyncReply(reply));
             }
-            self.full_sync(&mut conn, replid, offset).await?
+            let other_history = summary.ids.as_ref().is_some_and(|ids| !ids.holds(replid, offset));
+            if other_history && self.refuses_again(replid) {
+                // The history already held: do not take its RDB again.
+                return Err(LinkError::HistoryHeld(replid.to_string()));
+            }
+            self.full_sync(&mut conn, replid, offset, other_history).await?
         } else if let Some(rest) = reply.strip_prefix("+CONTINUE") {
             let new_replid = rest.trim();
             let current = summary.ids.as_ref().map(|ids| ids.replid.as_str()).unwrap_or("");
@@ -255,7 +313,12 @@ impl UpstreamLink {
                 tracing::info!("master continued under a new replication id {new_replid} (was {current})");
                 self.log.shift_replid(new_replid.to_string())?;
             }
-            self.status.send_modify(|s| s.partial_syncs += 1);
+            self.status.send_modify(|s| {
+                s.partial_syncs += 1;
+                if s.history_held.take().is_some() {
+                    tracing::warn!("the master continues the relay's history: the history-reset hold ends");
+                }
+            });
             tracing::info!(offset = summary.end, "partial resynchronization accepted by the master");
             summary.end
         } else if reply.starts_with("-NOMASTERLINK") || reply.starts_with("-LOADING") {
@@ -274,9 +337,79 @@ impl UpstreamLink {
         self.follow_stream(&mut conn, &mut applied).await
     }
 
+    /// Whether the hold policy still refuses the history `replid` (not accepted by an operator).
+    fn accepted(&self, replid: &str) -> bool {
+        self.config.history_accept.borrow().as_deref().is_some_and(|a| a.eq_ignore_ascii_case(replid))
+    }
+
+    /// Whether `replid` is the history already held and not accepted since.
+    fn refuses_again(&self, replid: &str) -> bool {
+        let held =
+            self.status.borrow().history_held.as_ref().is_some_and(|h| h.new_replid.eq_ignore_ascii_case(replid));
+        held && self.config.history_reset == HistoryResetPolicy::Hold && !self.accepted(replid)
+    }
+
+    /// For an RDB of another history, fully received in `writer`: whether to hold (keep the old
+    /// snapshot and log, refuse this one) or follow. Holding is published and logged at ERROR.
+    fn hold_new_history(&self, writer: &crate::snapshot::SnapshotWriter, replid: &str, offset: u64) -> bool {
+        let new_keys = writer.keys();
+        let old = self.snapshots.current();
+        let old_replid = self.log.summary().ids.map(|ids| ids.replid).unwrap_or_default();
+        let old_keys = old.as_ref().and_then(|meta| meta.keys).map(|k| k.keys);
+        let shrink = old_keys.is_some_and(|old_keys| {
+            history::is_shrink(old_keys, new_keys.keys, self.config.history_reset_min_key_ratio)
+        });
+        let hold = shrink && self.config.history_reset == HistoryResetPolicy::Hold && !self.accepted(replid);
+        if !hold {
+            tracing::warn!(
+                new_replid = replid,
+                new_offset = offset,
+                new_keys = new_keys.keys,
+                new_keys_exact = new_keys.exact,
+                old_replid = %old_replid,
+                old_keys = ?old_keys,
+                accepted = self.accepted(replid),
+                "the master presents another history: following it (snapshot, log and replicas start over)"
+            );
+            return false;
+        }
+        let old_keys = old_keys.unwrap_or(0);
+        tracing::error!(
+            new_replid = replid,
+            new_offset = offset,
+            new_keys = new_keys.keys,
+            new_keys_exact = new_keys.exact,
+            old_replid = %old_replid,
+            old_keys,
+            "HISTORY RESET HELD: the master presents another history with {} keys where the cached snapshot has {old_keys}; \
+             keeping the old snapshot, log and replicas. Restore the master from this relay (redis-cli --rdb), or accept \
+             the new history with RELAY HISTORY ACCEPT",
+            new_keys.keys,
+        );
+        self.status.send_modify(|s| {
+            let since = s.history_held.as_ref().filter(|h| h.new_replid == replid).map(|h| h.since);
+            s.history_held = Some(HeldHistory {
+                new_replid: replid.to_string(),
+                new_offset: offset,
+                new_keys,
+                old_replid,
+                old_keys,
+                since: since.unwrap_or_else(std::time::SystemTime::now),
+            });
+        });
+        true
+    }
+
     /// Receives the RDB of a full sync; on success it becomes the snapshot and the log starts over at
-    /// its offset. Returns the new applied offset.
-    async fn full_sync(&self, conn: &mut MasterConnection, replid: &str, offset: u64) -> Result<u64, LinkError> {
+    /// its offset. Returns the new applied offset. An RDB of `other_history` may be held instead
+    /// (see [`history`]).
+    async fn full_sync(
+        &self,
+        conn: &mut MasterConnection,
+        replid: &str,
+        offset: u64,
+        other_history: bool,
+    ) -> Result<u64, LinkError> {
         tracing::info!(replid, offset, "full resync from master, receiving the RDB");
         self.set_state(LinkState::Sync);
         self.status.send_modify(|s| s.rdb_fetches += 1);
@@ -292,10 +425,15 @@ impl UpstreamLink {
             })
         };
         let form = rdb::receive(conn, &mut writer, &mut progress).await?;
+        if other_history && self.hold_new_history(&writer, replid, offset) {
+            // The writer's temporary file goes with it: nothing of the new history is kept.
+            return Err(LinkError::HistoryHeld(replid.to_string()));
+        }
         let meta = self.snapshots.commit(writer).await?;
         // Only a complete, verified RDB replaces the history (and, through the epoch, drops the
         // downstream replicas of the old one).
         self.log.reset(replid.to_string(), offset)?;
+        self.status.send_modify(|s| s.history_held = None);
         tracing::info!(
             bytes = meta.size,
             rdb_version = meta.rdb_version,

@@ -342,6 +342,7 @@ impl RedisServerBuilder {
                     return RedisServer {
                         child,
                         port,
+                        args: self.args,
                         con: CachedConnection::new(port, None, self.password.clone()),
                         password: self.password,
                         dir,
@@ -358,6 +359,7 @@ impl RedisServerBuilder {
 pub struct RedisServer {
     child: Child,
     port: u16,
+    args: Vec<String>,
     password: Option<String>,
     con: CachedConnection,
     dir: TempDir,
@@ -492,6 +494,16 @@ impl RedisServer {
     /// The process id of the server.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What a master without persistence does after a crash: killed, its RDB deleted, started
+    /// again on the same port with the same arguments, empty, with a new replication id.
+    pub fn restart_empty(&mut self) {
+        kill_child(&mut self.child);
+        let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
+        self.child = RedisServer::spawn(self.port, &self.dir, &self.args, self.password.as_deref())
+            .unwrap_or_else(|failure| panic!("restart of redis-server on port {}: {failure}", self.port));
+        self.con = CachedConnection::new(self.port, None, self.password.clone());
     }
 }
 
@@ -813,6 +825,35 @@ impl Drop for Relay {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus endpoint
+// ---------------------------------------------------------------------------------------------
+
+/// Reads `/metrics` over plain HTTP/1.0.
+pub fn scrape(port: u16) -> String {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    if std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return String::new();
+    }
+    let mut body = String::new();
+    let _ = std::io::Read::read_to_string(&mut stream, &mut body);
+    body
+}
+
+/// The value of the series `name{labels...}` whose label set contains every `(key, value)` given.
+pub fn metric_value(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
+        if series_name != name {
+            return None;
+        }
+        let all_match = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        all_match.then(|| value.parse().ok()).flatten()
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
