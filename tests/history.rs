@@ -141,3 +141,72 @@ fn with_follow_a_master_restarted_empty_empties_the_replicas() {
     assert_eq!(relay_field(&relay, "history_reset_held"), "0");
     assert_eq!(held_metric(metrics_port), Some(0.0));
 }
+
+fn replicaof(relay: &Relay, port: u16) -> redis::RedisResult<String> {
+    redis::cmd("REPLICAOF").arg("127.0.0.1").arg(port).query(&mut relay.conn())
+}
+
+#[test]
+fn replicaof_to_an_unrelated_master_is_held_when_it_is_smaller_and_followed_when_not() {
+    let (master, relay, replica, _metrics_port) = loaded_topology(&[]);
+    let old_digest = master.digest();
+    let old_replid = replid_of(&master);
+
+    // A wrong REPLICAOF to an empty master: held, the replica keeps the dataset.
+    let empty = RedisServer::start(&[]);
+    assert_eq!(replicaof(&relay, empty.port()).unwrap(), "OK");
+    wait_until(SYNC_TIMEOUT, "the relay holds the empty master's history", || {
+        relay.info_field("relay", "history_reset_held").as_deref() == Some("1")
+    });
+    assert_eq!(relay_field(&relay, "history_reset_new_keys"), "0");
+    assert_eq!(replica.digest(), old_digest);
+    assert_eq!(replid_of(&relay), old_replid);
+
+    // Repointed back, the master continues the relay's history: the hold ends, nobody full-syncs.
+    let _: () = master.query(redis::cmd("SET").arg("while:held").arg("1"));
+    assert_eq!(replicaof(&relay, master.port()).unwrap(), "OK");
+    wait_until(SYNC_TIMEOUT, "the hold ends on +CONTINUE", || {
+        relay.info_field("relay", "history_reset_held").as_deref() == Some("0")
+    });
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    assert_eq!(replica.digest(), master.digest());
+    assert_eq!(stat_of(&replica, "sync_full"), 0);
+    assert_eq!(stat_of(&master, "sync_full"), 1, "the relay continued, it did not full-sync again");
+
+    // A master with at least as many keys (e.g. restored from a larger backup) is followed.
+    let bigger = RedisServer::start(&[]);
+    load_dataset(&mut bigger.conn(), 40);
+    assert_eq!(replicaof(&relay, bigger.port()).unwrap(), "OK");
+    wait_until(SYNC_TIMEOUT, "the replica follows the bigger master", || replica.digest() == bigger.digest());
+    assert_eq!(replid_of(&relay), replid_of(&bigger));
+    assert_eq!(relay_field(&relay, "history_reset_held"), "0");
+}
+
+#[test]
+fn replicaof_is_validated_and_can_be_denied() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::start(&master);
+    wait_in_sync(&master, &relay, SYNC_TIMEOUT);
+    let port = master.port().to_string();
+    let long_host = "h".repeat(300);
+    for (host, target_port) in
+        [("127.0.0.1", "0"), ("127.0.0.1", "65536"), (long_host.as_str(), "6379"), ("no-such-host.invalid", "6379")]
+    {
+        let reply: redis::RedisResult<String> =
+            redis::cmd("REPLICAOF").arg(host).arg(target_port).query(&mut relay.conn());
+        assert!(reply.is_err(), "REPLICAOF {host:.20} {target_port} answered {reply:?}");
+    }
+    assert_eq!(relay.info_field("replication", "master_port"), Some(port.clone()), "the upstream is unchanged");
+
+    let other = RedisServer::start(&[]);
+    let denied = Relay::builder(master.port()).arg("--replicaof").arg("deny").start();
+    wait_in_sync(&master, &denied, SYNC_TIMEOUT);
+    for command in ["REPLICAOF", "SLAVEOF"] {
+        let reply: redis::RedisResult<String> =
+            redis::cmd(command).arg("127.0.0.1").arg(other.port()).query(&mut denied.conn());
+        let error = reply.expect_err("refused with replicaof: deny");
+        assert!(error.to_string().contains("replicaof: deny"), "{error}");
+    }
+    assert_eq!(denied.info_field("replication", "master_port"), Some(port));
+    assert_eq!(denied.info_field("replication", "master_link_status").as_deref(), Some("up"));
+}

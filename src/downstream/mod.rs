@@ -201,7 +201,7 @@ impl Session {
                 Err(other) => return Err(other),
             };
             ServedStats::add(&self.context.stats.commands, 1);
-            match self.dispatch_in_transaction(command.clone()) {
+            match self.dispatch_in_transaction(command.clone()).await {
                 Next::Reply(reply) => self.conn.queue(&reply),
                 Next::NoReply => {}
                 Next::Close(reply) => {
@@ -224,7 +224,7 @@ impl Session {
     }
 
     /// MULTI/EXEC/DISCARD around [`Self::dispatch`], as far as a relay needs them.
-    fn dispatch_in_transaction(&mut self, command: ClientCommand) -> Next {
+    async fn dispatch_in_transaction(&mut self, command: ClientCommand) -> Next {
         let name = command.name();
         match (name.as_str(), self.transaction.is_some()) {
             ("MULTI", true) => Next::Reply(Reply::error("ERR MULTI calls can not be nested")),
@@ -240,16 +240,16 @@ impl Session {
             }
             ("EXEC", true) => {
                 let queued = self.transaction.take().unwrap_or_default();
-                let replies = queued
-                    .iter()
-                    .map(|queued| match self.dispatch(queued) {
+                let mut replies = Vec::with_capacity(queued.len());
+                for queued in &queued {
+                    replies.push(match self.dispatch(queued).await {
                         Next::Reply(reply) => reply,
                         Next::NoReply => Reply::Nil,
                         Next::Close(_) | Next::BecomeReplica => {
                             Reply::error("ERR command not allowed inside a transaction")
                         }
-                    })
-                    .collect();
+                    });
+                }
                 Next::Reply(Reply::Array(replies))
             }
             (_, true) if !command.args.is_empty() => {
@@ -258,16 +258,25 @@ impl Session {
                 }
                 Next::Reply(Reply::Simple("QUEUED".into()))
             }
-            _ => self.dispatch(&command),
+            _ => self.dispatch(&command).await,
         }
     }
 
     /// `REPLICAOF host port` repoints the upstream link and keeps the log and the replicas below
     /// (they continue, as under a Redis replica); `REPLICAOF NO ONE` is refused: the relay has no
-    /// dataset and must never be promoted.
-    fn replicaof(&self, command: &ClientCommand) -> Reply {
+    /// dataset and must never be promoted. The target is checked first (port 1-65535, a host name
+    /// of at most 255 bytes that resolves), and with `replicaof: deny` the command is refused
+    /// altogether. A new master with another, much smaller history is held like any history reset.
+    async fn replicaof(&self, command: &ClientCommand) -> Reply {
+        let name = command.name().to_ascii_lowercase();
+        if self.context.config.replicaof == ReplicaofPolicy::Deny {
+            return Reply::error(format!(
+                "ERR {} is disabled on this relay (replicaof: deny); change its upstream in the configuration",
+                name.to_ascii_uppercase()
+            ));
+        }
         if command.args.len() != 3 {
-            return wrong_arity(&command.name().to_ascii_lowercase());
+            return wrong_arity(&name);
         }
         let (host, port) = (command.arg_str(1), command.arg_str(2));
         if host.eq_ignore_ascii_case("no") && port.eq_ignore_ascii_case("one") {
@@ -275,10 +284,10 @@ impl Session {
                 "ERR redis-relay has no dataset of its own and cannot be promoted: REPLICAOF NO ONE refused",
             );
         }
-        let Ok(port) = port.parse::<u16>() else {
-            return Reply::error("ERR Invalid master port");
+        let target = match check_replicaof_target(&host, &port).await {
+            Ok(target) => target,
+            Err(message) => return Reply::error(message),
         };
-        let target = format!("{host}:{port}");
         if *self.context.upstream_target.borrow() == target {
             return Reply::Simple("OK Already connected to specified master".into());
         }
@@ -351,7 +360,7 @@ impl Session {
         }
     }
 
-    fn dispatch(&mut self, command: &ClientCommand) -> Next {
+    async fn dispatch(&mut self, command: &ClientCommand) -> Next {
         if command.args.is_empty() {
             return Next::NoReply;
         }
@@ -379,7 +388,7 @@ impl Session {
             "QUIT" => return Next::Close(Reply::ok()),
             "REPLCONF" => return self.replconf(command),
             "PSYNC" | "SYNC" => return Next::BecomeReplica,
-            "REPLICAOF" | "SLAVEOF" => self.replicaof(command),
+            "REPLICAOF" | "SLAVEOF" => self.replicaof(command).await,
             "CONFIG" if command.arg_str(1).eq_ignore_ascii_case("rewrite") => Reply::ok(),
             "RELAY" => self.relay_command(command),
             _ => unknown_command(command),
@@ -426,6 +435,35 @@ impl Session {
     }
 }
 
+/// How long `REPLICAOF` waits for its host name to resolve.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The longest host name `REPLICAOF` takes (a DNS name is at most 253 characters).
+const MAX_HOST_LEN: usize = 255;
+
+/// Validates a `REPLICAOF` target; returns `host:port` or the error to reply with. Resolution runs
+/// through tokio's resolver (on its blocking pool), never on the runtime worker.
+async fn check_replicaof_target(host: &str, port: &str) -> Result<String, String> {
+    let port = match port.parse::<u16>() {
+        Ok(port) if port > 0 => port,
+        _ => return Err("ERR Invalid master port".into()),
+    };
+    if host.is_empty() || host.len() > MAX_HOST_LEN {
+        return Err(format!("ERR Invalid master host: {} bytes, expected 1 to {MAX_HOST_LEN}", host.len()));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("ERR Invalid master host {host:?}"));
+    }
+    let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await;
+    match resolved.map(|lookup| lookup.map(|mut addrs| addrs.next().is_some())) {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return Err(format!("ERR master host {host} resolves to no address")),
+        Ok(Err(error)) => return Err(format!("ERR master host {host} does not resolve: {error}")),
+        Err(_) => return Err(format!("ERR master host {host} did not resolve within {RESOLVE_TIMEOUT:?}")),
+    }
+    Ok(format!("{host}:{port}"))
+}
+
 fn wrong_arity(name: &str) -> Reply {
     Reply::error(format!("ERR wrong number of arguments for '{name}' command"))
 }
@@ -448,4 +486,28 @@ fn unknown_command(command: &ClientCommand) -> Reply {
         String::from_utf8_lossy(&command.args[0]),
         args.join(" ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn replicaof_targets_are_checked() {
+        assert_eq!(check_replicaof_target("127.0.0.1", "6379").await, Ok("127.0.0.1:6379".into()));
+        assert_eq!(check_replicaof_target("localhost", "65535").await, Ok("localhost:65535".into()));
+        for port in ["0", "65536", "-1", "port"] {
+            assert_eq!(
+                check_replicaof_target("127.0.0.1", port).await,
+                Err("ERR Invalid master port".into()),
+                "{port}"
+            );
+        }
+        let long = "a".repeat(256);
+        assert!(check_replicaof_target(&long, "6379").await.is_err_and(|e| e.contains("256 bytes")));
+        assert!(check_replicaof_target("", "6379").await.is_err());
+        assert!(check_replicaof_target("bad host", "6379").await.is_err());
+        let unresolvable = check_replicaof_target("no-such-host.invalid", "6379").await;
+        assert!(unresolvable.is_err_and(|e| e.contains("no-such-host.invalid")));
+    }
 }
