@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::downstream::ReplicaofPolicy;
 use crate::log::{FsyncPolicy, LogOptions};
+use crate::tls::{ClientAuth, DownstreamTls, UpstreamTls};
 use crate::upstream::history::{HistoryResetPolicy, DEFAULT_MIN_KEY_RATIO};
 use crate::upstream::AckMode;
 
@@ -64,6 +65,10 @@ pub struct RelayConfig {
     pub replicaof: ReplicaofPolicy,
     /// What the relay ACKs upstream (`upstream_ack: fack | durable`).
     pub upstream_ack: AckMode,
+    /// TLS to the master (`upstream.tls: yes` and its files).
+    pub upstream_tls: Option<UpstreamTls>,
+    /// The TLS listener below the relay (`tls_listen` and its files).
+    pub tls: Option<DownstreamTls>,
 }
 
 /// The settings about the master's lifecycle, with their defaults.
@@ -145,6 +150,11 @@ struct FileRelay {
     listen: String,
     dir: Option<PathBuf>,
     requirepass: Option<String>,
+    tls_listen: Option<String>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_ca_cert_file: Option<String>,
+    tls_auth_clients: Option<String>,
     #[serde(flatten)]
     tunables: Tunables,
     /// serde cannot deny unknown fields next to a flattened struct: they land here and are refused.
@@ -268,6 +278,125 @@ struct FileUpstream {
     addr: String,
     user: Option<String>,
     password: Option<String>,
+    /// `yes` | `no` (or a YAML bool).
+    tls: Option<serde_yaml_ng::Value>,
+    tls_ca_cert_file: Option<String>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_server_name: Option<String>,
+}
+
+/// TLS to the master as both pipelines give it (flags and YAML fields have the same names).
+#[derive(Debug, Default)]
+pub struct UpstreamTlsFields {
+    pub tls: Option<String>,
+    pub ca_cert_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub server_name: Option<String>,
+}
+
+/// The TLS listener as both pipelines give it.
+#[derive(Debug, Default)]
+pub struct DownstreamTlsFields {
+    pub listen: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub ca_cert_file: Option<String>,
+    pub auth_clients: Option<String>,
+}
+
+/// `yes`/`no` as redis.conf writes booleans (`true`/`false` too).
+pub fn parse_yes_no(field: &str, text: &str) -> Result<bool, ConfigError> {
+    match text.to_ascii_lowercase().as_str() {
+        "yes" | "true" => Ok(true),
+        "no" | "false" => Ok(false),
+        _ => Err(field_error(field, text, "expected yes or no")),
+    }
+}
+
+fn yaml_yes_no(value: &Option<serde_yaml_ng::Value>) -> Option<String> {
+    value.as_ref().map(|v| match v {
+        serde_yaml_ng::Value::Bool(b) => if *b { "yes" } else { "no" }.to_string(),
+        serde_yaml_ng::Value::String(text) => text.clone(),
+        other => format!("{other:?}"),
+    })
+}
+
+/// A TLS field's name as its pipeline spells it: `--tls-cert-file` or `relays[0].tls_cert_file`.
+fn tls_field_name(prefix: &str, field: &str) -> String {
+    if prefix.ends_with('_') {
+        format!("{prefix}{}", field.replace('-', "_"))
+    } else {
+        format!("{prefix}{field}")
+    }
+}
+
+/// Checks TLS-to-the-master settings; `prefix` names the fields (`--upstream-tls-` or
+/// `relays[0].upstream.tls_`).
+pub fn upstream_tls(prefix: &str, fields: &UpstreamTlsFields) -> Result<Option<UpstreamTls>, ConfigError> {
+    let name = |field: &str| tls_field_name(prefix, field);
+    let enabled = match &fields.tls {
+        Some(text) => parse_yes_no(prefix.trim_end_matches(['-', '_']), text)?,
+        None => false,
+    };
+    let given = [&fields.ca_cert_file, &fields.cert_file, &fields.key_file, &fields.server_name];
+    if !enabled {
+        if given.iter().any(|f| f.is_some()) {
+            return Err(field_error(prefix.trim_end_matches(['-', '_']), "no", "TLS files are set but TLS is off"));
+        }
+        return Ok(None);
+    }
+    let Some(ca) = &fields.ca_cert_file else {
+        return Err(field_error(
+            &name("ca-cert-file"),
+            "",
+            "TLS to the master needs the CA that signed its certificate",
+        ));
+    };
+    if fields.cert_file.is_some() != fields.key_file.is_some() {
+        return Err(field_error(&name("cert-file"), "", "a client certificate needs both a cert file and a key file"));
+    }
+    Ok(Some(UpstreamTls {
+        ca_cert_file: ca.into(),
+        cert_file: fields.cert_file.as_ref().map(Into::into),
+        key_file: fields.key_file.as_ref().map(Into::into),
+        server_name: fields.server_name.clone(),
+    }))
+}
+
+/// Checks the TLS listener's settings; `prefix` names the fields (`--tls-` or `relays[0].tls_`).
+pub fn downstream_tls(prefix: &str, fields: &DownstreamTlsFields) -> Result<Option<DownstreamTls>, ConfigError> {
+    let name = |field: &str| tls_field_name(prefix, field);
+    let Some(listen) = &fields.listen else {
+        if fields.cert_file.is_some() || fields.key_file.is_some() {
+            return Err(field_error(&name("listen"), "", "TLS certificates are set but there is no TLS listener"));
+        }
+        return Ok(None);
+    };
+    let listen = parse_listen(&name("listen"), listen)?;
+    let (Some(cert), Some(key)) = (&fields.cert_file, &fields.key_file) else {
+        return Err(field_error(&name("cert-file"), "", "a TLS listener needs a cert file and a key file"));
+    };
+    let auth_clients = match &fields.auth_clients {
+        Some(text) => ClientAuth::parse(text)
+            .ok_or_else(|| field_error(&name("auth-clients"), text, "expected yes, no or optional"))?,
+        None => ClientAuth::Yes,
+    };
+    if auth_clients != ClientAuth::No && fields.ca_cert_file.is_none() {
+        return Err(field_error(
+            &name("ca-cert-file"),
+            "",
+            "tls-auth-clients yes or optional needs the CA that client certificates chain to",
+        ));
+    }
+    Ok(Some(DownstreamTls {
+        listen,
+        cert_file: cert.into(),
+        key_file: key.into(),
+        ca_cert_file: fields.ca_cert_file.as_ref().map(Into::into),
+        auth_clients,
+    }))
 }
 
 /// Replaces `${NAME}` with the environment variable NAME; an unset variable is an error.
@@ -342,8 +471,33 @@ impl Config {
                 Some(u) => Some(substitute_env(&at("upstream.user"), u)?),
                 None => None,
             };
+            let env = |field: &str, value: &Option<String>| {
+                value.as_ref().map(|text| substitute_env(&at(field), text)).transpose()
+            };
+            let upstream_tls = upstream_tls(
+                &at("upstream.tls_"),
+                &UpstreamTlsFields {
+                    tls: yaml_yes_no(&relay.upstream.tls),
+                    ca_cert_file: env("upstream.tls_ca_cert_file", &relay.upstream.tls_ca_cert_file)?,
+                    cert_file: env("upstream.tls_cert_file", &relay.upstream.tls_cert_file)?,
+                    key_file: env("upstream.tls_key_file", &relay.upstream.tls_key_file)?,
+                    server_name: env("upstream.tls_server_name", &relay.upstream.tls_server_name)?,
+                },
+            )?;
+            let tls = downstream_tls(
+                &at("tls_"),
+                &DownstreamTlsFields {
+                    listen: env("tls_listen", &relay.tls_listen)?,
+                    cert_file: env("tls_cert_file", &relay.tls_cert_file)?,
+                    key_file: env("tls_key_file", &relay.tls_key_file)?,
+                    ca_cert_file: env("tls_ca_cert_file", &relay.tls_ca_cert_file)?,
+                    auth_clients: relay.tls_auth_clients.clone(),
+                },
+            )?;
             relays.push(RelayConfig {
                 name: relay.name.clone(),
+                upstream_tls,
+                tls,
                 upstream: check_upstream(
                     &at("upstream.addr"),
                     &substitute_env(&at("upstream.addr"), &relay.upstream.addr)?,
@@ -375,7 +529,11 @@ impl Config {
         if self.relays.is_empty() {
             return Err(field_error("relays", "[]", "at least one relay is required"));
         }
+        let listen_addrs = |r: &RelayConfig| [Some(r.listen), r.tls.as_ref().map(|t| t.listen)].into_iter();
         for (i, relay) in self.relays.iter().enumerate() {
+            if let Some(tls) = relay.tls.as_ref().filter(|tls| tls.listen == relay.listen) {
+                return Err(field_error(&format!("relays[{i}].tls_listen"), &tls.listen.to_string(), "same as listen"));
+            }
             for (j, other) in self.relays[..i].iter().enumerate() {
                 if relay.name == other.name {
                     return Err(field_error(
@@ -389,6 +547,14 @@ impl Config {
                         &format!("relays[{i}].listen"),
                         &relay.listen.to_string(),
                         &format!("duplicate of relays[{j}].listen"),
+                    ));
+                }
+                // Equal plain listen addresses were refused above: a clash here is a TLS listener's.
+                if let Some(addr) = listen_addrs(relay).flatten().find(|a| listen_addrs(other).any(|b| b == Some(*a))) {
+                    return Err(field_error(
+                        &format!("relays[{i}].tls_listen"),
+                        &addr.to_string(),
+                        &format!("already a listen address of relays[{j}]"),
                     ));
                 }
                 if relay.dir == other.dir {
@@ -477,6 +643,39 @@ mod tests {
 
     fn error_of(yaml: &str) -> String {
         Config::from_yaml(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn tls_settings_parse_with_redis_names_and_errors_name_the_field() {
+        let relay = |extra: &str| {
+            format!(
+                "data_dir: /d\nrelays:\n  - {{name: a, listen: '127.0.0.1:7000', upstream: {{addr: 'h:1'{extra}}}}}\n"
+            )
+        };
+        let config = Config::from_yaml(&relay(", tls: yes, tls_ca_cert_file: /ca.crt")).unwrap();
+        let tls = config.relays[0].upstream_tls.clone().expect("upstream TLS");
+        assert_eq!((tls.ca_cert_file, tls.cert_file), (PathBuf::from("/ca.crt"), None));
+        let config = Config::from_yaml(&relay(", tls: true, tls_ca_cert_file: /ca.crt, tls_server_name: m")).unwrap();
+        assert_eq!(config.relays[0].upstream_tls.as_ref().and_then(|t| t.server_name.as_deref()), Some("m"));
+        let message = error_of(&relay(", tls: yes"));
+        assert!(message.contains("relays[0].upstream.tls_ca_cert_file"), "{message}");
+        let message = error_of(&relay(", tls: maybe"));
+        assert!(message.contains("relays[0].upstream.tls") && message.contains("maybe"), "{message}");
+        let message = error_of(&relay(", tls_ca_cert_file: /ca.crt"));
+        assert!(message.contains("TLS is off"), "{message}");
+
+        let listener = |extra: &str| {
+            format!("data_dir: /d\nrelays:\n  - {{name: a, listen: '127.0.0.1:7000', upstream: {{addr: 'h:1'}}, tls_listen: '127.0.0.1:7001', tls_cert_file: /c, tls_key_file: /k{extra}}}\n")
+        };
+        let config = Config::from_yaml(&listener(", tls_auth_clients: no")).unwrap();
+        let tls = config.relays[0].tls.clone().expect("TLS listener");
+        assert_eq!((tls.listen.port(), tls.auth_clients), (7001, ClientAuth::No));
+        let message = error_of(&listener(""));
+        assert!(message.contains("relays[0].tls_ca_cert_file"), "auth_clients yes needs a CA: {message}");
+        let message = error_of(&listener(", tls_ca_cert_file: /ca, tls_auth_clients: sometimes"));
+        assert!(message.contains("relays[0].tls_auth_clients") && message.contains("sometimes"), "{message}");
+        let message = error_of(&listener(", tls_auth_clients: no").replace("7001", "7000"));
+        assert!(message.contains("relays[0].tls_listen") && message.contains("same as listen"), "{message}");
     }
 
     #[test]

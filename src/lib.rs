@@ -17,6 +17,8 @@
 //! - [`snapshot`]: the on-disk cache of the master's RDB; [`snapshot::format`] holds the RDB checks.
 //! - [`downstream`]: the listener: client commands (`INFO`, `ROLE`, ...) and replicas served from the
 //!   snapshot and the log.
+//! - [`tls`]: TLS both ways (rustls): certificates from PEM files, the one `Stream` type of plain
+//!   and TLS connections.
 //! - [`relay`]: wires one relay together and stops it; [`config`]: CLI and YAML (many relays per
 //!   process); [`metrics`]: the Prometheus endpoint and the per-relay collector.
 //!
@@ -30,4 +32,5 @@ pub mod metrics;
 pub mod protocol;
 pub mod relay;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;

@@ -84,6 +84,36 @@ struct Cli {
     /// replica with AOF) or durable (ACK only what is fsynced).
     #[arg(long, value_name = "fack|durable", default_value = "fack")]
     upstream_ack: String,
+    /// TLS to the master: yes or no.
+    #[arg(long, value_name = "yes|no")]
+    upstream_tls: Option<String>,
+    /// CA bundle (PEM) the master's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    upstream_tls_ca_cert_file: Option<String>,
+    /// Client certificate (PEM) for a master with tls-auth-clients.
+    #[arg(long, value_name = "FILE")]
+    upstream_tls_cert_file: Option<String>,
+    /// Key (PEM) of the client certificate.
+    #[arg(long, value_name = "FILE")]
+    upstream_tls_key_file: Option<String>,
+    /// Name the master's certificate must carry (default: the upstream host).
+    #[arg(long, value_name = "NAME")]
+    upstream_tls_server_name: Option<String>,
+    /// TLS listener for replicas and clients, HOST:PORT (beside --listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    tls_listen: Option<String>,
+    /// Certificate (PEM) of the TLS listener.
+    #[arg(long, value_name = "FILE")]
+    tls_cert_file: Option<String>,
+    /// Key (PEM) of the TLS listener's certificate.
+    #[arg(long, value_name = "FILE")]
+    tls_key_file: Option<String>,
+    /// CA bundle (PEM) client certificates must chain to.
+    #[arg(long, value_name = "FILE")]
+    tls_ca_cert_file: Option<String>,
+    /// Whether TLS clients must present a certificate: yes, no or optional (as tls-auth-clients).
+    #[arg(long, value_name = "yes|no|optional")]
+    tls_auth_clients: Option<String>,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -147,6 +177,26 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
     let config = Config {
         metrics,
         relays: vec![RelayConfig {
+            upstream_tls: config::upstream_tls(
+                "--upstream-tls-",
+                &config::UpstreamTlsFields {
+                    tls: cli.upstream_tls.clone(),
+                    ca_cert_file: cli.upstream_tls_ca_cert_file.clone(),
+                    cert_file: cli.upstream_tls_cert_file.clone(),
+                    key_file: cli.upstream_tls_key_file.clone(),
+                    server_name: cli.upstream_tls_server_name.clone(),
+                },
+            )?,
+            tls: config::downstream_tls(
+                "--tls-",
+                &config::DownstreamTlsFields {
+                    listen: cli.tls_listen.clone(),
+                    cert_file: cli.tls_cert_file.clone(),
+                    key_file: cli.tls_key_file.clone(),
+                    ca_cert_file: cli.tls_ca_cert_file.clone(),
+                    auth_clients: cli.tls_auth_clients.clone(),
+                },
+            )?,
             name: "default".into(),
             upstream: config::check_upstream("--upstream", upstream)?,
             upstream_user: cli.upstream_user.clone(),
@@ -222,6 +272,19 @@ impl Supervisor {
         }
     }
 
+    /// Reads every relay's certificate files again, so renewed certificates need no restart; a relay
+    /// whose files cannot be read keeps the certificates it has.
+    async fn reload_tls(&self) {
+        for (name, running) in &self.relays {
+            let context = running.context.clone();
+            match tokio::task::spawn_blocking(move || context.reload_tls()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(relay = %name, "TLS certificates not reloaded: {error}"),
+                Err(error) => tracing::error!(relay = %name, "TLS reload task failed: {error}"),
+            }
+        }
+    }
+
     async fn stop_all(&mut self) {
         for (_, running) in std::mem::take(&mut self.relays) {
             running.stop().await;
@@ -256,8 +319,9 @@ async fn main() -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => {
+                supervisor.reload_tls().await;
                 let Some(file) = &cli.config else {
-                    tracing::warn!("SIGHUP ignored: no --config file to reload");
+                    tracing::info!("SIGHUP: certificates reloaded; no --config file to reload");
                     continue;
                 };
                 match Config::from_file(file) {

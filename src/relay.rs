@@ -15,6 +15,7 @@ use crate::config::RelayConfig;
 use crate::downstream::{self, ReplicaTable};
 use crate::log::{DropKind, FsyncPolicy, Recovery, ReplicationLog};
 use crate::snapshot::{SnapshotError, SnapshotStore};
+use crate::tls::{TlsAcceptor, TlsConnector};
 use crate::upstream::fetch::FetchRequests;
 use crate::upstream::{UpstreamConfig, UpstreamLink, UpstreamStatus};
 
@@ -57,6 +58,22 @@ pub struct RelayContext {
     pub fetcher: FetchRequests,
     /// What the log's recovery found at start (INFO shows it).
     pub log_recovery: Recovery,
+    /// The TLS listener's certificates, reloaded on SIGHUP (the link's are in `upstream_config`).
+    pub tls_acceptor: Option<Arc<TlsAcceptor>>,
+}
+
+impl RelayContext {
+    /// Reads the relay's certificate files again (SIGHUP): new connections on either side use them.
+    /// Runs file I/O: call it off the runtime's workers.
+    pub fn reload_tls(&self) -> Result<(), crate::tls::TlsError> {
+        if let Some(connector) = &self.upstream_config.tls {
+            connector.reload()?;
+        }
+        if let Some(acceptor) = &self.tls_acceptor {
+            acceptor.reload()?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +84,8 @@ pub enum RelayError {
     Snapshot { name: String, source: SnapshotError },
     #[error("relay {name}: replication log: {source}")]
     Log { name: String, source: crate::log::DiskError },
+    #[error("relay {name}: TLS: {source}")]
+    Tls { name: String, source: crate::tls::TlsError },
 }
 
 /// Random 40-hex-character id, the form of Redis's run_id and replids.
@@ -122,6 +141,15 @@ pub async fn start(
         addr: config.listen,
         source,
     })?;
+    let tls_listener = match &config.tls {
+        Some(tls) => Some(tokio::net::TcpListener::bind(tls.listen).await.map_err(|source| RelayError::Listen {
+            name: config.name.clone(),
+            addr: tls.listen,
+            source,
+        })?),
+        None => None,
+    };
+    let (upstream_tls, tls_acceptor) = load_tls(&config).await?;
     // The log first: it locks the directory, so a second relay on it stops before touching anything.
     let (log, recovery) = ReplicationLog::open(&config.dir.join("log"), config.log)
         .map_err(|source| RelayError::Log { name: config.name.clone(), source })?;
@@ -168,6 +196,7 @@ pub async fn start(
         history_reset_min_key_ratio: config.history_reset_min_key_ratio,
         history_accept: accepted,
         ack: config.upstream_ack,
+        tls: upstream_tls,
     };
     let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone());
     let (fetcher_task, fetcher) = link.fetcher();
@@ -185,6 +214,7 @@ pub async fn start(
         replicas: Arc::new(ReplicaTable::default()),
         fetcher,
         log_recovery: recovery,
+        tls_acceptor: tls_acceptor.clone(),
     });
     tracing::info!(
         relay = %context.config.name,
@@ -199,8 +229,28 @@ pub async fn start(
     tasks.spawn(crate::metrics::collect(context.clone(), shutdown.clone()));
     tasks.spawn(link.run(shutdown.clone()));
     tasks.spawn(fetcher_task.run(shutdown.clone()));
-    tasks.spawn(downstream::serve(listener, context.clone(), shutdown));
+    if let (Some(listener), Some(acceptor)) = (tls_listener, tls_acceptor) {
+        tasks.spawn(downstream::serve(listener, Some(acceptor), context.clone(), shutdown.clone()));
+    }
+    tasks.spawn(downstream::serve(listener, None, context.clone(), shutdown));
     Ok(context)
+}
+
+/// Reads the relay's certificates (off the runtime's workers): the link to the master's TLS
+/// configuration, and the TLS listener's.
+async fn load_tls(config: &RelayConfig) -> Result<(Option<Arc<TlsConnector>>, Option<Arc<TlsAcceptor>>), RelayError> {
+    let (upstream, downstream) = (config.upstream_tls.clone(), config.tls.clone());
+    let loaded = tokio::task::spawn_blocking(move || {
+        let connector = upstream.as_ref().map(TlsConnector::new).transpose()?.map(Arc::new);
+        let acceptor = downstream.as_ref().map(TlsAcceptor::new).transpose()?.map(Arc::new);
+        Ok::<_, crate::tls::TlsError>((connector, acceptor))
+    })
+    .await;
+    let name = config.name.clone();
+    match loaded {
+        Ok(result) => result.map_err(|source| RelayError::Tls { name, source }),
+        Err(join) => Err(RelayError::Tls { name, source: crate::tls::TlsError::Config(join.to_string()) }),
+    }
 }
 
 /// Resolves once `shutdown` is set (or its sender is gone). Holds no borrow of the value after.

@@ -3,9 +3,9 @@
 use bytes::{Buf, Bytes, BytesMut};
 use std::io::IoSlice;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::protocol::{parse_command, ClientCommand, ProtocolError, Reply};
+use crate::tls::Stream;
 
 /// Redis's default `client-query-buffer-limit`: one client cannot make the process buffer more.
 const MAX_QUERY_BUFFER: usize = 1 << 30;
@@ -21,14 +21,14 @@ pub enum ClientError {
 }
 
 pub struct ClientConnection {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read and not yet parsed into commands.
     pub buf: BytesMut,
     out: BytesMut,
 }
 
 impl ClientConnection {
-    pub fn new(stream: TcpStream) -> ClientConnection {
+    pub fn new(stream: Stream) -> ClientConnection {
         ClientConnection { stream, buf: BytesMut::with_capacity(1024), out: BytesMut::new() }
     }
 
@@ -67,6 +67,8 @@ impl ClientConnection {
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         if !self.out.is_empty() {
             self.stream.write_all(&self.out).await?;
+            // Hands TLS records to the socket; nothing to do on plain TCP.
+            self.stream.flush().await?;
             self.out.clear();
         }
         Ok(())
@@ -101,6 +103,8 @@ pub async fn write_all_vectored<W: AsyncWrite + Unpin>(
         }
     }
     parts.clear();
+    // A TLS writer may hold the last record until flushed; a TCP one holds nothing.
+    writer.flush().await?;
     Ok(written)
 }
 

@@ -148,6 +148,12 @@ fn relay(context: &RelayContext, out: &mut String) {
     line(out, "upstream_link_state", upstream.state.role_name());
     line(out, "upstream_reconnects", upstream.reconnects);
     line(out, "upstream_partial_syncs", upstream.partial_syncs);
+    line(out, "upstream_tls", if context.config.upstream_tls.is_some() { "yes" } else { "no" });
+    line(out, "upstream_tls_failures", upstream.tls_failures);
+    // One line: an error's text never holds a line break, but a master's reply could.
+    let last_error = upstream.last_error.as_deref().unwrap_or("").replace(['\r', '\n'], " ");
+    line(out, "upstream_last_error", &last_error);
+    line(out, "tls_port", context.config.tls.as_ref().map(|t| t.listen.port()).unwrap_or(0));
     line(out, "rdb_fetches", upstream.rdb_fetches);
     line(out, "rdb_rejected", upstream.rdb_rejected);
     line(out, "snapshot_offset", snapshot.as_ref().map(|s| s.offset as i64).unwrap_or(-1));

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::protocol::{ClientCommand, Reply};
 use crate::relay::{RelayContext, ServedStats};
+use crate::tls::{Stream, TlsAcceptor};
 pub use connection::{ClientConnection, ClientError};
 
 /// Whether clients may repoint the relay with `REPLICAOF`/`SLAVEOF` (`replicaof`).
@@ -121,17 +122,39 @@ pub struct ReplicaHandshake {
     pub rdb_only: bool,
 }
 
-/// Accepts connections until shutdown.
-pub async fn serve(listener: TcpListener, context: Arc<RelayContext>, mut shutdown: watch::Receiver<bool>) {
+/// Accepts connections until shutdown; with `tls`, each one starts with a TLS handshake.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<TlsAcceptor>>,
+    context: Arc<RelayContext>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
                     ServedStats::add(&context.stats.connections, 1);
                     let context = context.clone();
                     let shutdown = shutdown.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
+                        let stream = match tls {
+                            None => Stream::Plain(tcp),
+                            Some(tls) => {
+                                match tokio::time::timeout(context.config.repl_timeout, tls.accept(tcp)).await {
+                                    Ok(Ok(stream)) => stream,
+                                    Ok(Err(error)) => {
+                                        tracing::info!(%peer, "TLS handshake failed: {error}");
+                                        return;
+                                    }
+                                    Err(_) => {
+                                        tracing::info!(%peer, "TLS handshake timed out");
+                                        return;
+                                    }
+                                }
+                            }
+                        };
                         let authenticated = context.config.requirepass.is_none();
                         let mut session = Session {
                             conn: ClientConnection::new(stream),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 
@@ -18,6 +18,7 @@ use crate::log::{LogSummary, ReadError};
 use crate::protocol::{parse_command, ClientCommand, Reply};
 use crate::relay::{random_hex_id, RelayContext, ServedStats, TransferProgress};
 use crate::snapshot::SnapshotMeta;
+use crate::tls::Stream;
 use crate::upstream::fetch::snapshot_is_current;
 
 /// How a replica session ended.
@@ -187,7 +188,7 @@ async fn full_sync(
         }
         // Newline keepalives while the RDB is being prepared, as a master does during BGSAVE.
         tokio::select! {
-            _ = keepalive.tick() => session.conn.stream.write_all(b"\n").await?,
+            _ = keepalive.tick() => write_flushed(&mut session.conn.stream, b"\n").await?,
             changed = snapshots.changed() => if changed.is_err() { return Err(Disconnect::Shutdown) },
             _ = crate::relay::stopped(shutdown) => return Err(Disconnect::Shutdown),
             closed = wait_closed(&mut session.conn.stream) => return Err(closed),
@@ -195,7 +196,7 @@ async fn full_sync(
     };
     if is_psync {
         let line = format!("+FULLRESYNC {replid} {}\r\n", snapshot.offset);
-        session.conn.stream.write_all(line.as_bytes()).await?;
+        write_flushed(&mut session.conn.stream, line.as_bytes()).await?;
     }
     row.update(|r| r.state = ReplicaState::SendBulk);
     let eof_form = context.config.downstream_eof_form && session.handshake.capa_eof;
@@ -253,12 +254,22 @@ async fn send_rdb(
 }
 
 async fn write_timed<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8], limit: Duration) -> Result<(), Disconnect> {
-    timeout(limit, writer.write_all(bytes)).await.map_err(|_| Disconnect::WriteTimeout)??;
+    timeout(limit, write_flushed(writer, bytes)).await.map_err(|_| Disconnect::WriteTimeout)??;
     Ok(())
 }
 
-/// Resolves when the peer closes (or sends something) while we are not reading.
-async fn wait_closed(stream: &mut tokio::net::TcpStream) -> Disconnect {
+/// Writes `bytes` and flushes (a TLS stream holds its last record until then).
+async fn write_flushed<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    writer.write_all(bytes).await?;
+    writer.flush().await
+}
+
+/// Resolves when the peer closes (or sends something) while we are not reading. Over TLS a peek
+/// would see records, not the peer's bytes, so a close is noticed at the next write instead.
+async fn wait_closed(stream: &mut Stream) -> Disconnect {
+    let Stream::Plain(stream) = stream else {
+        return std::future::pending().await;
+    };
     let mut probe = [0u8; 1];
     loop {
         match stream.peek(&mut probe).await {
@@ -318,12 +329,35 @@ async fn stream(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Disconnect> {
     let context = session.context.clone();
+    let pending = std::mem::take(&mut session.conn.buf);
+    // Plain TCP splits without a lock; a TLS session is one state machine, shared by its halves.
+    match &mut session.conn.stream {
+        Stream::Plain(tcp) => {
+            let (reader, writer) = tcp.split();
+            stream_halves(&context, reader, writer, pending, row, epoch, position, pre_psync, shutdown).await
+        }
+        tls => {
+            let (reader, writer) = tokio::io::split(tls);
+            stream_halves(&context, reader, writer, pending, row, epoch, position, pre_psync, shutdown).await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    context: &RelayContext,
+    mut reader: R,
+    mut writer: W,
+    pending: BytesMut,
+    row: &ReplicaRow,
+    epoch: u64,
+    position: u64,
+    pre_psync: bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), Disconnect> {
     let repl_timeout = context.config.repl_timeout;
     let started = Instant::now();
     let last_ack_ms = AtomicU64::new(0);
-    let (mut reader, mut writer) = session.conn.stream.split();
-    let pending = std::mem::take(&mut session.conn.buf);
-
     let read_acks = async {
         let mut buf = pending;
         loop {

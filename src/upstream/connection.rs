@@ -9,11 +9,12 @@ use tokio::time::{timeout, Instant};
 
 use super::LinkError;
 use crate::protocol::MAX_INLINE;
+use crate::tls::{Stream, TlsConnector};
 
 const READ_CHUNK: usize = 64 * 1024;
 
 pub struct MasterConnection {
-    stream: TcpStream,
+    stream: Stream,
     /// Bytes read and not consumed yet. After the RDB this holds the unapplied stream tail.
     pub buf: BytesMut,
     io_timeout: Duration,
@@ -22,11 +23,26 @@ pub struct MasterConnection {
 }
 
 impl MasterConnection {
-    pub async fn connect(addr: &str, io_timeout: Duration) -> Result<MasterConnection, LinkError> {
-        let stream = timeout(io_timeout, TcpStream::connect(addr))
+    /// Connects to `addr` (`host:port`), with a TLS handshake when `tls` is given.
+    pub async fn connect(
+        addr: &str,
+        io_timeout: Duration,
+        tls: Option<&TlsConnector>,
+    ) -> Result<MasterConnection, LinkError> {
+        let tcp = timeout(io_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| LinkError::Timeout("connecting to the master"))??;
-        stream.set_nodelay(true)?;
+        tcp.set_nodelay(true)?;
+        let stream = match tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => {
+                let host = addr.rsplit_once(':').map(|(host, _)| host).unwrap_or(addr);
+                timeout(io_timeout, tls.connect(host, tcp))
+                    .await
+                    .map_err(|_| LinkError::Timeout("in the TLS handshake with the master"))?
+                    .map_err(|e| LinkError::Tls(e.to_string()))?
+            }
+        };
         Ok(MasterConnection {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK * 2),
@@ -37,9 +53,13 @@ impl MasterConnection {
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), LinkError> {
-        timeout(self.io_timeout, self.stream.write_all(bytes))
-            .await
-            .map_err(|_| LinkError::Timeout("writing to the master"))??;
+        // The flush hands TLS records to the socket; on plain TCP it does nothing.
+        timeout(self.io_timeout, async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        })
+        .await
+        .map_err(|_| LinkError::Timeout("writing to the master"))??;
         Ok(())
     }
 

@@ -100,7 +100,9 @@ impl RdbFetcher {
     }
 
     async fn fetch_once(&self) -> Result<SnapshotMeta, LinkError> {
-        let mut conn = MasterConnection::connect(&self.config.addr(), self.config.repl_timeout).await?;
+        let mut conn =
+            MasterConnection::connect(&self.config.addr(), self.config.repl_timeout, self.config.tls.as_deref())
+                .await?;
         handshake(&self.config, &mut conn, true).await?;
         conn.send(&encode_command(&[b"PSYNC", b"?", b"-1"])).await?;
         let reply = conn.read_reply("waiting for the PSYNC reply (side fetch)").await?;

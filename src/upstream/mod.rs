@@ -44,6 +44,8 @@ pub struct UpstreamConfig {
     /// The replid of a held history an operator accepted (`RELAY HISTORY ACCEPT`).
     pub history_accept: watch::Receiver<Option<String>>,
     pub ack: AckMode,
+    /// TLS to the master (`upstream_tls`), read from its files when the relay started.
+    pub tls: Option<Arc<crate::tls::TlsConnector>>,
 }
 
 impl UpstreamConfig {
@@ -127,6 +129,10 @@ pub struct UpstreamStatus {
     pub input_bytes: u64,
     /// The new history the link refuses to follow, while it holds the old dataset.
     pub history_held: Option<HeldHistory>,
+    /// Why the link last went down (`upstream_last_error`).
+    pub last_error: Option<String>,
+    /// Failed TLS handshakes with the master (a wrong CA, an expired or misnamed certificate).
+    pub tls_failures: u64,
 }
 
 impl Default for UpstreamStatus {
@@ -145,6 +151,8 @@ impl Default for UpstreamStatus {
             partial_syncs: 0,
             input_bytes: 0,
             history_held: None,
+            last_error: None,
+            tls_failures: 0,
         }
     }
 }
@@ -178,6 +186,8 @@ pub enum LinkError {
     Log(#[from] crate::log::DiskError),
     #[error("holding the old dataset: the master's new history {0} is not followed until accepted")]
     HistoryHeld(String),
+    #[error("TLS handshake with the master failed: {0}")]
+    Tls(String),
 }
 
 /// The upstream link task of one relay.
@@ -231,6 +241,14 @@ impl UpstreamLink {
                 }
             };
             let held = matches!(result, Err(LinkError::HistoryHeld(_)));
+            if let Err(error) = &result {
+                let tls = matches!(error, LinkError::Tls(_));
+                let text = error.to_string();
+                self.status.send_modify(|s| {
+                    s.last_error = Some(text);
+                    s.tls_failures += u64::from(tls);
+                });
+            }
             if let Err(error) = result {
                 match &error {
                     LinkError::HistoryHeld(_) => {}
@@ -279,7 +297,9 @@ impl UpstreamLink {
 
     async fn link_once(&self, reached_stream: &mut Option<Instant>) -> Result<(), LinkError> {
         self.set_state(LinkState::Connecting);
-        let mut conn = MasterConnection::connect(&self.config.addr(), self.config.repl_timeout).await?;
+        let mut conn =
+            MasterConnection::connect(&self.config.addr(), self.config.repl_timeout, self.config.tls.as_deref())
+                .await?;
         self.set_state(LinkState::Handshake);
         handshake(&self.config, &mut conn, false).await?;
         let summary = self.log.summary();

@@ -1,0 +1,276 @@
+//! TLS both ways with real redis-server (Debian's build has TLS): the master's TLS port, the relay's
+//! TLS listener, real replicas with `tls-replication yes`, and redis-cli `--tls`. Certificates are
+//! made for each test with openssl in a temporary directory.
+//!
+//! The harness's redis-servers keep a plain loopback port for its own checks (`DEBUG DIGEST`,
+//! offsets); the relay's link is shown to use the master's TLS port by the master's `CLIENT LIST`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// A CA and one certificate it signed for 127.0.0.1 and localhost, usable by servers and clients
+/// (as redis's own test certificates are).
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let dir = tempfile::Builder::new().prefix("relay-tls-").tempdir().expect("temp dir");
+        let certs = Certs { dir };
+        certs.make_ca("ca");
+        certs.make_leaf("leaf", "ca");
+        certs
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let output = Command::new("openssl").args(args).current_dir(self.dir.path()).output().expect("run openssl");
+        assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// `NAME.crt` and `NAME.key`: a self-signed CA.
+    fn make_ca(&self, name: &str) {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-subj",
+            &format!("/CN=redis-relay test {name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+    }
+
+    /// `NAME.crt` and `NAME.key`, signed by the CA `ca`.
+    fn make_leaf(&self, name: &str, ca: &str) {
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            self.path(&format!("{name}.ext")),
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .expect("write extensions");
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &format!("{name}.crt"),
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+    }
+
+    /// redis-server arguments for a TLS port with these certificates.
+    fn server_args(&self, tls_port: u16) -> Vec<String> {
+        vec![
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            self.file("leaf.crt"),
+            "--tls-key-file".into(),
+            self.file("leaf.key"),
+            "--tls-ca-cert-file".into(),
+            self.file("ca.crt"),
+            "--tls-replication".into(),
+            "yes".into(),
+        ]
+    }
+}
+
+/// A master with a TLS port (clients must present a certificate: redis-server's default).
+fn tls_master(certs: &Certs) -> (RedisServer, u16) {
+    let tls_port = free_port();
+    (RedisServer::builder().args(certs.server_args(tls_port)).start(), tls_port)
+}
+
+fn relay_over_tls(certs: &Certs, master_tls_port: u16, ca: &str, auth_clients: &str) -> (Relay, u16) {
+    // The listener's own copies, which a test may replace to renew them.
+    for ext in ["crt", "key"] {
+        std::fs::copy(certs.path(&format!("leaf.{ext}")), certs.path(&format!("listener.{ext}"))).expect("copy");
+    }
+    let tls_port = free_port();
+    let mut builder = Relay::builder(master_tls_port);
+    for arg in [
+        "--upstream-tls",
+        "yes",
+        "--upstream-tls-ca-cert-file",
+        &certs.file(ca),
+        "--upstream-tls-cert-file",
+        &certs.file("leaf.crt"),
+        "--upstream-tls-key-file",
+        &certs.file("leaf.key"),
+        "--tls-listen",
+        &format!("127.0.0.1:{tls_port}"),
+        "--tls-cert-file",
+        &certs.file("listener.crt"),
+        "--tls-key-file",
+        &certs.file("listener.key"),
+        "--tls-ca-cert-file",
+        &certs.file("ca.crt"),
+        "--tls-auth-clients",
+        auth_clients,
+    ] {
+        builder = builder.arg(arg);
+    }
+    let relay = builder.start();
+    (relay, tls_port)
+}
+
+/// redis-cli over TLS to `port`; with `client_cert`, it presents the test certificate.
+fn redis_cli_tls(certs: &Certs, port: u16, client_cert: bool, args: &[&str]) -> std::process::Output {
+    redis_cli_tls_trusting(certs, "ca.crt", port, client_cert, args)
+}
+
+/// Like [`redis_cli_tls`], trusting the CA in `ca` for the server's certificate.
+fn redis_cli_tls_trusting(
+    certs: &Certs,
+    ca: &str,
+    port: u16,
+    client_cert: bool,
+    args: &[&str],
+) -> std::process::Output {
+    let mut command = Command::new("redis-cli");
+    command.args(["-h", "127.0.0.1", "-p", &port.to_string(), "--tls", "--cacert", &certs.file(ca)]);
+    if client_cert {
+        command.args(["--cert", &certs.file("leaf.crt"), "--key", &certs.file("leaf.key")]);
+    }
+    command.args(args).output().expect("run redis-cli")
+}
+
+#[test]
+fn master_relay_and_two_replicas_all_over_tls() {
+    let certs = Certs::new();
+    let (master, master_tls_port) = tls_master(&certs);
+    master.query::<()>(redis::cmd("DEBUG").arg("POPULATE").arg(20_000).arg("tls").arg(64));
+    let (relay, relay_tls_port) = relay_over_tls(&certs, master_tls_port, "ca.crt", "yes");
+    let replicas: Vec<RedisServer> = (0..2)
+        .map(|_| {
+            let mut args = certs.server_args(free_port());
+            args.extend(["--replicaof".into(), "127.0.0.1".into(), relay_tls_port.to_string()]);
+            RedisServer::builder().args(args).start()
+        })
+        .collect();
+    let mut con = master.conn();
+    for i in 0..2_000 {
+        redis::cmd("SET").arg(format!("after:{i}")).arg(i).exec(&mut con).expect("SET");
+    }
+    for replica in &replicas {
+        wait_in_sync(&master, replica, SYNC_TIMEOUT);
+        assert_eq!(replica.digest(), master.digest(), "a replica below the TLS relay has the master's data");
+    }
+    // The relay's link came in on the master's TLS port.
+    let clients: String = master.query(redis::cmd("CLIENT").arg("LIST"));
+    let link = clients.lines().find(|l| l.contains(" flags=S ")).unwrap_or_else(|| panic!("no replica in {clients}"));
+    assert!(
+        link.contains(&format!("laddr=127.0.0.1:{master_tls_port} ")),
+        "the relay's link is on the TLS port: {link}"
+    );
+    assert_eq!(relay.info_field("relay", "upstream_tls").as_deref(), Some("yes"));
+    assert_eq!(relay.info_field("relay", "tls_port"), Some(relay_tls_port.to_string()));
+    assert_eq!(stat_of(&master, "sync_full"), 1, "one full sync on the master: the relay's");
+    assert_eq!(stat_of(&relay, "sync_full"), 2, "the relay served both replicas' full syncs");
+
+    // redis-cli over TLS with a client certificate.
+    let pong = redis_cli_tls(&certs, relay_tls_port, true, &["PING"]);
+    assert_eq!(String::from_utf8_lossy(&pong.stdout).trim(), "PONG", "{}", String::from_utf8_lossy(&pong.stderr));
+}
+
+#[test]
+fn the_tls_listener_wants_a_client_certificate_unless_told_otherwise() {
+    let certs = Certs::new();
+    let (_master, master_tls_port) = tls_master(&certs);
+    let (_relay, tls_port) = relay_over_tls(&certs, master_tls_port, "ca.crt", "yes");
+    let refused = redis_cli_tls(&certs, tls_port, false, &["PING"]);
+    assert_ne!(
+        String::from_utf8_lossy(&refused.stdout).trim(),
+        "PONG",
+        "tls-auth-clients yes: no certificate, no PING"
+    );
+    let answered = redis_cli_tls(&certs, tls_port, true, &["PING"]);
+    assert_eq!(String::from_utf8_lossy(&answered.stdout).trim(), "PONG");
+
+    let (_relay, optional_port) = relay_over_tls(&certs, master_tls_port, "ca.crt", "optional");
+    let answered = redis_cli_tls(&certs, optional_port, false, &["PING"]);
+    assert_eq!(String::from_utf8_lossy(&answered.stdout).trim(), "PONG", "tls-auth-clients optional");
+}
+
+#[test]
+fn a_wrong_ca_upstream_is_reported_and_retried() {
+    let certs = Certs::new();
+    certs.make_ca("other-ca");
+    let (master, master_tls_port) = tls_master(&certs);
+    let (relay, _) = relay_over_tls(&certs, master_tls_port, "other-ca.crt", "yes");
+    let failures = |relay: &Relay| -> u64 {
+        relay.info_field("relay", "upstream_tls_failures").and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    wait_until(SYNC_TIMEOUT, "two failed TLS handshakes with the master (it retries)", || failures(&relay) >= 2);
+    let last_error = relay.info_field("relay", "upstream_last_error").unwrap_or_default();
+    assert!(last_error.contains("certificate"), "the error says what is wrong: {last_error}");
+    assert_eq!(relay.info_field("replication", "master_link_status").as_deref(), Some("down"));
+    assert_eq!(stat_of(&master, "sync_full"), 0, "nothing was synced over the untrusted link");
+    assert!(Path::new(&certs.file("other-ca.crt")).exists());
+}
+
+#[test]
+fn renewed_listener_certificates_are_loaded_on_sighup() {
+    let certs = Certs::new();
+    certs.make_ca("new-ca");
+    certs.make_leaf("renewed", "new-ca");
+    let (_master, master_tls_port) = tls_master(&certs);
+    let (relay, tls_port) = relay_over_tls(&certs, master_tls_port, "ca.crt", "yes");
+    let pong = |ca: &str| {
+        String::from_utf8_lossy(&redis_cli_tls_trusting(&certs, ca, tls_port, true, &["PING"]).stdout).trim() == "PONG"
+    };
+    assert!(pong("ca.crt") && !pong("new-ca.crt"), "the listener starts with the first certificate");
+
+    for ext in ["crt", "key"] {
+        std::fs::copy(certs.path(&format!("renewed.{ext}")), certs.path(&format!("listener.{ext}"))).expect("renew");
+    }
+    let pid = relay.pid().expect("relay pid").to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().is_ok_and(|s| s.success()), "kill -HUP");
+    wait_until(SYNC_TIMEOUT, "the listener to present the renewed certificate", || pong("new-ca.crt"));
+    assert!(!pong("ca.crt"), "the old certificate is no longer presented");
+    assert!(relay.ping(), "the relay kept running");
+}
