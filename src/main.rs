@@ -55,8 +55,8 @@ struct Cli {
     /// Also drop log segments older than this (e.g. 24h); off by default.
     #[arg(long, value_name = "DURATION")]
     log_max_age: Option<String>,
-    /// When the log is fsynced: always, everysec or no (like appendfsync). Upstream ACKs only cover
-    /// what is durable under it.
+    /// When the log is fsynced: always, everysec or no (like appendfsync). The FACK (or, with
+    /// --upstream-ack durable, the ACK) to the master covers what is durable under it.
     #[arg(long, value_name = "POLICY", default_value = "everysec")]
     appendfsync: String,
     /// Replication timeout, both directions (60s, 5m).

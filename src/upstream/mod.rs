@@ -462,14 +462,15 @@ impl UpstreamLink {
         );
         if form == PayloadForm::EofMark {
             // The master streams nothing after an EOF-marked payload until our first ACK.
-            send_ack(conn, offset).await?;
+            conn.send(&ack_command(self.config.ack, offset, offset)).await?;
         }
         Ok(offset)
     }
 
-    /// What may be ACKed of `applied`: only what the log's fsync policy has made durable.
-    fn ackable(&self, applied: u64) -> u64 {
-        applied.min(self.log.durable_offset())
+    /// The ACK for `applied` (everything up to it is in the log) under the ACK mode; the durable
+    /// part is what the log's fsync policy has made so.
+    fn ack(&self, applied: u64) -> Bytes {
+        ack_command(self.config.ack, applied, self.log.durable_offset())
     }
 
     fn publish_progress(&self, conn: &MasterConnection, applied: u64, published_read: &mut u64) {
@@ -494,7 +495,7 @@ impl UpstreamLink {
             if !conn.buf.is_empty() {
                 let scanned = tracker.scan(&conn.buf, *applied)?;
                 if let Some(before) = scanned.getack_before {
-                    send_ack(conn, self.ackable(*applied + before as u64)).await?;
+                    conn.send(&self.ack(*applied + before as u64)).await?;
                 }
                 if scanned.appliable > 0 {
                     let chunk: Bytes = conn.buf.split_to(scanned.appliable).freeze();
@@ -510,7 +511,7 @@ impl UpstreamLink {
             tokio::select! {
                 read = conn.fill("following the stream (repl-timeout)") => { read?; }
                 _ = ack_timer.tick() => {
-                    send_ack(conn, self.ackable(*applied)).await?;
+                    conn.send(&self.ack(*applied)).await?;
                     self.publish_progress(conn, *applied, &mut published_read);
                 }
             }
@@ -570,7 +571,39 @@ async fn handshake(config: &UpstreamConfig, conn: &mut MasterConnection, rdb_onl
     Ok(())
 }
 
-async fn send_ack(conn: &mut MasterConnection, offset: u64) -> Result<(), LinkError> {
-    let offset = offset.to_string();
-    conn.send(&encode_command(&[b"REPLCONF", b"ACK", offset.as_bytes()])).await
+/// `REPLCONF ACK`, as `replicationSendAck` writes it: with [`AckMode::Fack`],
+/// `ACK <applied> FACK <durable>` (Redis 7.2+ with AOF; `replconfCommand` of earlier versions reads
+/// the ACK pair and ignores the rest); with [`AckMode::Durable`], `ACK <durable>` alone.
+pub(crate) fn ack_command(mode: AckMode, applied: u64, durable: u64) -> Bytes {
+    let durable = durable.min(applied).to_string();
+    match mode {
+        AckMode::Fack => {
+            let applied = applied.to_string();
+            encode_command(&[b"REPLCONF", b"ACK", applied.as_bytes(), b"FACK", durable.as_bytes()])
+        }
+        AckMode::Durable => encode_command(&[b"REPLCONF", b"ACK", durable.as_bytes()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_lines_are_byte_exact() {
+        assert_eq!(
+            &ack_command(AckMode::Fack, 1234, 1000)[..],
+            b"*5\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$4\r\n1234\r\n$4\r\nFACK\r\n$4\r\n1000\r\n"
+        );
+        assert_eq!(
+            &ack_command(AckMode::Durable, 1234, 1000)[..],
+            b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$4\r\n1000\r\n"
+        );
+        // The durable offset never runs ahead of the applied one (a GETACK mid-buffer).
+        assert_eq!(
+            &ack_command(AckMode::Fack, 7, 9)[..],
+            b"*5\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$1\r\n7\r\n$4\r\nFACK\r\n$1\r\n7\r\n"
+        );
+        assert_eq!(&ack_command(AckMode::Durable, 7, 9)[..], b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$1\r\n7\r\n");
+    }
 }
