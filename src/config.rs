@@ -69,6 +69,8 @@ pub struct RelayConfig {
     pub upstream_tls: Option<UpstreamTls>,
     /// The TLS listener below the relay (`tls_listen` and its files).
     pub tls: Option<DownstreamTls>,
+    /// End-to-end ACKs: with K >= 1 the relay ACKs upstream only what K of its replicas have ACKed.
+    pub ack_replicas: usize,
 }
 
 /// The settings about the master's lifecycle, with their defaults.
@@ -177,6 +179,8 @@ struct Tunables {
     history_reset_min_key_ratio: Option<serde_yaml_ng::Value>,
     replicaof: Option<String>,
     upstream_ack: Option<String>,
+    /// A YAML number (or string), checked with the others so the error names the field.
+    ack_replicas: Option<serde_yaml_ng::Value>,
 }
 
 /// The settings of one relay after inheritance.
@@ -188,6 +192,7 @@ struct Resolved {
     history_reset_min_key_ratio: f64,
     replicaof: ReplicaofPolicy,
     upstream_ack: AckMode,
+    ack_replicas: usize,
 }
 
 fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> Result<Resolved, ConfigError> {
@@ -261,6 +266,12 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
         None => DEFAULT_UPSTREAM_ACK,
         Some((field, v)) => AckMode::parse(&v).ok_or_else(|| field_error(&field, &v, "expected fack or durable"))?,
     };
+    let ack_replicas = match choice("ack_replicas", &as_text(&own.ack_replicas), &as_text(&defaults.ack_replicas)) {
+        None => 0,
+        Some((field, v)) => v
+            .parse::<usize>()
+            .map_err(|_| field_error(&field, &v, "expected a number of replicas (0 turns end-to-end ACKs off)"))?,
+    };
     Ok(Resolved {
         log: LogOptions { retention, memory, segment_size: segment_size.max(64 * 1024), max_age, fsync },
         repl_timeout,
@@ -269,6 +280,7 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
         history_reset_min_key_ratio,
         replicaof,
         upstream_ack,
+        ack_replicas,
     })
 }
 
@@ -517,6 +529,7 @@ impl Config {
                 history_reset_min_key_ratio: resolved.history_reset_min_key_ratio,
                 replicaof: resolved.replicaof,
                 upstream_ack: resolved.upstream_ack,
+                ack_replicas: resolved.ack_replicas,
             });
         }
         let config = Config { metrics, relays };
@@ -617,6 +630,18 @@ mod tests {
         assert_eq!(relay.history_reset_min_key_ratio, 0.2);
         assert_eq!(relay.replicaof, ReplicaofPolicy::Deny);
         assert_eq!(relay.upstream_ack, AckMode::Durable);
+        assert_eq!(relay.ack_replicas, 0);
+        let config = Config::from_yaml(
+            "data_dir: /d\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', ack_replicas: 2}\n",
+        )
+        .unwrap();
+        assert_eq!(config.relays[0].ack_replicas, 2);
+        let err = Config::from_yaml(
+            "data_dir: /d\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', ack_replicas: some}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("ack_replicas"), "{err}");
     }
 
     #[test]

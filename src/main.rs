@@ -114,6 +114,10 @@ struct Cli {
     /// Whether TLS clients must present a certificate: yes, no or optional (as tls-auth-clients).
     #[arg(long, value_name = "yes|no|optional")]
     tls_auth_clients: Option<String>,
+    /// End-to-end ACKs: with K >= 1 the relay ACKs to its master only what K of its own replicas
+    /// have ACKed (so WAIT on the master counts replicas below the relay); 0 ACKs as the relay.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    ack_replicas: usize,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -211,6 +215,7 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
             history_reset_min_key_ratio,
             replicaof,
             upstream_ack,
+            ack_replicas: cli.ack_replicas,
         }],
     };
     config.validate()?;

@@ -186,6 +186,7 @@ pub async fn start(
     );
     let (upstream_target, target) = watch::channel(config.upstream.clone());
     let (history_accept, accepted) = watch::channel(None);
+    let replicas = Arc::new(ReplicaTable::default());
     let upstream_config = UpstreamConfig {
         target,
         user: config.upstream_user.clone(),
@@ -197,6 +198,8 @@ pub async fn start(
         history_accept: accepted,
         ack: config.upstream_ack,
         tls: upstream_tls,
+        ack_replicas: config.ack_replicas,
+        replicas: replicas.clone(),
     };
     let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone());
     let (fetcher_task, fetcher) = link.fetcher();
@@ -211,7 +214,7 @@ pub async fn start(
         run_id: random_hex_id(),
         started: Instant::now(),
         stats: ServedStats::default(),
-        replicas: Arc::new(ReplicaTable::default()),
+        replicas,
         fetcher,
         log_recovery: recovery,
         tls_acceptor: tls_acceptor.clone(),

@@ -54,3 +54,69 @@ fn durable_acks_are_accepted_and_wait_counts_the_relay() {
     assert_eq!(wait_one(&mut con, 5000), 1);
     assert_eq!(master.info_field("replication", "connected_slaves").as_deref(), Some("1"));
 }
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Resumes a SIGSTOPped process however the test ends.
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+fn set_and_wait(con: &mut redis::Connection, i: i64, timeout_ms: u64) -> (i64, Duration) {
+    let _: () = redis::cmd("SET").arg("e2e:key").arg(i).query(con).unwrap();
+    let started = Instant::now();
+    (wait_one(con, timeout_ms), started.elapsed())
+}
+
+#[test]
+fn with_ack_replicas_wait_counts_a_replica_below_the_relay() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::builder(master.port()).arg("--ack-replicas").arg("1").start();
+    let replica = RedisServer::builder().replica_of(relay.port()).start();
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    let mut con = master.conn();
+
+    let mut times = Vec::new();
+    for i in 0..200 {
+        let (acked, took) = set_and_wait(&mut con, i, 1000);
+        assert_eq!(acked, 1, "WAIT 1 1000 with a healthy replica below");
+        times.push(took);
+    }
+    times.sort();
+    println!(
+        "WAIT 1 1000 end to end (master -> relay -> replica ACK -> relay -> master), 200 calls: p50 {:?}, p99 {:?}",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    );
+
+    signal(replica.pid(), "STOP");
+    let resume = Continue(replica.pid());
+    let (acked, took) = set_and_wait(&mut con, 1000, 1000);
+    assert_eq!(acked, 0, "WAIT 1 1000 while the only replica below is stopped");
+    assert!(took >= Duration::from_millis(900), "WAIT waited its timeout: {took:?}");
+    drop(resume);
+    let (acked, _) = set_and_wait(&mut con, 1001, 10_000);
+    assert_eq!(acked, 1, "WAIT counts the replica again once it ACKs");
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    assert_eq!(master.digest(), replica.digest());
+}
+
+#[test]
+fn without_ack_replicas_wait_counts_the_relay_itself() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::start(&master);
+    let replica = RedisServer::builder().replica_of(relay.port()).start();
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    let mut con = master.conn();
+    assert_eq!(set_and_wait(&mut con, 1, 1000).0, 1);
+    signal(replica.pid(), "STOP");
+    let _resume = Continue(replica.pid());
+    assert_eq!(set_and_wait(&mut con, 2, 1000).0, 1, "the relay ACKs for itself, whatever is below it");
+}

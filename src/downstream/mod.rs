@@ -70,11 +70,24 @@ pub struct ReplicaEntry {
 }
 
 /// The replicas attached to a relay. Each row is written only by its replica's task.
-#[derive(Default)]
+#[derive(Debug)]
 pub struct ReplicaTable {
     next_id: AtomicU64,
     rows: Mutex<BTreeMap<u64, ReplicaEntry>>,
+    /// Bumped on every ACK from a replica, so the upstream link can pass end-to-end ACKs on at once.
+    acks: watch::Sender<u64>,
 }
+
+impl Default for ReplicaTable {
+    fn default() -> Self {
+        ReplicaTable { next_id: AtomicU64::new(0), rows: Mutex::new(BTreeMap::new()), acks: watch::channel(0).0 }
+    }
+}
+
+/// A replica whose last ACK is older than this does not count towards `ack_replicas`: the master
+/// must see the relay fall silent when its replicas do (`min-replicas-max-lag`). Redis replicas ACK
+/// every second.
+pub const ACK_FRESHNESS: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl ReplicaTable {
     fn rows(&self) -> MutexGuard<'_, BTreeMap<u64, ReplicaEntry>> {
@@ -83,6 +96,30 @@ impl ReplicaTable {
 
     pub fn snapshot(&self) -> Vec<ReplicaEntry> {
         self.rows().values().cloned().collect()
+    }
+
+    /// The offset at least `k` online replicas have ACKed within [`ACK_FRESHNESS`] (the k-th
+    /// highest ACK offset); `None` when fewer than `k` replicas qualify.
+    pub fn acked_by(&self, k: usize) -> Option<u64> {
+        if k == 0 {
+            return None;
+        }
+        let mut offsets: Vec<u64> = self
+            .rows()
+            .values()
+            .filter(|r| r.state == ReplicaState::Online && r.ack_time.elapsed() <= ACK_FRESHNESS)
+            .map(|r| r.ack_offset)
+            .collect();
+        if offsets.len() < k {
+            return None;
+        }
+        offsets.sort_unstable_by(|a, b| b.cmp(a));
+        Some(offsets[k - 1])
+    }
+
+    /// Changes on every replica ACK.
+    pub fn subscribe_acks(&self) -> watch::Receiver<u64> {
+        self.acks.subscribe()
     }
 
     pub fn register(self: &Arc<Self>, entry: ReplicaEntry) -> ReplicaRow {
@@ -103,6 +140,15 @@ impl ReplicaRow {
         if let Some(entry) = self.table.rows().get_mut(&self.id) {
             change(entry);
         }
+    }
+
+    /// Records `REPLCONF ACK <offset>` from the replica, and tells whoever watches the ACKs.
+    pub fn acked(&self, offset: u64) {
+        self.update(|r| {
+            r.ack_offset = r.ack_offset.max(offset);
+            r.ack_time = Instant::now();
+        });
+        self.table.acks.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 

@@ -363,10 +363,7 @@ async fn stream_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         loop {
             while let Some(command) = parse_command(&mut buf)? {
                 match classify(&command) {
-                    FromReplica::Ack(offset) => row.update(|r| {
-                        r.ack_offset = r.ack_offset.max(offset);
-                        r.ack_time = Instant::now();
-                    }),
+                    FromReplica::Ack(offset) => row.acked(offset),
                     FromReplica::Keepalive => {}
                     FromReplica::Other(name) => return Err(Disconnect::UnexpectedCommand(name)),
                 }

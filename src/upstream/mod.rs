@@ -2,8 +2,10 @@
 //!
 //! One task owns the link. It connects, runs the replica handshake (`PING`, `AUTH`, `REPLCONF`,
 //! `PSYNC`), receives a full-sync RDB into the snapshot cache or continues from the log's offset, then
-//! follows the stream: whole commands go into the replication log, the applied offset is ACKed every
-//! second and on `REPLCONF GETACK`. On any failure it drops the unapplied tail and reconnects with
+//! follows the stream: whole commands go into the replication log, and ACKs go back every second and
+//! on `REPLCONF GETACK` (`ACK <applied> FACK <durable>`, or the durable offset alone; with
+//! `ack_replicas` only what the replicas below have ACKed, passed on as soon as they do). A new
+//! history from the master may be held ([`history`]). On any failure it drops the unapplied tail and reconnects with
 //! `PSYNC <replid> <offset+1>`. Its state is published through a `watch` for INFO and metrics.
 
 mod connection;
@@ -46,6 +48,10 @@ pub struct UpstreamConfig {
     pub ack: AckMode,
     /// TLS to the master (`upstream_tls`), read from its files when the relay started.
     pub tls: Option<Arc<crate::tls::TlsConnector>>,
+    /// `ack_replicas`: with K >= 1 the relay ACKs only what K of its replicas have ACKed.
+    pub ack_replicas: usize,
+    /// The relay's replicas and their ACKs (read for `ack_replicas`).
+    pub replicas: Arc<crate::downstream::ReplicaTable>,
 }
 
 impl UpstreamConfig {
@@ -468,9 +474,15 @@ impl UpstreamLink {
     }
 
     /// The ACK for `applied` (everything up to it is in the log) under the ACK mode; the durable
-    /// part is what the log's fsync policy has made so.
-    fn ack(&self, applied: u64) -> Bytes {
-        ack_command(self.config.ack, applied, self.log.durable_offset())
+    /// part is what the log's fsync policy has made so. With `ack_replicas` K >= 1, also capped by
+    /// what K replicas below have ACKed, and `None` (no ACK at all, so the master sees the relay
+    /// lag) while fewer than K replicas ACK.
+    fn ack(&self, applied: u64) -> Option<Bytes> {
+        let acked = match self.config.ack_replicas {
+            0 => applied,
+            k => self.config.replicas.acked_by(k)?.min(applied),
+        };
+        Some(ack_command(self.config.ack, acked, self.log.durable_offset()))
     }
 
     fn publish_progress(&self, conn: &MasterConnection, applied: u64, published_read: &mut u64) {
@@ -487,6 +499,9 @@ impl UpstreamLink {
 
     async fn follow_stream(&self, conn: &mut MasterConnection, applied: &mut u64) -> Result<(), LinkError> {
         let mut tracker = StreamTracker::default();
+        let mut replica_acks = self.config.replicas.subscribe_acks();
+        let end_to_end = self.config.ack_replicas > 0;
+        let mut passed_on = 0u64;
         let mut ack_timer = tokio::time::interval(ACK_PERIOD);
         ack_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_published = Instant::now();
@@ -495,7 +510,9 @@ impl UpstreamLink {
             if !conn.buf.is_empty() {
                 let scanned = tracker.scan(&conn.buf, *applied)?;
                 if let Some(before) = scanned.getack_before {
-                    conn.send(&self.ack(*applied + before as u64)).await?;
+                    if let Some(ack) = self.ack(*applied + before as u64) {
+                        conn.send(&ack).await?;
+                    }
                 }
                 if scanned.appliable > 0 {
                     let chunk: Bytes = conn.buf.split_to(scanned.appliable).freeze();
@@ -511,8 +528,21 @@ impl UpstreamLink {
             tokio::select! {
                 read = conn.fill("following the stream (repl-timeout)") => { read?; }
                 _ = ack_timer.tick() => {
-                    conn.send(&self.ack(*applied)).await?;
+                    if let Some(ack) = self.ack(*applied) {
+                        conn.send(&ack).await?;
+                    }
                     self.publish_progress(conn, *applied, &mut published_read);
+                }
+                Ok(()) = replica_acks.changed(), if end_to_end => {
+                    // Pass a replica's ACK on as soon as it moves the K-th offset, so WAIT on the
+                    // master returns when a replica below has the write.
+                    let quorum = self.config.replicas.acked_by(self.config.ack_replicas).map(|o| o.min(*applied));
+                    if let Some(offset) = quorum.filter(|offset| *offset > passed_on) {
+                        passed_on = offset;
+                        if let Some(ack) = self.ack(*applied) {
+                            conn.send(&ack).await?;
+                        }
+                    }
                 }
             }
         }
