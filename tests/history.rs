@@ -101,7 +101,7 @@ fn a_master_restarted_empty_is_held_until_an_operator_accepts() {
     }
     assert_eq!(total_keys(&replica), old_keys);
     assert_eq!(replica.info_field("replication", "master_link_status").as_deref(), Some("up"));
-    assert_eq!(stat_of(&replica, "sync_full"), 0);
+    assert_eq!(stat_of(&relay, "sync_full"), 1, "the replica below was not full-synced again");
 
     // The old dataset can be taken from the relay, e.g. to restore the master.
     assert_eq!(digest_of_rdb_from(&relay), old_digest);
@@ -170,7 +170,7 @@ fn replicaof_to_an_unrelated_master_is_held_when_it_is_smaller_and_followed_when
     });
     wait_in_sync(&master, &replica, SYNC_TIMEOUT);
     assert_eq!(replica.digest(), master.digest());
-    assert_eq!(stat_of(&replica, "sync_full"), 0);
+    assert_eq!(stat_of(&relay, "sync_full"), 1, "the replica below was not full-synced again");
     assert_eq!(stat_of(&master, "sync_full"), 1, "the relay continued, it did not full-sync again");
 
     // A master with at least as many keys (e.g. restored from a larger backup) is followed.
@@ -209,4 +209,27 @@ fn replicaof_is_validated_and_can_be_denied() {
     }
     assert_eq!(denied.info_field("replication", "master_port"), Some(port));
     assert_eq!(denied.info_field("replication", "master_link_status").as_deref(), Some("up"));
+}
+
+#[test]
+fn a_relay_restarted_during_a_hold_keeps_holding() {
+    let (mut master, mut relay, replica, _metrics_port) = loaded_topology(&[]);
+    let old_digest = master.digest();
+    let old_replid = replid_of(&master);
+    master.restart_empty();
+    wait_until(SYNC_TIMEOUT, "the relay holds the new history", || {
+        relay.info_field("relay", "history_reset_held").as_deref() == Some("1")
+    });
+    relay.restart();
+    wait_until(SYNC_TIMEOUT, "the restarted relay holds again", || {
+        relay.info_field("relay", "history_reset_held").as_deref() == Some("1")
+    });
+    assert_eq!(replid_of(&relay), old_replid);
+    wait_until(SYNC_TIMEOUT, "the replica reconnects to the restarted relay", || {
+        replica.info_field("replication", "master_link_status").as_deref() == Some("up")
+    });
+    assert_eq!(replica.digest(), old_digest);
+    // Counters of the restarted relay: the replica continued from the recovered log.
+    wait_until(SYNC_TIMEOUT, "the replica continues partially", || stat_of(&relay, "sync_partial_ok") == 1);
+    assert_eq!(stat_of(&relay, "sync_full"), 0, "the replica was not full-synced");
 }

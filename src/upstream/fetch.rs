@@ -69,6 +69,11 @@ impl RdbFetcher {
             if !needed || self.log.summary().ids.is_none() {
                 continue;
             }
+            // While a history reset is held the master's RDB is of the other history: asking for it
+            // would only make the master fork in a loop.
+            if self.status.borrow().history_held.is_some() {
+                continue;
+            }
             if let Some(last) = last_attempt {
                 let wait = (last + MIN_FETCH_INTERVAL).saturating_duration_since(Instant::now());
                 tokio::select! {
