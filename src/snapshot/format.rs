@@ -272,7 +272,20 @@ impl KeyCounter {
                 data = &data[take as usize..];
                 continue;
             }
-            // Feed a little at a time so that `pending` stays small: headers are at most 19 bytes.
+            if self.pending.is_empty() {
+                // Straight from the caller's bytes; only a header cut by the chunk's end is copied.
+                match self.step(data) {
+                    Some(used) => data = &data[used.min(data.len())..],
+                    None => {
+                        if !self.stopped {
+                            self.pending.extend_from_slice(data);
+                        }
+                        return;
+                    }
+                }
+                continue;
+            }
+            // Complete the cut header a little at a time: headers are at most 19 bytes.
             let take = data.len().min(32usize.saturating_sub(self.pending.len()).max(1));
             self.pending.extend_from_slice(&data[..take]);
             data = &data[take..];
@@ -280,40 +293,45 @@ impl KeyCounter {
         }
     }
 
-    /// Parses what `pending` holds; leaves an incomplete header there for the next bytes.
-    fn drain_pending(&mut self) {
-        loop {
-            if self.done || self.stopped || self.pending.is_empty() {
-                return;
-            }
-            if self.skip > 0 {
-                let take = self.skip.min(self.pending.len() as u64) as usize;
-                self.skip -= take as u64;
-                self.pending.drain(..take);
-                continue;
-            }
-            let used = match self.stack.pop() {
-                None => self.top_level(),
-                Some(expect) => match self.expected(expect) {
-                    Some(used) => Some(used),
-                    None => {
-                        self.stack.push(expect);
-                        None
-                    }
-                },
-            };
-            match used {
-                Some(used) => {
-                    self.pending.drain(..used.min(self.pending.len()));
+    /// Reads the next expected thing from the front of `bytes`: how many bytes it took, or `None`
+    /// when `bytes` ends inside its header.
+    fn step(&mut self, bytes: &[u8]) -> Option<usize> {
+        match self.stack.pop() {
+            None => self.top_level(bytes),
+            Some(expect) => {
+                let used = self.expected(expect, bytes);
+                if used.is_none() && !self.stopped {
+                    self.stack.push(expect);
                 }
-                None => return,
+                used
             }
         }
     }
 
+    /// Parses what `pending` holds; leaves an incomplete header there for the next bytes.
+    fn drain_pending(&mut self) {
+        let mut pending = std::mem::take(&mut self.pending);
+        while !(self.done || self.stopped || pending.is_empty()) {
+            if self.skip > 0 {
+                let take = self.skip.min(pending.len() as u64) as usize;
+                self.skip -= take as u64;
+                pending.drain(..take);
+                continue;
+            }
+            match self.step(&pending) {
+                Some(used) => {
+                    pending.drain(..used.min(pending.len()));
+                }
+                None => break,
+            }
+        }
+        if !self.stopped {
+            self.pending = pending;
+        }
+    }
+
     /// A top-level opcode or a value type (then the key and the value).
-    fn top_level(&mut self) -> Option<usize> {
-        let bytes = &self.pending;
+    fn top_level(&mut self, bytes: &[u8]) -> Option<usize> {
         let opcode = *bytes.first()?;
         match opcode {
             0xFF => {
@@ -406,8 +424,7 @@ impl KeyCounter {
         }
     }
 
-    fn expected(&mut self, expect: Expect) -> Option<usize> {
-        let bytes = &self.pending;
+    fn expected(&mut self, expect: Expect, bytes: &[u8]) -> Option<usize> {
         match expect {
             Expect::Skip(n) => {
                 self.skip = n;
