@@ -10,11 +10,13 @@
 //! - [`protocol`]: RESP framing in one place: the stream's command-boundary scanner, client command
 //!   parsing, reply encoding.
 //! - [`upstream`]: the replica link to the master (handshake, PSYNC, RDB receipt, applied offset, ACKs),
-//!   and the side-connection fetcher of fresh RDBs.
+//!   the side-connection fetcher of fresh RDBs, and [`upstream::history`]: the hold on a master's new,
+//!   much smaller history (a master restarted empty) until an operator accepts it.
 //! - [`log`]: the replication log, the one fan-out buffer, addressed by master offset, with the
 //!   replication ids of its history: an in-memory tail of shared chunks over checksummed segment
 //!   files ([`log::format`](mod@log::format) is the on-disk format, [`log::disk`] the segments and their recovery).
-//! - [`snapshot`]: the on-disk cache of the master's RDB; [`snapshot::format`] holds the RDB checks.
+//! - [`snapshot`]: the on-disk cache of the master's RDB; [`snapshot::format`] holds the RDB checks
+//!   and the streaming key count.
 //! - [`downstream`]: the listener: client commands (`INFO`, `ROLE`, ...) and replicas served from the
 //!   snapshot and the log.
 //! - [`tls`]: TLS both ways (rustls): certificates from PEM files, the one `Stream` type of plain

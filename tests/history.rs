@@ -233,3 +233,18 @@ fn a_relay_restarted_during_a_hold_keeps_holding() {
     wait_until(SYNC_TIMEOUT, "the replica continues partially", || stat_of(&relay, "sync_partial_ok") == 1);
     assert_eq!(stat_of(&relay, "sync_full"), 0, "the replica was not full-synced");
 }
+
+#[test]
+fn the_accept_command_needs_auth_when_the_relay_has_a_password() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::builder(master.port()).requirepass("s3cret").start();
+    let mut anonymous = connect(relay.port(), None, None).expect("connect");
+    let reply: redis::RedisResult<String> = redis::cmd("RELAY").arg("HISTORY").arg("ACCEPT").query(&mut anonymous);
+    assert!(reply.is_err_and(|e| e.code() == Some("NOAUTH")), "refused before AUTH");
+    let mut admin = connect(relay.port(), None, Some("s3cret")).expect("connect with AUTH");
+    let reply: redis::RedisResult<String> = redis::cmd("RELAY").arg("HISTORY").arg("ACCEPT").query(&mut admin);
+    assert!(
+        reply.is_err_and(|e| e.to_string().contains("no history reset is held")),
+        "authenticated: reaches the command"
+    );
+}

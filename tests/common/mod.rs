@@ -538,6 +538,7 @@ pub struct RelayBuilder {
     password: Option<String>,
     dir: Option<PathBuf>,
     listen_port: Option<u16>,
+    requirepass: Option<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -565,6 +566,12 @@ impl RelayBuilder {
     /// directory is created if missing.
     pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = Some(dir.into());
+        self
+    }
+
+    /// `--requirepass PASSWORD`; the harness's own connections then authenticate with it.
+    pub fn requirepass(mut self, password: &str) -> Self {
+        self.requirepass = Some(password.to_string());
         self
     }
 
@@ -626,6 +633,7 @@ impl Relay {
             password: None,
             dir: None,
             listen_port: None,
+            requirepass: None,
             args: Vec::new(),
             env: Vec::new(),
         }
@@ -652,6 +660,9 @@ impl Relay {
         }
         if let Some(password) = &o.password {
             args.extend(["--upstream-password".to_string(), password.clone()]);
+        }
+        if let Some(password) = &o.requirepass {
+            args.extend(["--requirepass".to_string(), password.clone()]);
         }
         args.extend(o.args.iter().cloned());
         args
@@ -685,7 +696,7 @@ impl Relay {
                     tail(&self.stderr(), 20)
                 ));
             }
-            let answer = connect(port, None, None).and_then(|mut con| {
+            let answer = connect(port, None, self.options.requirepass.as_deref()).and_then(|mut con| {
                 let pong: String = redis::cmd("PING").query(&mut con)?;
                 // If INFO names a process id, it must be ours (the port may have been taken by
                 // another test's process); a relay without process_id in INFO is accepted.
@@ -733,19 +744,22 @@ impl Relay {
 
     /// A new connection to the relay's listen port.
     pub fn conn(&self) -> Connection {
-        connect(self.port, None, None).unwrap_or_else(|e| panic!("connect to relay on port {}: {e}", self.port))
+        connect(self.port, None, self.options.requirepass.as_deref())
+            .unwrap_or_else(|e| panic!("connect to relay on port {}: {e}", self.port))
     }
 
     /// Runs `cmd` on a fresh connection; panics with the relay's stderr tail on error.
     pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
-        connect(self.port, None, None).and_then(|mut con| cmd.query::<T>(&mut con)).unwrap_or_else(|e| {
-            panic!("relay on port {}: {}: {e}\nstderr:\n{}", self.port, command_name(cmd), tail(&self.stderr(), 20))
-        })
+        connect(self.port, None, self.options.requirepass.as_deref())
+            .and_then(|mut con| cmd.query::<T>(&mut con))
+            .unwrap_or_else(|e| {
+                panic!("relay on port {}: {}: {e}\nstderr:\n{}", self.port, command_name(cmd), tail(&self.stderr(), 20))
+            })
     }
 
     /// `PING` answered with `PONG`?
     pub fn ping(&self) -> bool {
-        connect(self.port, None, None)
+        connect(self.port, None, self.options.requirepass.as_deref())
             .and_then(|mut con| redis::cmd("PING").query::<String>(&mut con))
             .is_ok_and(|pong| pong == "PONG")
     }
