@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::downstream::pubsub::OutputBufferLimit;
 use crate::downstream::ReplicaofPolicy;
 use crate::log::{FsyncPolicy, LogOptions};
 use crate::tls::{ClientAuth, DownstreamTls, UpstreamTls};
@@ -71,6 +72,8 @@ pub struct RelayConfig {
     pub tls: Option<DownstreamTls>,
     /// End-to-end ACKs: with K >= 1 the relay ACKs upstream only what K of its replicas have ACKed.
     pub ack_replicas: usize,
+    /// `client-output-buffer-limit pubsub`: a subscriber holding more unsent messages is dropped.
+    pub pubsub_output_limit: OutputBufferLimit,
 }
 
 /// The settings about the master's lifecycle, with their defaults.
@@ -181,6 +184,7 @@ struct Tunables {
     upstream_ack: Option<String>,
     /// A YAML number (or string), checked with the others so the error names the field.
     ack_replicas: Option<serde_yaml_ng::Value>,
+    client_output_buffer_limit_pubsub: Option<String>,
 }
 
 /// The settings of one relay after inheritance.
@@ -193,6 +197,7 @@ struct Resolved {
     replicaof: ReplicaofPolicy,
     upstream_ack: AckMode,
     ack_replicas: usize,
+    pubsub_output_limit: OutputBufferLimit,
 }
 
 fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> Result<Resolved, ConfigError> {
@@ -272,7 +277,17 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
             .parse::<usize>()
             .map_err(|_| field_error(&field, &v, "expected a number of replicas (0 turns end-to-end ACKs off)"))?,
     };
+    let pubsub_output_limit = match pick(
+        &own.client_output_buffer_limit_pubsub,
+        &defaults.client_output_buffer_limit_pubsub,
+        "client_output_buffer_limit_pubsub",
+    ) {
+        None => OutputBufferLimit::PUBSUB_DEFAULT,
+        Some((field, v)) => OutputBufferLimit::parse(&v)
+            .ok_or_else(|| field_error(&field, &v, "expected <hard> <soft> <soft seconds>, such as \"32mb 8mb 60\""))?,
+    };
     Ok(Resolved {
+        pubsub_output_limit,
         log: LogOptions { retention, memory, segment_size: segment_size.max(64 * 1024), max_age, fsync },
         repl_timeout,
         downstream_eof_form: own.repl_diskless_sync.or(defaults.repl_diskless_sync).unwrap_or(false),
@@ -521,6 +536,7 @@ impl Config {
                 log: resolved.log,
                 repl_timeout: resolved.repl_timeout,
                 downstream_eof_form: resolved.downstream_eof_form,
+                pubsub_output_limit: resolved.pubsub_output_limit,
                 requirepass: match &relay.requirepass {
                     Some(p) => Some(substitute_env(&at("requirepass"), p)?),
                     None => None,
@@ -642,6 +658,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("ack_replicas"), "{err}");
+    }
+
+    #[test]
+    fn pubsub_output_limit_is_inherited_and_checked() {
+        let yaml = |own: &str| {
+            format!(
+                "data_dir: /d\ndefaults: {{client_output_buffer_limit_pubsub: '1mb 0 0'}}\nrelays:\n  - {{name: a, upstream: {{addr: 'h:1'}}, listen: '127.0.0.1:1'{own}}}\n"
+            )
+        };
+        let config = Config::from_yaml(&yaml("")).unwrap();
+        assert_eq!(
+            config.relays[0].pubsub_output_limit,
+            OutputBufferLimit { hard: 1 << 20, soft: 0, soft_seconds: Duration::ZERO }
+        );
+        let err = Config::from_yaml(&yaml(", client_output_buffer_limit_pubsub: '32mb'")).unwrap_err().to_string();
+        assert!(err.contains("relays[0].client_output_buffer_limit_pubsub") && err.contains("32mb"), "{err}");
     }
 
     #[test]

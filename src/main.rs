@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
 use redis_relay::config::{self, Config, RelayConfig};
+use redis_relay::downstream::pubsub::OutputBufferLimit;
 use redis_relay::downstream::ReplicaofPolicy;
 use redis_relay::log::{FsyncPolicy, LogOptions};
 use redis_relay::relay::RunningRelay;
@@ -118,6 +119,10 @@ struct Cli {
     /// have ACKed (so WAIT on the master counts replicas below the relay); 0 ACKs as the relay.
     #[arg(long, value_name = "K", default_value_t = 0)]
     ack_replicas: usize,
+    /// Disconnect a pub/sub client holding more unsent messages than this: "<hard> <soft> <soft
+    /// seconds>", like client-output-buffer-limit pubsub.
+    #[arg(long, value_name = "LIMITS", default_value = "32mb 8mb 60")]
+    client_output_buffer_limit_pubsub: String,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -174,6 +179,12 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
         .with_context(|| format!("--replicaof: expected allow or deny, got {:?}", cli.replicaof))?;
     let upstream_ack = AckMode::parse(&cli.upstream_ack)
         .with_context(|| format!("--upstream-ack: expected fack or durable, got {:?}", cli.upstream_ack))?;
+    let pubsub_output_limit = OutputBufferLimit::parse(&cli.client_output_buffer_limit_pubsub).with_context(|| {
+        format!(
+            "--client-output-buffer-limit-pubsub: expected <hard> <soft> <soft seconds> such as \"32mb 8mb 60\", got {:?}",
+            cli.client_output_buffer_limit_pubsub
+        )
+    })?;
     let metrics = match &cli.metrics {
         Some(addr) => Some(config::parse_listen("--metrics", addr)?),
         None => None,
@@ -216,6 +227,7 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
             replicaof,
             upstream_ack,
             ack_replicas: cli.ack_replicas,
+            pubsub_output_limit,
         }],
     };
     config.validate()?;

@@ -65,6 +65,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("redis_relay_replica_lag_bytes", Kind::Gauge, "Relay offset minus the replica's acknowledged offset"),
     ("redis_relay_replica_lag_seconds", Kind::Gauge, "Seconds since the replica's last ACK"),
     ("redis_relay_downstream_sent_bytes_total", Kind::Counter, "Bytes sent to replicas (RDB and stream)"),
+    (
+        "redis_relay_pubsub_limit_disconnections_total",
+        Kind::Counter,
+        "Pub/sub clients disconnected at client-output-buffer-limit pubsub",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +156,7 @@ fn sample(context: &RelayContext) {
         counter!("redis_relay_partial_syncs_total", &labels).absolute(ServedStats::get(value));
     }
     counter!("redis_relay_downstream_sent_bytes_total", &labels).absolute(ServedStats::get(&stats.repl_output_bytes));
+    counter!("redis_relay_pubsub_limit_disconnections_total", &labels).absolute(context.pubsub.limit_disconnections());
 
     let replicas = context.replicas.snapshot();
     for state in [ReplicaState::WaitBgsave, ReplicaState::SendBulk, ReplicaState::Online] {

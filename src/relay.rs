@@ -12,6 +12,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::RelayConfig;
+use crate::downstream::clients::ClientTable;
+use crate::downstream::pubsub::PubSub;
 use crate::downstream::{self, ReplicaTable};
 use crate::log::{DropKind, FsyncPolicy, Recovery, ReplicationLog};
 use crate::snapshot::{SnapshotError, SnapshotStore};
@@ -55,6 +57,10 @@ pub struct RelayContext {
     pub started: Instant,
     pub stats: ServedStats,
     pub replicas: Arc<ReplicaTable>,
+    /// Every client session of the listener (`CLIENT ID`, `CLIENT KILL`).
+    pub clients: Arc<ClientTable>,
+    /// Channel and pattern subscriptions of the listener's clients.
+    pub pubsub: Arc<PubSub>,
     pub fetcher: FetchRequests,
     /// What the log's recovery found at start (INFO shows it).
     pub log_recovery: Recovery,
@@ -203,6 +209,7 @@ pub async fn start(
     };
     let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone());
     let (fetcher_task, fetcher) = link.fetcher();
+    let pubsub = Arc::new(PubSub::new(config.pubsub_output_limit));
     let context = Arc::new(RelayContext {
         config,
         log,
@@ -215,6 +222,8 @@ pub async fn start(
         started: Instant::now(),
         stats: ServedStats::default(),
         replicas,
+        clients: Arc::new(ClientTable::default()),
+        pubsub,
         fetcher,
         log_recovery: recovery,
         tls_acceptor: tls_acceptor.clone(),

@@ -137,6 +137,11 @@ fn stats(context: &RelayContext, out: &mut String) {
     line(out, "sync_partial_err", ServedStats::get(&s.sync_partial_err));
     line(out, "total_net_repl_input_bytes", upstream.input_bytes);
     line(out, "total_net_repl_output_bytes", ServedStats::get(&s.repl_output_bytes));
+    let (channels, patterns) = context.pubsub.counts();
+    line(out, "pubsub_channels", channels);
+    line(out, "pubsub_patterns", patterns);
+    // Redis 7.2's name for clients dropped at client-output-buffer-limit (here: pub/sub clients).
+    line(out, "client_output_buffer_limit_disconnections", context.pubsub.limit_disconnections());
 }
 
 fn relay(context: &RelayContext, out: &mut String) {

@@ -1,11 +1,14 @@
 //! The downstream side: the relay as a master on its listen address.
 //!
 //! Each connection is a client session that answers the commands redis-cli, Sentinel and exporters
-//! use (`PING`, `AUTH`, `INFO`, `ROLE`, ...) and the replica handshake (`REPLCONF`). A `PSYNC` or `SYNC`
-//! turns the session into a replica, served by [`replica`] from the snapshot cache and the log.
+//! use (`PING`, `AUTH`, `INFO`, `ROLE`, `CLIENT`, pub/sub, ...) and the replica handshake (`REPLCONF`).
+//! A `PSYNC` or `SYNC` turns the session into a replica, served by [`replica`] from the snapshot cache
+//! and the log; a `SUBSCRIBE` or `PSUBSCRIBE` puts it in subscribed mode, fed by [`pubsub`].
 
+pub mod clients;
 mod connection;
 pub mod info;
+pub mod pubsub;
 pub mod replica;
 
 use std::collections::BTreeMap;
@@ -21,7 +24,9 @@ use tokio::time::Instant;
 use crate::protocol::{ClientCommand, Reply};
 use crate::relay::{RelayContext, ServedStats};
 use crate::tls::{Stream, TlsAcceptor};
+use clients::{ClientHandle, ClientType, KillFilter, KillType};
 pub use connection::{ClientConnection, ClientError};
+use pubsub::{Kind, Subscriber};
 
 /// Whether clients may repoint the relay with `REPLICAOF`/`SLAVEOF` (`replicaof`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +207,7 @@ pub async fn serve(
                             }
                         };
                         let authenticated = context.config.requirepass.is_none();
+                        let (client, mut killed) = context.clients.register(peer);
                         let mut session = Session {
                             conn: ClientConnection::new(stream),
                             peer,
@@ -209,16 +215,24 @@ pub async fn serve(
                             handshake: ReplicaHandshake::default(),
                             transaction: None,
                             authenticated,
+                            client,
+                            subscriber: None,
+                            unflushed_messages: 0,
+                            close_after_reply: false,
                         };
                         let mut stop = shutdown.clone();
                         // Whatever the session is doing (a long RDB transfer, a flush to a client
-                        // that stopped reading), shutdown ends it, so the relay's directory and
-                        // address are free for a restart.
+                        // that stopped reading), shutdown or a kill (`CLIENT KILL`, a pub/sub
+                        // output-buffer limit) ends it, so the relay's directory and address are
+                        // free for a restart and a stuck client costs nothing more.
                         tokio::select! {
                             result = session.run(shutdown) => if let Err(error) = result {
                                 tracing::debug!(%peer, "client connection ended: {error}");
                             },
                             _ = crate::relay::stopped(&mut stop) => {}
+                            _ = crate::relay::stopped(&mut killed) => {
+                                tracing::debug!(%peer, "client connection killed");
+                            }
                         }
                     });
                 }
@@ -243,23 +257,86 @@ pub struct Session {
     pub transaction: Option<Vec<ClientCommand>>,
     /// False until `AUTH` succeeds when the relay has a `requirepass`.
     pub authenticated: bool,
+    /// This session's row in the relay's client table (`CLIENT ID`, `CLIENT KILL`).
+    pub client: ClientHandle,
+    /// Pub/sub subscriptions, from the first `(P)SUBSCRIBE` on.
+    subscriber: Option<Subscriber>,
+    /// Bytes of pub/sub messages queued on the connection and not yet written.
+    unflushed_messages: u64,
+    /// `CLIENT KILL ... SKIPME no` selected this session: reply, then close (as redis-server).
+    close_after_reply: bool,
 }
 
 /// What handling a command leads to.
 enum Next {
     Reply(Reply),
+    /// Several replies to one command (`SUBSCRIBE a b` answers once per channel).
+    Replies(Vec<Reply>),
     NoReply,
     Close(Reply),
     BecomeReplica,
 }
+
+/// The commands a RESP2 client may send in subscribed mode.
+const SUBSCRIBED_MODE_COMMANDS: [&str; 7] =
+    ["PING", "SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE", "QUIT", "RESET"];
+
+/// Every command [`Session::dispatch`] knows (in subscribed mode the others are refused by name,
+/// unknown ones as unknown).
+const KNOWN_COMMANDS: [&str; 25] = [
+    "PING",
+    "ECHO",
+    "AUTH",
+    "INFO",
+    "ROLE",
+    "COMMAND",
+    "CLIENT",
+    "SELECT",
+    "QUIT",
+    "RESET",
+    "REPLCONF",
+    "PSYNC",
+    "SYNC",
+    "REPLICAOF",
+    "SLAVEOF",
+    "CONFIG",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PSUBSCRIBE",
+    "PUNSUBSCRIBE",
+    "PUBLISH",
+    "MULTI",
+    "EXEC",
+    "DISCARD",
+    "RELAY",
+];
+
+/// Waits for the next pub/sub message; never resolves for a session without subscriptions.
+async fn next_message(subscriber: &mut Option<Subscriber>) -> Option<Bytes> {
+    match subscriber {
+        Some(subscriber) => subscriber.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Most message bytes gathered into one write.
+const MESSAGE_BATCH: u64 = 64 * 1024;
 
 impl Session {
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
         loop {
             let command = tokio::select! {
                 command = self.conn.next_command() => command,
+                Some(message) = next_message(&mut self.subscriber) => {
+                    self.queue_message(message);
+                    self.queue_waiting_messages();
+                    self.flush().await?;
+                    continue;
+                }
                 _ = crate::relay::stopped(&mut shutdown) => return Ok(()),
             };
+            // Messages published before this command go out before its reply.
+            self.queue_waiting_messages();
             let command = match command {
                 Ok(command) => command,
                 Err(ClientError::Protocol(error)) => {
@@ -272,29 +349,227 @@ impl Session {
             ServedStats::add(&self.context.stats.commands, 1);
             match self.dispatch_in_transaction(command.clone()).await {
                 Next::Reply(reply) => self.conn.queue(&reply),
+                Next::Replies(replies) => replies.iter().for_each(|reply| self.conn.queue(reply)),
                 Next::NoReply => {}
                 Next::Close(reply) => {
                     self.conn.queue(&reply);
-                    return self.conn.flush().await;
+                    return self.flush().await;
                 }
                 Next::BecomeReplica => {
-                    self.conn.flush().await?;
+                    self.flush().await?;
+                    self.client.set_type(ClientType::Replica);
                     match replica::serve(self, &command, shutdown.clone()).await {
-                        Ok(replica::Outcome::Refused) => continue,
+                        Ok(replica::Outcome::Refused) => {
+                            self.client.set_type(ClientType::Normal);
+                            continue;
+                        }
                         Ok(replica::Outcome::Done) => return Ok(()),
                         Err(error) => return Err(error),
                     }
                 }
             }
+            if self.close_after_reply {
+                return self.flush().await;
+            }
             if !self.conn.has_buffered_input() {
-                self.conn.flush().await?;
+                self.flush().await?;
             }
         }
     }
 
-    /// MULTI/EXEC/DISCARD around [`Self::dispatch`], as far as a relay needs them.
+    fn queue_message(&mut self, message: Bytes) {
+        self.unflushed_messages += message.len() as u64;
+        self.conn.queue_raw(&message);
+    }
+
+    /// Queues the messages already in the mailbox, up to one batch.
+    fn queue_waiting_messages(&mut self) {
+        while self.unflushed_messages < MESSAGE_BATCH {
+            let Some(message) = self.subscriber.as_mut().and_then(Subscriber::try_recv) else {
+                break;
+            };
+            self.queue_message(message);
+        }
+    }
+
+    /// Writes what is queued; written messages no longer count against the output-buffer limit.
+    async fn flush(&mut self) -> Result<(), ClientError> {
+        self.conn.flush().await?;
+        if let Some(subscriber) = &self.subscriber {
+            subscriber.written(std::mem::take(&mut self.unflushed_messages));
+        }
+        Ok(())
+    }
+
+    /// Whether the session is in RESP2 subscribed mode (at least one channel or pattern).
+    fn subscribed(&self) -> bool {
+        self.subscriber.as_ref().is_some_and(|s| s.count() > 0)
+    }
+
+    /// `SUBSCRIBE`/`PSUBSCRIBE`: one `[kind, name, count]` reply per name, as redis-server.
+    fn subscribe(&mut self, kind: Kind, command: &ClientCommand) -> Next {
+        let verb = if kind == Kind::Channel { "subscribe" } else { "psubscribe" };
+        if command.args.len() < 2 {
+            return Next::Reply(wrong_arity(verb));
+        }
+        let client = &self.client;
+        let pubsub = &self.context.pubsub;
+        let subscriber = self.subscriber.get_or_insert_with(|| pubsub.subscriber(client.killer()));
+        let replies = command.args[1..]
+            .iter()
+            .map(|name| {
+                subscriber.subscribe(kind, name);
+                Reply::Array(vec![
+                    Reply::bulk(verb),
+                    Reply::Bulk(name.clone()),
+                    Reply::Integer(subscriber.count() as i64),
+                ])
+            })
+            .collect();
+        self.client.set_type(ClientType::Pubsub);
+        Next::Replies(replies)
+    }
+
+    /// `UNSUBSCRIBE`/`PUNSUBSCRIBE`: the named ones, or all; with nothing to leave, one reply with a
+    /// nil name.
+    fn unsubscribe(&mut self, kind: Kind, command: &ClientCommand) -> Next {
+        let verb = if kind == Kind::Channel { "unsubscribe" } else { "punsubscribe" };
+        let names = match (&self.subscriber, command.args.len()) {
+            (_, argc) if argc > 1 => command.args[1..].to_vec(),
+            (Some(subscriber), _) => subscriber.names(kind),
+            (None, _) => Vec::new(),
+        };
+        let count = |subscriber: &Option<Subscriber>| subscriber.as_ref().map_or(0, |s| s.count()) as i64;
+        if names.is_empty() {
+            return Next::Reply(Reply::Array(vec![
+                Reply::bulk(verb),
+                Reply::Nil,
+                Reply::Integer(count(&self.subscriber)),
+            ]));
+        }
+        let mut replies = Vec::new();
+        for name in names {
+            if let Some(subscriber) = self.subscriber.as_mut() {
+                subscriber.unsubscribe(kind, &name);
+            }
+            replies.push(Reply::Array(vec![
+                Reply::bulk(verb),
+                Reply::Bulk(name),
+                Reply::Integer(count(&self.subscriber)),
+            ]));
+        }
+        if !self.subscribed() {
+            self.client.set_type(ClientType::Normal);
+        }
+        Next::Replies(replies)
+    }
+
+    /// `RESET`: leaves subscribed mode and any transaction, and authentication (as redis-server).
+    fn reset(&mut self) -> Reply {
+        self.subscriber = None;
+        self.unflushed_messages = 0;
+        self.transaction = None;
+        self.authenticated = self.context.config.requirepass.is_none();
+        self.client.set_type(ClientType::Normal);
+        Reply::Simple("RESET".into())
+    }
+
+    /// `CLIENT` subcommands a relay needs: `ID`, `KILL` (both forms), `SETNAME`/`GETNAME` and the
+    /// no-op switches clients send on connect.
+    fn client_command(&mut self, command: &ClientCommand) -> Reply {
+        match command.arg_str(1).to_ascii_uppercase().as_str() {
+            "SETNAME" | "SETINFO" | "REPLY" | "NO-EVICT" | "NO-TOUCH" => Reply::ok(),
+            "GETNAME" => Reply::Nil,
+            "ID" => Reply::Integer(self.client.id() as i64),
+            "KILL" => self.client_kill(command),
+            other => Reply::error(format!("ERR unknown subcommand '{other}'. Try CLIENT HELP.")),
+        }
+    }
+
+    /// `CLIENT KILL addr` or `CLIENT KILL [ID id] [TYPE type] [ADDR addr] [SKIPME yes|no]`, with
+    /// redis-server's replies and errors. `TYPE master` restarts the upstream link (a Redis replica
+    /// kills its master client, which reconnects and continues with PSYNC).
+    fn client_kill(&mut self, command: &ClientCommand) -> Reply {
+        let argc = command.args.len();
+        if argc < 3 {
+            return wrong_arity("client|kill");
+        }
+        let own = self.client.id();
+        let own_addr = self.peer.to_string();
+        if argc == 3 {
+            let addr = command.arg_str(2);
+            if addr == own_addr {
+                self.close_after_reply = true;
+                return Reply::ok();
+            }
+            let filter = KillFilter { addr: Some(addr), skip: Some(own), ..KillFilter::default() };
+            return match self.context.clients.kill(&filter) {
+                0 => Reply::error("ERR No such client"),
+                _ => Reply::ok(),
+            };
+        }
+        if argc % 2 == 1 {
+            return Reply::error("ERR syntax error");
+        }
+        let mut filter = KillFilter::default();
+        let mut skip_me = true;
+        for pair in command.args[2..].chunks(2) {
+            let value = String::from_utf8_lossy(&pair[1]).into_owned();
+            match String::from_utf8_lossy(&pair[0]).to_ascii_lowercase().as_str() {
+                "id" => match value.parse::<u64>() {
+                    Ok(id) if id > 0 => filter.id = Some(id),
+                    _ => return Reply::error("ERR client-id should be greater than 0"),
+                },
+                "type" => match KillType::parse(&value) {
+                    Some(kind) => filter.kind = Some(kind),
+                    None => return Reply::error(format!("ERR Unknown client type '{value}'")),
+                },
+                "addr" => filter.addr = Some(value),
+                "skipme" => match value.to_ascii_lowercase().as_str() {
+                    "yes" => skip_me = true,
+                    "no" => skip_me = false,
+                    _ => return Reply::error("ERR syntax error"),
+                },
+                _ => return Reply::error("ERR syntax error"),
+            }
+        }
+        if filter.kind == Some(KillType::Master) {
+            // The relay's one master client is its upstream link.
+            if filter.id.is_some() || filter.addr.is_some() {
+                return Reply::Integer(0);
+            }
+            tracing::info!(peer = %self.peer, "CLIENT KILL TYPE master: restarting the upstream link");
+            self.context.upstream_target.send_modify(|_| {});
+            return Reply::Integer(1);
+        }
+        let own_type = if self.subscribed() { ClientType::Pubsub } else { ClientType::Normal };
+        let selects_self = !skip_me
+            && filter.id.is_none_or(|id| id == own)
+            && filter.addr.as_ref().is_none_or(|addr| *addr == own_addr)
+            && filter.kind.is_none_or(|kind| kind == KillType::Sessions(own_type));
+        // This session is never killed through its signal: it must still send this reply.
+        filter.skip = Some(own);
+        let mut killed = self.context.clients.kill(&filter);
+        if selects_self {
+            self.close_after_reply = true;
+            killed += 1;
+        }
+        Reply::Integer(killed as i64)
+    }
+
+    /// MULTI/EXEC/DISCARD around [`Self::dispatch`], as far as a relay needs them; and the RESP2
+    /// subscribed-mode gate, which redis-server applies before queueing.
     async fn dispatch_in_transaction(&mut self, command: ClientCommand) -> Next {
         let name = command.name();
+        if self.subscribed() && !command.args.is_empty() && !SUBSCRIBED_MODE_COMMANDS.contains(&name.as_str()) {
+            if !KNOWN_COMMANDS.contains(&name.as_str()) {
+                return Next::Reply(unknown_command(&command));
+            }
+            return Next::Reply(Reply::error(format!(
+                "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                name.to_ascii_lowercase()
+            )));
+        }
         match (name.as_str(), self.transaction.is_some()) {
             ("MULTI", true) => Next::Reply(Reply::error("ERR MULTI calls can not be nested")),
             ("MULTI", false) => {
@@ -309,15 +584,16 @@ impl Session {
             }
             ("EXEC", true) => {
                 let queued = self.transaction.take().unwrap_or_default();
-                let mut replies = Vec::with_capacity(queued.len());
+                let mut replies = Vec::new();
                 for queued in &queued {
-                    replies.push(match self.dispatch(queued).await {
-                        Next::Reply(reply) => reply,
-                        Next::NoReply => Reply::Nil,
+                    match self.dispatch(queued).await {
+                        Next::Reply(reply) => replies.push(reply),
+                        Next::Replies(several) => replies.extend(several),
+                        Next::NoReply => replies.push(Reply::Nil),
                         Next::Close(_) | Next::BecomeReplica => {
-                            Reply::error("ERR command not allowed inside a transaction")
+                            replies.push(Reply::error("ERR command not allowed inside a transaction"))
                         }
-                    });
+                    }
                 }
                 Next::Reply(Reply::Array(replies))
             }
@@ -439,6 +715,12 @@ impl Session {
             return Next::Reply(Reply::error("NOAUTH Authentication required."));
         }
         let reply = match name.as_str() {
+            // In subscribed mode PING answers as a message would: `["pong", <arg or "">]`.
+            "PING" if self.subscribed() => match argc {
+                1 => Reply::Array(vec![Reply::bulk("pong"), Reply::bulk("")]),
+                2 => Reply::Array(vec![Reply::bulk("pong"), Reply::Bulk(command.args[1].clone())]),
+                _ => wrong_arity("ping"),
+            },
             "PING" => match argc {
                 1 => Reply::Simple("PONG".into()),
                 2 => Reply::Bulk(command.args[1].clone()),
@@ -449,7 +731,14 @@ impl Session {
             "INFO" => Reply::Bulk(Bytes::from(info::render(&self.context, &command.args[1..]))),
             "ROLE" => info::role(&self.context),
             "COMMAND" => Reply::Array(Vec::new()),
-            "CLIENT" => client_command(command),
+            "CLIENT" => self.client_command(command),
+            "SUBSCRIBE" => return self.subscribe(Kind::Channel, command),
+            "PSUBSCRIBE" => return self.subscribe(Kind::Pattern, command),
+            "UNSUBSCRIBE" => return self.unsubscribe(Kind::Channel, command),
+            "PUNSUBSCRIBE" => return self.unsubscribe(Kind::Pattern, command),
+            "PUBLISH" if argc == 3 => Reply::Integer(self.context.pubsub.publish(&command.args[1], &command.args[2])),
+            "PUBLISH" => wrong_arity("publish"),
+            "RESET" => self.reset(),
             "SELECT" => match command.arg_str(1).parse::<i64>() {
                 Ok(_) if argc == 2 => Reply::ok(),
                 _ => Reply::error("ERR value is not an integer or out of range"),
@@ -537,23 +826,13 @@ fn wrong_arity(name: &str) -> Reply {
     Reply::error(format!("ERR wrong number of arguments for '{name}' command"))
 }
 
-fn client_command(command: &ClientCommand) -> Reply {
-    match command.arg_str(1).to_ascii_uppercase().as_str() {
-        "SETNAME" | "SETINFO" | "KILL" | "REPLY" | "NO-EVICT" | "NO-TOUCH" => Reply::ok(),
-        "GETNAME" => Reply::Nil,
-        "ID" => Reply::Integer(0),
-        other => Reply::error(format!("ERR unknown subcommand '{other}'. Try CLIENT HELP.")),
-    }
-}
-
 /// Redis's wording for an unknown command.
 fn unknown_command(command: &ClientCommand) -> Reply {
-    let args: Vec<String> =
-        command.args[1..].iter().take(8).map(|a| format!("'{}'", String::from_utf8_lossy(a))).collect();
+    // redis-server writes each argument followed by a space.
+    let args: String = command.args[1..].iter().take(8).map(|a| format!("'{}' ", String::from_utf8_lossy(a))).collect();
     Reply::error(format!(
-        "ERR unknown command '{}', with args beginning with: {}",
+        "ERR unknown command '{}', with args beginning with: {args}",
         String::from_utf8_lossy(&command.args[0]),
-        args.join(" ")
     ))
 }
 

@@ -234,13 +234,20 @@ impl UpstreamLink {
         accept.mark_unchanged();
         loop {
             let mut reached_stream: Option<Instant> = None;
+            let connected_to = self.config.addr();
             let result = tokio::select! {
                 result = self.link_once(&mut reached_stream) => result,
                 _ = crate::relay::stopped(&mut shutdown) => return,
                 changed = target.changed() => {
                     if changed.is_ok() {
                         // Like replicationSetMaster: keep the log and the replicas, PSYNC the new master.
-                        tracing::info!(master = %self.config.addr(), "switching to a new master (REPLICAOF)");
+                        // The same address again is `CLIENT KILL TYPE master`: reconnect and continue.
+                        let master = self.config.addr();
+                        if master == connected_to {
+                            tracing::info!(%master, "restarting the link to the master (CLIENT KILL TYPE master)");
+                        } else {
+                            tracing::info!(%master, "switching to a new master (REPLICAOF)");
+                        }
                         reached_stream = Some(Instant::now() - Duration::from_secs(1));
                     }
                     Ok(())
