@@ -234,7 +234,8 @@ impl UpstreamLink {
         accept.mark_unchanged();
         loop {
             let mut reached_stream: Option<Instant> = None;
-            let connected_to = self.config.addr();
+            // Marks the address seen: a change from here on is a repoint (or CLIENT KILL TYPE master).
+            let connected_to = target.borrow_and_update().clone();
             let result = tokio::select! {
                 result = self.link_once(&mut reached_stream) => result,
                 _ = crate::relay::stopped(&mut shutdown) => return,
@@ -297,8 +298,14 @@ impl UpstreamLink {
                 }
                 continue;
             }
+            // A repoint ends the wait at once: Sentinel's reconfiguration must not wait out a backoff
+            // grown while the old master was unreachable.
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
+                changed = target.changed() => if changed.is_ok() {
+                    tracing::info!(master = %self.config.addr(), "switching to a new master (REPLICAOF)");
+                    backoff = Duration::ZERO;
+                },
                 _ = crate::relay::stopped(&mut shutdown) => return,
             }
         }

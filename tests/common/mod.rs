@@ -505,6 +505,11 @@ impl RedisServer {
             .unwrap_or_else(|failure| panic!("restart of redis-server on port {}: {failure}", self.port));
         self.con = CachedConnection::new(self.port, None, self.password.clone());
     }
+
+    /// Kills the process with SIGKILL (no shutdown save) and reaps it; the directory remains.
+    pub fn kill(&mut self) {
+        kill_child(&mut self.child);
+    }
 }
 
 impl InfoSource for RedisServer {
@@ -518,6 +523,209 @@ impl Drop for RedisServer {
         kill_child(&mut self.child);
         if std::thread::panicking() {
             eprintln!("--- redis-server on port {} (last lines of its log) ---\n{}", self.port, tail(&self.log(), 30));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sentinel
+// ---------------------------------------------------------------------------------------------
+
+/// What a [`Sentinel`] monitors and how quickly it acts.
+pub struct SentinelSettings {
+    pub master_name: String,
+    pub master_port: u16,
+    pub quorum: u32,
+    pub down_after: Duration,
+    pub failover_timeout: Duration,
+}
+
+/// A real Sentinel (`redis-server <conf> --sentinel`) on a loopback port, with its generated
+/// `sentinel.conf` in its own temporary directory; killed on drop.
+pub struct Sentinel {
+    child: Child,
+    port: u16,
+    con: CachedConnection,
+    dir: TempDir,
+}
+
+impl Sentinel {
+    pub fn start(settings: &SentinelSettings) -> Sentinel {
+        let dir = tempfile::Builder::new().prefix("redis-sentinel-").tempdir().expect("create temp dir");
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            match Sentinel::spawn(port, &dir, settings) {
+                Ok(child) => return Sentinel { child, port, con: CachedConnection::new(port, None, None), dir },
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("redis-sentinel did not start after {START_ATTEMPTS} attempts:\n{}", failures.join("\n---\n"));
+    }
+
+    fn spawn(port: u16, dir: &TempDir, s: &SentinelSettings) -> Result<Child, String> {
+        let logfile = dir.path().join("sentinel.log");
+        let conf = dir.path().join("sentinel.conf");
+        // Sentinel rewrites its configuration file, so it must be a writable file of its own.
+        let text = format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {log}\n\
+             sentinel monitor {name} 127.0.0.1 {master} {quorum}\n\
+             sentinel down-after-milliseconds {name} {down}\n\
+             sentinel failover-timeout {name} {timeout}\n\
+             sentinel parallel-syncs {name} 1\n",
+            dir = dir.path().display(),
+            log = logfile.display(),
+            name = s.master_name,
+            master = s.master_port,
+            quorum = s.quorum,
+            down = s.down_after.as_millis(),
+            timeout = s.failover_timeout.as_millis(),
+        );
+        std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
+        let mut child = Command::new(redis_server_bin())
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run {} --sentinel: {e}", redis_server_bin()))?;
+        let pid = child.id().to_string();
+        let start = Instant::now();
+        let mut last: String;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(&logfile).unwrap_or_default();
+                return Err(format!("sentinel on port {port} exited with {status}; log:\n{}", tail(&log, 20)));
+            }
+            match connect(port, None, None)
+                .and_then(|mut con| redis::cmd("INFO").arg("server").query::<String>(&mut con))
+            {
+                Ok(info) if parse_info_field(&info, "process_id").as_deref() == Some(pid.as_str()) => return Ok(child),
+                Ok(_) => last = "another process answers on this port".to_string(),
+                Err(error) => last = error.to_string(),
+            }
+            if start.elapsed() >= STARTUP_TIMEOUT {
+                kill_child(&mut child);
+                return Err(format!(
+                    "sentinel on port {port} did not answer within {STARTUP_TIMEOUT:?} (last: {last})"
+                ));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        self.con.query(cmd).unwrap_or_else(|e| panic!("sentinel on port {}: {}: {e}", self.port, command_name(cmd)))
+    }
+
+    /// `SENTINEL get-master-addr-by-name`: the port of the master it currently names.
+    pub fn master_port(&self, name: &str) -> Option<u16> {
+        let addr: Option<(String, String)> =
+            self.con.query(redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(name)).ok().flatten();
+        addr.and_then(|(_, port)| port.parse().ok())
+    }
+
+    /// `SENTINEL replicas <name>`: each replica's fields (`ip`, `port`, `flags`, ...).
+    pub fn replicas(&self, name: &str) -> Vec<std::collections::HashMap<String, String>> {
+        let rows: Vec<Vec<String>> = self.query(redis::cmd("SENTINEL").arg("replicas").arg(name));
+        rows.into_iter()
+            .map(|row| row.chunks(2).filter(|kv| kv.len() == 2).map(|kv| (kv[0].clone(), kv[1].clone())).collect())
+            .collect()
+    }
+
+    /// `SENTINEL master <name>`'s fields.
+    pub fn master(&self, name: &str) -> std::collections::HashMap<String, String> {
+        let row: Vec<String> = self.query(redis::cmd("SENTINEL").arg("master").arg(name));
+        row.chunks(2).filter(|kv| kv.len() == 2).map(|kv| (kv[0].clone(), kv[1].clone())).collect()
+    }
+
+    /// Collects every event this Sentinel publishes (`PSUBSCRIBE *`: `+sdown`, `+switch-master`,
+    /// `+slave-reconf-sent`, ...) from now on, until the collector is dropped.
+    pub fn events(&self) -> SentinelEvents {
+        SentinelEvents::start(self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sentinel.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!("--- sentinel on port {} (last lines of its log) ---\n{}", self.port, tail(&self.log(), 40));
+        }
+    }
+}
+
+/// One event a Sentinel published: its channel (the event name) and message.
+#[derive(Debug, Clone)]
+pub struct SentinelEvent {
+    pub at: Instant,
+    pub name: String,
+    pub message: String,
+}
+
+/// The events of one Sentinel, collected by a thread subscribed to it.
+pub struct SentinelEvents {
+    events: std::sync::Arc<Mutex<Vec<SentinelEvent>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SentinelEvents {
+    fn start(port: u16) -> SentinelEvents {
+        let events = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut con = connect(port, None, None).expect("connect to sentinel");
+        let (sink, flag) = (events.clone(), stop.clone());
+        let (ready, subscribed) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut pubsub = con.as_pubsub();
+            let ok =
+                pubsub.psubscribe("*").is_ok() && pubsub.set_read_timeout(Some(Duration::from_millis(200))).is_ok();
+            let _ = ready.send(ok);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let message = match pubsub.get_message() {
+                    Ok(message) => message,
+                    Err(error) if error.is_timeout() => continue,
+                    Err(_) => return,
+                };
+                let event = SentinelEvent {
+                    at: Instant::now(),
+                    name: message.get_channel_name().to_string(),
+                    message: message.get_payload::<String>().unwrap_or_default(),
+                };
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(event);
+            }
+        });
+        // Subscribed before this returns, so no event after it is missed.
+        assert_eq!(subscribed.recv().ok(), Some(true), "PSUBSCRIBE * on sentinel port {port}");
+        SentinelEvents { events, stop, thread: Some(thread) }
+    }
+
+    /// The events so far.
+    pub fn all(&self) -> Vec<SentinelEvent> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The first event named `name` whose message contains `needle`.
+    pub fn find(&self, name: &str, needle: &str) -> Option<SentinelEvent> {
+        self.all().into_iter().find(|e| e.name == name && e.message.contains(needle))
+    }
+}
+
+impl Drop for SentinelEvents {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
