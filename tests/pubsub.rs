@@ -50,8 +50,9 @@ fn subscribe_replies_are_byte_exact_with_redis_server() {
          PING\r\nPUNSUBSCRIBE\r\nQUIT\r\n",
         // QUIT in subscribed mode; arity errors.
         "SUBSCRIBE\r\nPSUBSCRIBE\r\nPUBLISH a\r\nPING a b\r\nPSUBSCRIBE x\r\nPING a b\r\nQUIT\r\n",
-        // RESET leaves subscribed mode.
+        // RESET leaves subscribed mode; RESET and QUIT run at once inside MULTI.
         "SUBSCRIBE a\r\nRESET\r\nPING\r\nQUIT\r\n",
+        "MULTI\r\nRESET\r\nPING\r\nMULTI\r\nQUIT\r\n",
         // PUBLISH with nobody listening; SUBSCRIBE inside MULTI.
         "PUBLISH nobody hears\r\nMULTI\r\nSUBSCRIBE m\r\nEXEC\r\nPING\r\nQUIT\r\n",
         // CLIENT KILL forms and errors (the caller is skipped unless SKIPME no).

@@ -104,7 +104,10 @@ fn wait_sentinels_settled(sentinels: &[Sentinel], replica_ports: &[u16]) {
                         && r.get("master-link-status").map(String::as_str) == Some("ok")
                 })
             });
-            if others == "2" && healthy {
+            // Not in TILT mode (a stalled event loop), where it would not act on the failure.
+            let info: String = sentinel.query(redis::cmd("INFO").arg("sentinel"));
+            let tilt = parse_info_field(&info, "sentinel_tilt").unwrap_or_default();
+            if others == "2" && healthy && tilt == "0" {
                 Ok(())
             } else {
                 let flags: Vec<String> = replicas
@@ -117,7 +120,7 @@ fn wait_sentinels_settled(sentinels: &[Sentinel], replica_ports: &[u16]) {
                         )
                     })
                     .collect();
-                Err(format!("other sentinels {others}, replicas {flags:?}"))
+                Err(format!("other sentinels {others}, replicas {flags:?}, tilt {tilt}"))
             }
         });
     }

@@ -571,6 +571,8 @@ impl Session {
             )));
         }
         match (name.as_str(), self.transaction.is_some()) {
+            // redis-server runs these at once even inside a transaction.
+            ("QUIT" | "RESET", true) => self.dispatch(&command).await,
             ("MULTI", true) => Next::Reply(Reply::error("ERR MULTI calls can not be nested")),
             ("MULTI", false) => {
                 self.transaction = Some(Vec::new());
