@@ -355,6 +355,44 @@ impl RedisServerBuilder {
     }
 }
 
+/// Waits until the just-spawned `child` (a redis-server or a Sentinel) answers `PING` and `INFO`
+/// on `port` as itself; on failure it is reaped and the description has its log's tail. `PING`
+/// fails with LOADING until an RDB in the directory is loaded.
+fn wait_answering(
+    mut child: Child,
+    what: &str,
+    port: u16,
+    password: Option<&str>,
+    logfile: &Path,
+) -> Result<Child, String> {
+    let pid = child.id().to_string();
+    let start = Instant::now();
+    let log_tail = || tail(&std::fs::read_to_string(logfile).unwrap_or_default(), 20);
+    let mut last: String;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{what} on port {port} exited with {status}; log:\n{}", log_tail()));
+        }
+        match connect(port, None, password).and_then(|mut con| {
+            redis::cmd("PING").exec(&mut con)?;
+            redis::cmd("INFO").arg("server").query::<String>(&mut con)
+        }) {
+            // Another process may own the port if ours lost the race for it: check the pid.
+            Ok(info) if parse_info_field(&info, "process_id").as_deref() == Some(pid.as_str()) => return Ok(child),
+            Ok(_) => last = "another process answers on this port".to_string(),
+            Err(error) => last = error.to_string(),
+        }
+        if start.elapsed() >= STARTUP_TIMEOUT {
+            kill_child(&mut child);
+            return Err(format!(
+                "{what} on port {port} did not answer within {STARTUP_TIMEOUT:?} (last: {last}); log:\n{}",
+                log_tail()
+            ));
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
 /// A `redis-server` child process on a loopback port, in its own temporary directory.
 pub struct RedisServer {
     child: Child,
@@ -405,35 +443,8 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let mut child = command.spawn().map_err(|e| format!("cannot run {}: {e}", redis_server_bin()))?;
-        let pid = child.id().to_string();
-        let start = Instant::now();
-        let mut last: String;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(&logfile).unwrap_or_default();
-                return Err(format!("redis-server on port {port} exited with {status}; log:\n{}", tail(&log, 20)));
-            }
-            // PING fails with LOADING until an RDB in the directory is loaded; INFO names the pid.
-            match connect(port, None, password).and_then(|mut con| {
-                redis::cmd("PING").exec(&mut con)?;
-                redis::cmd("INFO").arg("server").query::<String>(&mut con)
-            }) {
-                // Another process may own the port if ours lost the race for it: check the pid.
-                Ok(info) if parse_info_field(&info, "process_id").as_deref() == Some(pid.as_str()) => return Ok(child),
-                Ok(_) => last = "another process answers on this port".to_string(),
-                Err(error) => last = error.to_string(),
-            }
-            if start.elapsed() >= STARTUP_TIMEOUT {
-                kill_child(&mut child);
-                let log = std::fs::read_to_string(&logfile).unwrap_or_default();
-                return Err(format!(
-                    "redis-server on port {port} did not answer within {STARTUP_TIMEOUT:?} (last: {last}); log:\n{}",
-                    tail(&log, 20)
-                ));
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
+        let child = command.spawn().map_err(|e| format!("cannot run {}: {e}", redis_server_bin()))?;
+        wait_answering(child, "redis-server", port, password, &logfile)
     }
 
     pub fn port(&self) -> u16 {
@@ -587,7 +598,7 @@ impl Sentinel {
             timeout = s.failover_timeout.as_millis(),
         );
         std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
-        let mut child = Command::new(redis_server_bin())
+        let child = Command::new(redis_server_bin())
             .arg(&conf)
             .arg("--sentinel")
             .stdin(Stdio::null())
@@ -595,29 +606,7 @@ impl Sentinel {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot run {} --sentinel: {e}", redis_server_bin()))?;
-        let pid = child.id().to_string();
-        let start = Instant::now();
-        let mut last: String;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(&logfile).unwrap_or_default();
-                return Err(format!("sentinel on port {port} exited with {status}; log:\n{}", tail(&log, 20)));
-            }
-            match connect(port, None, None)
-                .and_then(|mut con| redis::cmd("INFO").arg("server").query::<String>(&mut con))
-            {
-                Ok(info) if parse_info_field(&info, "process_id").as_deref() == Some(pid.as_str()) => return Ok(child),
-                Ok(_) => last = "another process answers on this port".to_string(),
-                Err(error) => last = error.to_string(),
-            }
-            if start.elapsed() >= STARTUP_TIMEOUT {
-                kill_child(&mut child);
-                return Err(format!(
-                    "sentinel on port {port} did not answer within {STARTUP_TIMEOUT:?} (last: {last})"
-                ));
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
+        wait_answering(child, "sentinel", port, None, &logfile)
     }
 
     pub fn port(&self) -> u16 {
