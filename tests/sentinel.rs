@@ -155,6 +155,24 @@ fn stat(source: &impl InfoSource, name: &str) -> i64 {
 
 #[test]
 fn real_sentinel_failover_repoints_the_relay_and_nobody_below_full_syncs() {
+    failover_below_the_relay(false);
+}
+
+/// The same failover while a replica below the relay is 50 MB behind, catching up from the relay's
+/// log: it is stopped (SIGSTOP) before 50 MB are written and resumed only after the relay has moved
+/// to the new master's history, so it resumes across the history change (`replid2`) with a partial
+/// resync from the log.
+#[test]
+fn real_sentinel_failover_while_a_replica_below_is_50mb_behind() {
+    failover_below_the_relay(true);
+}
+
+fn signal(server: &RedisServer, signal: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(server.pid().to_string()).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{signal}");
+}
+
+fn failover_below_the_relay(one_replica_behind: bool) {
     // The promoted replica's backlog must cover the writes between its promotion and the relay's
     // PSYNC (the failover's reconf phase, seconds): size it as for any failover under writes.
     let backlog = ["--repl-backlog-size", "64mb"];
@@ -185,6 +203,15 @@ fn real_sentinel_failover_repoints_the_relay_and_nobody_below_full_syncs() {
     let relay_full_syncs_served = stat(&relay, "sync_full");
     assert_eq!(relay_full_syncs_served, 2, "the two replicas below synced once each");
     let relay_reconnects_before = relay.info_field("relay", "upstream_reconnects");
+    let relay_partial_syncs_served = stat(&relay, "sync_partial_ok");
+    if one_replica_behind {
+        signal(&below[1], "STOP");
+        let mut con = old_master.conn();
+        let value = vec![b'x'; 1 << 20];
+        for i in 0..50 {
+            redis::cmd("SET").arg(format!("big:{i}")).arg(&value).exec(&mut con).expect("SET");
+        }
+    }
 
     // The master dies without a word, at a moment when the replica Sentinel will promote has
     // everything the relay has. (Otherwise the promoted replica cannot continue the relay's
@@ -194,6 +221,20 @@ fn real_sentinel_failover_repoints_the_relay_and_nobody_below_full_syncs() {
     writer.pause();
     wait_in_sync(&old_master, &candidate, SYNC_TIMEOUT);
     wait_in_sync(&old_master, &relay, SYNC_TIMEOUT);
+    if one_replica_behind {
+        // Its own INFO would not answer: the offset it last ACKed, from the relay's `slaveN:` line.
+        let needle = format!("port={},", below[1].port());
+        let info = relay.info("replication");
+        let acked: i64 = info
+            .lines()
+            .find(|line| line.starts_with("slave") && line.contains(&needle))
+            .and_then(|line| line.split(',').find_map(|f| f.strip_prefix("offset=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("the relay lists the stopped replica: {info}"));
+        let behind = offset_of(&relay) - acked;
+        eprintln!("the stopped replica below the relay is {behind} bytes behind at the kill");
+        assert!(behind >= 50 << 20, "the stopped replica is 50 MB behind: {behind}");
+    }
     old_master.kill();
     let killed_at = Instant::now();
     writer.resume();
@@ -209,6 +250,10 @@ fn real_sentinel_failover_repoints_the_relay_and_nobody_below_full_syncs() {
             other => Err(format!("master_link_status {other:?}")),
         }
     });
+    if one_replica_behind {
+        // The relay now serves the new master's history; the lagging replica asks for the old one.
+        signal(&below[1], "CONT");
+    }
     let switch = wait_for(Duration::from_secs(60), "+switch-master from every Sentinel", || {
         let found: Vec<SentinelEvent> =
             events.iter().filter_map(|e| e.find("+switch-master", &addr(candidate.port()).replace(':', " "))).collect();
@@ -296,5 +341,9 @@ fn real_sentinel_failover_repoints_the_relay_and_nobody_below_full_syncs() {
         assert_eq!(replica.digest(), digest);
     }
     assert_eq!(stat(&relay, "sync_full"), relay_full_syncs_served, "still no full sync below the relay");
+    assert!(
+        stat(&relay, "sync_partial_ok") >= relay_partial_syncs_served + 2,
+        "both replicas below continued with PSYNC across the new history"
+    );
     eprintln!("{total} writes through the failover");
 }
