@@ -31,8 +31,14 @@ fn main() -> anyhow::Result<()> {
         let bytes = if policy == FsyncPolicy::Always { total / 10 } else { total };
         let dir = base.join(policy.name());
         let _ = std::fs::remove_dir_all(&dir);
-        let options =
-            LogOptions { retention: bytes * 2, memory: 64 << 20, segment_size: 64 << 20, max_age: None, fsync: policy };
+        let options = LogOptions {
+            retention: bytes * 2,
+            max_size: bytes * 2,
+            memory: 64 << 20,
+            segment_size: 64 << 20,
+            max_age: None,
+            fsync: policy,
+        };
         let (elapsed, written) = {
             let (log, _) = ReplicationLog::open(&dir, options)?;
             let log = Arc::new(log);

@@ -21,6 +21,71 @@ pub const DEFAULT_LOG_SIZE: u64 = 1 << 30;
 pub const DEFAULT_LOG_MEMORY: u64 = 64 << 20;
 pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
 pub const DEFAULT_REPL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Least time between two snapshot fetches from the master (as XPipe's keeper spaces its dumps).
+pub const DEFAULT_SNAPSHOT_MIN_INTERVAL: Duration = Duration::from_secs(15 * 60);
+
+/// Where fresh snapshots come from, in order of preference (`snapshot_sources`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotSource {
+    /// An online replica below the relay (a redis-server or another relay), on a side connection.
+    Replicas,
+    /// The master, on a side connection: a fork there, so rate-limited.
+    Master,
+}
+
+impl SnapshotSource {
+    pub fn parse(text: &str) -> Option<SnapshotSource> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "replicas" | "replica" => Some(SnapshotSource::Replicas),
+            "master" => Some(SnapshotSource::Master),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SnapshotSource::Replicas => "replicas",
+            SnapshotSource::Master => "master",
+        }
+    }
+}
+
+/// How the relay refreshes its snapshot cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotSourcing {
+    pub sources: Vec<SnapshotSource>,
+    /// Replica addresses (`ip:port`, as announced) never asked for a snapshot.
+    pub exclude: Vec<String>,
+    /// `AUTH` to a replica source; `None` means the relay's upstream password.
+    pub password: Option<String>,
+    /// Least time between two fetches from the master.
+    pub master_min_interval: Duration,
+}
+
+impl Default for SnapshotSourcing {
+    fn default() -> Self {
+        SnapshotSourcing {
+            sources: vec![SnapshotSource::Replicas, SnapshotSource::Master],
+            exclude: Vec::new(),
+            password: None,
+            master_min_interval: DEFAULT_SNAPSHOT_MIN_INTERVAL,
+        }
+    }
+}
+
+/// Parses a `replicas,master` list; an empty or repeated entry is an error.
+pub fn parse_sources(items: &[String]) -> Result<Vec<SnapshotSource>, String> {
+    let mut sources = Vec::new();
+    for item in items {
+        let source = SnapshotSource::parse(item)
+            .ok_or_else(|| format!("unknown snapshot source {item:?} (expected replicas or master)"))?;
+        if sources.contains(&source) {
+            return Err(format!("snapshot source {item:?} given twice"));
+        }
+        sources.push(source);
+    }
+    Ok(sources)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -74,6 +139,8 @@ pub struct RelayConfig {
     pub ack_replicas: usize,
     /// `client-output-buffer-limit pubsub`: a subscriber holding more unsent messages is dropped.
     pub pubsub_output_limit: OutputBufferLimit,
+    /// Where fresh snapshots come from.
+    pub snapshot: SnapshotSourcing,
 }
 
 /// The settings about the master's lifecycle, with their defaults.
@@ -160,6 +227,7 @@ struct FileRelay {
     tls_key_file: Option<String>,
     tls_ca_cert_file: Option<String>,
     tls_auth_clients: Option<String>,
+    snapshot_source_password: Option<String>,
     #[serde(flatten)]
     tunables: Tunables,
     /// serde cannot deny unknown fields next to a flattened struct: they land here and are refused.
@@ -185,6 +253,10 @@ struct Tunables {
     /// A YAML number (or string), checked with the others so the error names the field.
     ack_replicas: Option<serde_yaml_ng::Value>,
     client_output_buffer_limit_pubsub: Option<String>,
+    log_max_size: Option<String>,
+    snapshot_sources: Option<Vec<String>>,
+    snapshot_source_exclude: Option<Vec<String>>,
+    snapshot_min_interval: Option<String>,
 }
 
 /// The settings of one relay after inheritance.
@@ -198,6 +270,7 @@ struct Resolved {
     upstream_ack: AckMode,
     ack_replicas: usize,
     pubsub_output_limit: OutputBufferLimit,
+    snapshot: SnapshotSourcing,
 }
 
 fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> Result<Resolved, ConfigError> {
@@ -219,6 +292,33 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
     if retention < 16 * 1024 {
         let field = if own.log_size.is_some() { at("log_size") } else { "defaults.log_size".into() };
         return Err(field_error(&field, &retention.to_string(), "the log must hold at least 16kb"));
+    }
+    let max_size = size("log_max_size", &own.log_max_size, &defaults.log_max_size, retention.saturating_mul(2))?;
+    if max_size < retention {
+        let (field, value) = pick(&own.log_max_size, &defaults.log_max_size, "log_max_size").unwrap_or_default();
+        return Err(field_error(&field, &value, "log_max_size must be at least log_size"));
+    }
+    let mut snapshot = SnapshotSourcing::default();
+    if let Some(list) = own.snapshot_sources.as_ref().or(defaults.snapshot_sources.as_ref()) {
+        let field =
+            if own.snapshot_sources.is_some() { at("snapshot_sources") } else { "defaults.snapshot_sources".into() };
+        snapshot.sources = parse_sources(list).map_err(|m| field_error(&field, &list.join(","), &m))?;
+    }
+    if let Some(list) = own.snapshot_source_exclude.as_ref().or(defaults.snapshot_source_exclude.as_ref()) {
+        for (i, addr) in list.iter().enumerate() {
+            let field = if own.snapshot_source_exclude.is_some() {
+                at(&format!("snapshot_source_exclude[{i}]"))
+            } else {
+                format!("defaults.snapshot_source_exclude[{i}]")
+            };
+            check_upstream(&field, addr)?;
+        }
+        snapshot.exclude = list.clone();
+    }
+    if let Some((field, v)) = pick(&own.snapshot_min_interval, &defaults.snapshot_min_interval, "snapshot_min_interval")
+    {
+        snapshot.master_min_interval =
+            parse_duration(&v).ok_or_else(|| field_error(&field, &v, "expected a duration such as 15m"))?;
     }
     let fsync = match pick(&own.appendfsync, &defaults.appendfsync, "appendfsync") {
         None => FsyncPolicy::EverySec,
@@ -288,7 +388,7 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
     };
     Ok(Resolved {
         pubsub_output_limit,
-        log: LogOptions { retention, memory, segment_size: segment_size.max(64 * 1024), max_age, fsync },
+        log: LogOptions { retention, max_size, memory, segment_size: segment_size.max(64 * 1024), max_age, fsync },
         repl_timeout,
         downstream_eof_form: own.repl_diskless_sync.or(defaults.repl_diskless_sync).unwrap_or(false),
         history_reset,
@@ -296,6 +396,7 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
         replicaof,
         upstream_ack,
         ack_replicas,
+        snapshot,
     })
 }
 
@@ -521,6 +622,11 @@ impl Config {
                     auth_clients: relay.tls_auth_clients.clone(),
                 },
             )?;
+            let mut snapshot = resolved.snapshot;
+            snapshot.password = match &relay.snapshot_source_password {
+                Some(p) => Some(substitute_env(&at("snapshot_source_password"), p)?),
+                None => None,
+            };
             relays.push(RelayConfig {
                 name: relay.name.clone(),
                 upstream_tls,
@@ -546,6 +652,7 @@ impl Config {
                 replicaof: resolved.replicaof,
                 upstream_ack: resolved.upstream_ack,
                 ack_replicas: resolved.ack_replicas,
+                snapshot,
             });
         }
         let config = Config { metrics, relays };

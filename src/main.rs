@@ -123,6 +123,23 @@ struct Cli {
     /// seconds>", like client-output-buffer-limit pubsub.
     #[arg(long, value_name = "LIMITS", default_value = "32mb 8mb 60")]
     client_output_buffer_limit_pubsub: String,
+    /// Hard cap on the log when retention keeps older segments for the cached snapshot (default
+    /// twice --log-size).
+    #[arg(long, value_name = "SIZE")]
+    log_max_size: Option<String>,
+    /// Where fresh snapshots come from, in order: replicas, master.
+    #[arg(long, value_name = "LIST", default_value = "replicas,master", value_delimiter = ',')]
+    snapshot_sources: Vec<String>,
+    /// Replica addresses (IP:PORT as announced) never asked for a snapshot; repeatable or comma-separated.
+    #[arg(long, value_name = "IP:PORT", value_delimiter = ',')]
+    snapshot_source_exclude: Vec<String>,
+    /// Password for AUTH to a replica asked for a snapshot (default: the upstream password; or set
+    /// REDIS_RELAY_SNAPSHOT_SOURCE_PASSWORD).
+    #[arg(long, value_name = "P", env = "REDIS_RELAY_SNAPSHOT_SOURCE_PASSWORD", hide_env_values = true)]
+    snapshot_source_password: Option<String>,
+    /// Least time between two snapshot fetches from the master (each one a fork there).
+    #[arg(long, value_name = "DURATION", default_value = "15m")]
+    snapshot_min_interval: String,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -145,8 +162,16 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
     if retention < 16 * 1024 {
         bail!("--log-size: the log must hold at least 16kb, got {:?}", cli.log_size);
     }
+    let max_size = match &cli.log_max_size {
+        Some(text) => size("--log-max-size", text)?,
+        None => retention.saturating_mul(2),
+    };
+    if max_size < retention {
+        bail!("--log-max-size: must be at least --log-size, got {:?}", cli.log_max_size.as_deref().unwrap_or(""));
+    }
     let log = LogOptions {
         retention,
+        max_size,
         memory: size("--log-memory", &cli.log_memory)?.min(retention),
         segment_size: size("--log-segment-size", &cli.log_segment_size)?.max(64 * 1024),
         max_age: cli
@@ -185,6 +210,19 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
             cli.client_output_buffer_limit_pubsub
         )
     })?;
+    let sources =
+        config::parse_sources(&cli.snapshot_sources).map_err(|m| anyhow::anyhow!("--snapshot-sources: {m}"))?;
+    for addr in &cli.snapshot_source_exclude {
+        config::check_upstream("--snapshot-source-exclude", addr)?;
+    }
+    let snapshot = config::SnapshotSourcing {
+        sources,
+        exclude: cli.snapshot_source_exclude.clone(),
+        password: cli.snapshot_source_password.clone(),
+        master_min_interval: config::parse_duration(&cli.snapshot_min_interval).with_context(|| {
+            format!("--snapshot-min-interval: expected a duration such as 15m, got {:?}", cli.snapshot_min_interval)
+        })?,
+    };
     let metrics = match &cli.metrics {
         Some(addr) => Some(config::parse_listen("--metrics", addr)?),
         None => None,
@@ -228,6 +266,7 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
             upstream_ack,
             ack_replicas: cli.ack_replicas,
             pubsub_output_limit,
+            snapshot,
         }],
     };
     config.validate()?;

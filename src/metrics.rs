@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::downstream::ReplicaState;
 use crate::relay::{stopped, RelayContext, ServedStats};
+use crate::upstream::fetch::REFUSAL_REASONS;
 use crate::upstream::LinkState;
 
 /// How often the collector samples, and how long a series survives without a sample.
@@ -58,6 +59,22 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ),
     ("redis_relay_rdb_fetches_total", Kind::Counter, "RDBs fetched from the master (each one a master fork)"),
     ("redis_relay_rdb_rejected_total", Kind::Counter, "RDB payloads from the master rejected as corrupt"),
+    (
+        "redis_relay_snapshot_refreshes_total",
+        Kind::Counter,
+        "Snapshots installed from a side fetch, by source (replica/master)",
+    ),
+    ("redis_relay_snapshot_refusals_total", Kind::Counter, "Snapshots refused from a source, by reason"),
+    (
+        "redis_relay_snapshot_master_rate_limited_total",
+        Kind::Counter,
+        "Master fetches skipped by snapshot_min_interval",
+    ),
+    (
+        "redis_relay_log_held_for_snapshot_bytes",
+        Kind::Gauge,
+        "Log bytes kept beyond log_size so the cached snapshot stays usable",
+    ),
     ("redis_relay_full_syncs_served_total", Kind::Counter, "Full syncs served to replicas from the cache"),
     ("redis_relay_partial_syncs_total", Kind::Counter, "Partial resync requests, by result (accepted/refused)"),
     ("redis_relay_replicas", Kind::Gauge, "Connected replicas by state"),
@@ -148,6 +165,19 @@ fn sample(context: &RelayContext) {
     gauge!("redis_relay_history_reset_held", &labels).set(f64::from(u8::from(upstream.history_held.is_some())));
     counter!("redis_relay_rdb_fetches_total", &labels).absolute(upstream.rdb_fetches);
     counter!("redis_relay_rdb_rejected_total", &labels).absolute(upstream.rdb_rejected);
+
+    let fetcher = context.fetcher_status.borrow().clone();
+    for (source, value) in [("replica", fetcher.refreshes_replica), ("master", fetcher.refreshes_master)] {
+        let labels = [("relay", relay.clone()), ("source", source.to_string())];
+        counter!("redis_relay_snapshot_refreshes_total", &labels).absolute(value);
+    }
+    for reason in REFUSAL_REASONS {
+        let labels = [("relay", relay.clone()), ("reason", reason.to_string())];
+        counter!("redis_relay_snapshot_refusals_total", &labels)
+            .absolute(fetcher.refusals.get(reason).copied().unwrap_or(0));
+    }
+    counter!("redis_relay_snapshot_master_rate_limited_total", &labels).absolute(fetcher.master_rate_limited);
+    gauge!("redis_relay_log_held_for_snapshot_bytes", &labels).set(context.log.held_beyond_retention() as f64);
 
     let stats = &context.stats;
     counter!("redis_relay_full_syncs_served_total", &labels).absolute(ServedStats::get(&stats.sync_full));

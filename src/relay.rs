@@ -18,7 +18,7 @@ use crate::downstream::{self, ReplicaTable};
 use crate::log::{DropKind, FsyncPolicy, Recovery, ReplicationLog};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use crate::tls::{TlsAcceptor, TlsConnector};
-use crate::upstream::fetch::FetchRequests;
+use crate::upstream::fetch::{FetchRequests, FetcherStatus};
 use crate::upstream::{UpstreamConfig, UpstreamLink, UpstreamStatus};
 
 /// Counters of what the relay served below it, as `INFO stats` names them.
@@ -62,6 +62,8 @@ pub struct RelayContext {
     /// Channel and pattern subscriptions of the listener's clients.
     pub pubsub: Arc<PubSub>,
     pub fetcher: FetchRequests,
+    /// Where snapshots came from and why some were refused (the fetcher publishes it).
+    pub fetcher_status: watch::Receiver<FetcherStatus>,
     /// What the log's recovery found at start (INFO shows it).
     pub log_recovery: Recovery,
     /// The TLS listener's certificates, reloaded on SIGHUP (the link's are in `upstream_config`).
@@ -208,7 +210,7 @@ pub async fn start(
         replicas: replicas.clone(),
     };
     let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone());
-    let (fetcher_task, fetcher) = link.fetcher();
+    let (fetcher_task, fetcher, fetcher_status) = link.fetcher(config.snapshot.clone(), replicas.clone());
     let pubsub = Arc::new(PubSub::new(config.pubsub_output_limit));
     let context = Arc::new(RelayContext {
         config,
@@ -225,6 +227,7 @@ pub async fn start(
         clients: Arc::new(ClientTable::default()),
         pubsub,
         fetcher,
+        fetcher_status,
         log_recovery: recovery,
         tls_acceptor: tls_acceptor.clone(),
     });

@@ -10,6 +10,7 @@ use super::ReplicaState;
 use crate::log::NO_REPLID;
 use crate::protocol::Reply;
 use crate::relay::{RelayContext, ServedStats};
+use crate::upstream::fetch::REFUSAL_REASONS;
 use crate::upstream::history::HistoryResetPolicy;
 use crate::upstream::LinkState;
 
@@ -188,6 +189,26 @@ fn relay(context: &RelayContext, out: &mut String) {
         let since = held.since.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         line(out, "history_reset_held_seconds", now.saturating_sub(since));
     }
+    let source = snapshot.as_ref().map(|s| if s.source.is_empty() { "unknown" } else { s.source.as_str() });
+    line(out, "snapshot_source", source.unwrap_or("none"));
+    let sources: Vec<&str> = context.config.snapshot.sources.iter().map(|s| s.name()).collect();
+    line(out, "snapshot_sources", sources.join(","));
+    let fetcher = context.fetcher_status.borrow().clone();
+    line(out, "snapshot_refreshes_replica", fetcher.refreshes_replica);
+    line(out, "snapshot_refreshes_master", fetcher.refreshes_master);
+    let refusals: u64 = fetcher.refusals.values().sum();
+    line(out, "snapshot_refusals", refusals);
+    for reason in REFUSAL_REASONS {
+        line(out, &format!("snapshot_refusals_{reason}"), fetcher.refusals.get(reason).copied().unwrap_or(0));
+    }
+    line(out, "snapshot_last_refusal", &fetcher.last_refusal);
+    line(out, "snapshot_master_rate_limited", fetcher.master_rate_limited);
+    let interval = context.config.snapshot.master_min_interval;
+    let next = fetcher.last_master_fetch.map(|t| (t + interval).saturating_duration_since(tokio::time::Instant::now()));
+    line(out, "snapshot_master_next_fetch_in_seconds", next.map(|d| d.as_secs()).unwrap_or(0));
+    line(out, "log_size", context.log.options().retention);
+    line(out, "log_max_size", context.log.options().max_size);
+    line(out, "log_held_for_snapshot_bytes", context.log.held_beyond_retention());
 }
 
 fn policy_name(policy: HistoryResetPolicy) -> &'static str {

@@ -171,6 +171,8 @@ pub struct ReplicaHandshake {
     pub capa_eof: bool,
     pub capa_psync2: bool,
     pub rdb_only: bool,
+    /// A relay above asks for the cached snapshot as it is (`capa relay-snapshot`).
+    pub capa_relay_snapshot: bool,
 }
 
 /// Accepts connections until shutdown; with `tls`, each one starts with a TLS handshake.
@@ -781,6 +783,7 @@ impl Session {
                 "capa" => match value.to_ascii_lowercase().as_str() {
                     "eof" => self.handshake.capa_eof = true,
                     "psync2" => self.handshake.capa_psync2 = true,
+                    crate::upstream::RELAY_SNAPSHOT_CAPA => self.handshake.capa_relay_snapshot = true,
                     _ => {}
                 },
                 "ack" | "getack" => return Next::NoReply,

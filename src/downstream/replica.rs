@@ -166,6 +166,16 @@ async fn full_sync(
 ) -> Result<(), Disconnect> {
     let context = session.context.clone();
     let mut snapshots = context.snapshots.subscribe();
+    if session.handshake.rdb_only && session.handshake.capa_relay_snapshot {
+        // A relay above wants our snapshot as a source: only one the log covers, and at once (it
+        // may be the master we would fetch from, so it must never wait on us).
+        let summary = context.log.summary();
+        let usable = context.snapshots.current().is_some_and(|s| summary.can_continue(&s.replid, s.offset as i64 + 1));
+        if !usable {
+            session.conn.stream.write_all(b"-NOSNAPSHOT no cached snapshot covered by the log\r\n").await?;
+            return Ok(());
+        }
+    }
     let mut keepalive = tokio::time::interval_at(Instant::now() + KEEPALIVE_PERIOD, KEEPALIVE_PERIOD);
     let (snapshot, epoch, replid, file) = loop {
         let summary = context.log.summary();

@@ -66,6 +66,15 @@ impl Segment {
     }
 }
 
+/// What retention keeps: see [`SegmentStore::trim`].
+#[derive(Debug, Clone, Copy)]
+pub struct TrimPolicy {
+    pub retain: u64,
+    pub max_size: u64,
+    pub max_age: Option<Duration>,
+    pub keep_position: Option<u64>,
+}
+
 /// A disk read: a run of whole records in one segment file, starting at an index point.
 #[derive(Debug, Clone)]
 pub struct DiskRange {
@@ -351,13 +360,22 @@ impl SegmentStore {
     }
 
     /// Deletes the oldest whole segments while more than `retain` bytes would remain, or while their
-    /// newest byte is older than `max_age`; returns the new first position. The active segment stays.
-    pub fn trim(&mut self, retain: u64, max_age: Option<Duration>, end: u64) -> Result<Option<u64>, DiskError> {
+    /// newest byte is older than `max_age`, but not the stream after `keep_position` unless more
+    /// than `max_size` would remain; returns the new first position. The active segment stays.
+    pub fn trim(&mut self, policy: &TrimPolicy, end: u64) -> Result<Option<u64>, DiskError> {
         let mut new_start = None;
         let too_old = |segment: &Segment| {
-            max_age.is_some_and(|age| segment.last_write.elapsed().is_ok_and(|elapsed| elapsed > age))
+            policy.max_age.is_some_and(|age| segment.last_write.elapsed().is_ok_and(|elapsed| elapsed > age))
         };
-        while self.segments.len() > 1 && (end - self.segments[1].start >= retain || too_old(&self.segments[0])) {
+        while self.segments.len() > 1 {
+            let remaining = end - self.segments[1].start;
+            let wanted = remaining >= policy.retain || too_old(&self.segments[0]);
+            // Dropping segment 0 keeps `keep_position` in the log when the next segment starts at
+            // or before it (the log then still holds the byte after it).
+            let keeps_pin = policy.keep_position.is_none_or(|keep| self.segments[1].start <= keep);
+            if !(wanted && (keeps_pin || remaining >= policy.max_size)) {
+                break;
+            }
             let segment = self.segments.remove(0);
             self.deferred.push(Deferred::Remove(segment.path));
             new_start = Some(self.segments[0].start);

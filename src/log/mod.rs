@@ -67,6 +67,9 @@ impl FsyncPolicy {
 pub struct LogOptions {
     /// Bytes kept in all (disk), the `repl_backlog_size` of INFO.
     pub retention: u64,
+    /// Hard cap (`log_max_size`): retention may keep older segments beyond `retention` so that the
+    /// stream after the cached snapshot stays in the log, but never more than this.
+    pub max_size: u64,
     /// Bytes of the newest stream kept in memory for live fan-out.
     pub memory: u64,
     /// Size at which a new segment file starts.
@@ -155,6 +158,9 @@ pub struct ReplicationLog {
     disk_cache: std::sync::Mutex<RecordCache>,
     /// Disk reads in flight, to tell a lone cursor from cursors trailing together.
     disk_readers: std::sync::atomic::AtomicUsize,
+    /// The position retention keeps in the log (the cached snapshot's offset), up to `max_size`;
+    /// `u64::MAX` when nothing is pinned.
+    pinned: AtomicU64,
 }
 
 /// Bytes of verified disk records kept for cursors that trail the memory tail together.
@@ -276,6 +282,7 @@ impl ReplicationLog {
             durable: AtomicU64::new(recovery.end),
             disk_cache: Default::default(),
             disk_readers: Default::default(),
+            pinned: AtomicU64::new(u64::MAX),
         };
         Ok((log, recovery))
     }
@@ -310,6 +317,18 @@ impl ReplicationLog {
             disk_bytes: inner.disk.bytes_on_disk(),
             durable: self.durable_offset(),
         }
+    }
+
+    /// Asks retention to keep the stream after `position` (the cached snapshot's offset) beyond
+    /// `log_size`, up to `log_max_size`; `None` releases it.
+    pub fn pin(&self, position: Option<u64>) {
+        self.pinned.store(position.unwrap_or(u64::MAX), Ordering::Release);
+    }
+
+    /// Bytes held beyond `log_size` because of the pin (0 when retention is at its normal size).
+    pub fn held_beyond_retention(&self) -> u64 {
+        let inner = self.read_inner();
+        (inner.end - inner.start).saturating_sub(self.options.retention)
     }
 
     /// The highest offset safe to ACK upstream under the fsync policy.
@@ -391,7 +410,14 @@ impl ReplicationLog {
                 inner.memory_start += front_len;
             }
             let end = inner.end;
-            if let Some(new_start) = inner.disk.trim(self.options.retention, self.options.max_age, end)? {
+            let pinned = self.pinned.load(Ordering::Acquire);
+            let policy = disk::TrimPolicy {
+                retain: self.options.retention,
+                max_size: self.options.max_size.max(self.options.retention),
+                max_age: self.options.max_age,
+                keep_position: (pinned != u64::MAX).then_some(pinned),
+            };
+            if let Some(new_start) = inner.disk.trim(&policy, end)? {
                 inner.start = new_start;
                 inner.memory_start = inner.memory_start.max(new_start);
                 while inner.chunks.front().is_some_and(|(p, _)| *p < new_start) {
@@ -526,7 +552,14 @@ mod tests {
     use rand::Rng;
 
     fn options(retention: u64, memory: u64) -> LogOptions {
-        LogOptions { retention, memory, segment_size: 64 * 1024, max_age: None, fsync: FsyncPolicy::No }
+        LogOptions {
+            retention,
+            max_size: retention,
+            memory,
+            segment_size: 64 * 1024,
+            max_age: None,
+            fsync: FsyncPolicy::No,
+        }
     }
 
     fn read_all(log: &ReplicationLog, epoch: u64, mut position: u64) -> Result<Vec<u8>, ReadError> {

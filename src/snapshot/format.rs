@@ -541,6 +541,10 @@ pub struct SnapshotMeta {
     /// reopen).
     #[serde(default)]
     pub keys: Option<KeyCount>,
+    /// Where it came from: `master` or `replica <ip:port>` (empty in metadata written before
+    /// snapshot sources existed).
+    #[serde(default)]
+    pub source: String,
 }
 
 #[cfg(test)]

@@ -121,8 +121,9 @@ impl SnapshotStore {
         self.current.subscribe()
     }
 
-    /// Starts receiving a new RDB that the master produced at `offset` under `replid`.
-    pub async fn begin(&self, replid: &str, offset: u64) -> Result<SnapshotWriter, SnapshotError> {
+    /// Starts receiving a new RDB produced at `offset` under `replid` by `source` (`master`,
+    /// `replica <ip:port>`).
+    pub async fn begin(&self, replid: &str, offset: u64, source: &str) -> Result<SnapshotWriter, SnapshotError> {
         let n = self.temp_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let temp_path = self.dir.join(format!("{RDB_FILE}.tmp-{}-{n}", std::process::id()));
         let file = tokio::fs::File::create(&temp_path).await.map_err(io_error(&temp_path))?;
@@ -132,6 +133,7 @@ impl SnapshotStore {
             verifier: RdbVerifier::default(),
             replid: replid.to_string(),
             offset,
+            source: source.to_string(),
         })
     }
 
@@ -154,6 +156,7 @@ impl SnapshotStore {
             content_crc64: facts.content_crc64,
             created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             keys: Some(facts.keys),
+            source: writer.source.clone(),
         };
         let meta_text = serde_yaml_ng::to_string(&meta)
             .map_err(|e| SnapshotError::BadMeta { path: self.dir.join(META_FILE), reason: e.to_string() })?;
@@ -198,6 +201,7 @@ pub struct SnapshotWriter {
     verifier: RdbVerifier,
     replid: String,
     offset: u64,
+    source: String,
 }
 
 impl SnapshotWriter {
@@ -242,7 +246,7 @@ mod tests {
         let store = SnapshotStore::open(dir.path()).unwrap();
         assert!(store.current().is_none());
         let rdb = sample_rdb();
-        let mut writer = store.begin(&"f".repeat(40), 42).await.unwrap();
+        let mut writer = store.begin(&"f".repeat(40), 42, "master").await.unwrap();
         for piece in rdb.chunks(5) {
             writer.write(piece).await.unwrap();
         }
@@ -259,7 +263,7 @@ mod tests {
         let store = SnapshotStore::open(dir.path()).unwrap();
         let mut rdb = sample_rdb();
         rdb[10] ^= 0x40;
-        let mut writer = store.begin(&"f".repeat(40), 1).await.unwrap();
+        let mut writer = store.begin(&"f".repeat(40), 1, "master").await.unwrap();
         writer.write(&rdb).await.unwrap();
         assert!(matches!(store.commit(writer).await, Err(SnapshotError::Rdb(RdbError::CrcMismatch { .. }))));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
@@ -274,7 +278,7 @@ mod tests {
         let mut rdb = sample_rdb();
         let n = rdb.len();
         rdb[n - 8..].fill(0);
-        let mut writer = store.begin(&"f".repeat(40), 1).await.unwrap();
+        let mut writer = store.begin(&"f".repeat(40), 1, "master").await.unwrap();
         writer.write(&rdb).await.unwrap();
         store.commit(writer).await.unwrap();
         assert!(SnapshotStore::open(dir.path()).unwrap().current().is_some());
@@ -289,7 +293,7 @@ mod tests {
     async fn a_corrupt_cached_file_is_not_adopted() {
         let dir = tempfile::tempdir().unwrap();
         let store = SnapshotStore::open(dir.path()).unwrap();
-        let mut writer = store.begin(&"f".repeat(40), 1).await.unwrap();
+        let mut writer = store.begin(&"f".repeat(40), 1, "master").await.unwrap();
         writer.write(&sample_rdb()).await.unwrap();
         store.commit(writer).await.unwrap();
         let mut bytes = std::fs::read(store.rdb_path()).unwrap();

@@ -187,6 +187,8 @@ pub enum LinkError {
     #[error("rejected RDB from master: {0}")]
     BadPayload(String),
     #[error("rejected RDB from master: {0}")]
+    Truncated(String),
+    #[error("rejected RDB from master: {0}")]
     Snapshot(#[from] SnapshotError),
     #[error("replication log write failed: {0}")]
     Log(#[from] crate::log::DiskError),
@@ -204,6 +206,9 @@ pub struct UpstreamLink {
     status: watch::Sender<UpstreamStatus>,
 }
 
+/// The capability a relay announces when it asks for a snapshot on a side connection.
+pub const RELAY_SNAPSHOT_CAPA: &str = "relay-snapshot";
+
 const ACK_PERIOD: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// While a history reset is held, how often the link asks the master again (it may have been
@@ -220,9 +225,21 @@ impl UpstreamLink {
         (UpstreamLink { config, log, snapshots, status }, receiver)
     }
 
-    /// The side-connection RDB fetcher that shares this link's master, log, snapshots and status.
-    pub fn fetcher(&self) -> (fetch::RdbFetcher, fetch::FetchRequests) {
-        fetch::RdbFetcher::new(self.config.clone(), self.log.clone(), self.snapshots.clone(), self.status.clone())
+    /// The side-connection RDB fetcher that shares this link's master, log, snapshots and status,
+    /// and asks the replicas in `replicas` first as `sourcing` says.
+    pub fn fetcher(
+        &self,
+        sourcing: crate::config::SnapshotSourcing,
+        replicas: Arc<crate::downstream::ReplicaTable>,
+    ) -> (fetch::RdbFetcher, fetch::FetchRequests, watch::Receiver<fetch::FetcherStatus>) {
+        fetch::RdbFetcher::new(
+            self.config.clone(),
+            sourcing,
+            self.log.clone(),
+            self.snapshots.clone(),
+            replicas,
+            self.status.clone(),
+        )
     }
 
     /// Runs until `shutdown` flips to true.
@@ -266,7 +283,7 @@ impl UpstreamLink {
             if let Err(error) = result {
                 match &error {
                     LinkError::HistoryHeld(_) => {}
-                    LinkError::Snapshot(_) | LinkError::BadPayload(_) => {
+                    LinkError::Snapshot(_) | LinkError::BadPayload(_) | LinkError::Truncated(_) => {
                         self.status.send_modify(|s| s.rdb_rejected += 1);
                         tracing::warn!(master = %self.config.addr(), "{error}");
                     }
@@ -321,7 +338,8 @@ impl UpstreamLink {
             MasterConnection::connect(&self.config.addr(), self.config.repl_timeout, self.config.tls.as_deref())
                 .await?;
         self.set_state(LinkState::Handshake);
-        handshake(&self.config, &mut conn, false).await?;
+        let (user, password) = (self.config.user.as_deref(), self.config.password.as_deref());
+        handshake(&mut conn, user, password, self.config.listening_port, false).await?;
         let summary = self.log.summary();
         let psync = match &summary.ids {
             Some(ids) => {
@@ -454,7 +472,7 @@ impl UpstreamLink {
         self.set_state(LinkState::Sync);
         self.status.send_modify(|s| s.rdb_fetches += 1);
         let started = Instant::now();
-        let mut writer = self.snapshots.begin(replid, offset).await?;
+        let mut writer = self.snapshots.begin(replid, offset, "master").await?;
         let status = &self.status;
         let mut log_progress = crate::relay::TransferProgress::new("RDB receipt from the master", self.config.addr());
         let mut progress = |total: i64, read: u64| {
@@ -565,7 +583,15 @@ impl UpstreamLink {
 
 /// PING, then the pipelined AUTH and REPLCONFs, one reply read per command sent. With `rdb_only` the
 /// master is asked for an RDB and no stream (`REPLCONF rdb-only 1`, Redis 7.0+).
-async fn handshake(config: &UpstreamConfig, conn: &mut MasterConnection, rdb_only: bool) -> Result<(), LinkError> {
+/// The same handshake serves a replica asked for a snapshot (then `user`/`password` are the snapshot
+/// source's): a replica answers a sub-replica's `PSYNC` like a master.
+async fn handshake(
+    conn: &mut MasterConnection,
+    user: Option<&str>,
+    password: Option<&str>,
+    listening_port: u16,
+    rdb_only: bool,
+) -> Result<(), LinkError> {
     conn.send(&encode_command(&[b"PING"])).await?;
     let pong = conn.read_reply("waiting for the PING reply").await?;
     let acceptable = pong.starts_with('+')
@@ -577,7 +603,7 @@ async fn handshake(config: &UpstreamConfig, conn: &mut MasterConnection, rdb_onl
     }
     // The rest of the handshake is pipelined, one reply per command, like redis-server does it.
     let mut pipeline = Vec::new();
-    let auth_sent = match (&config.user, &config.password) {
+    let auth_sent = match (user, password) {
         (Some(user), Some(password)) => {
             pipeline.extend_from_slice(&encode_command(&[b"AUTH", user.as_bytes(), password.as_bytes()]));
             true
@@ -588,9 +614,24 @@ async fn handshake(config: &UpstreamConfig, conn: &mut MasterConnection, rdb_onl
         }
         _ => false,
     };
-    let port = config.listening_port.to_string();
+    let port = listening_port.to_string();
     pipeline.extend_from_slice(&encode_command(&[b"REPLCONF", b"listening-port", port.as_bytes()]));
-    pipeline.extend_from_slice(&encode_command(&[b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"]));
+    if rdb_only {
+        // `capa relay-snapshot` (ignored by redis-server, which skips unknown capabilities) tells a
+        // relay below that a relay above wants its cached snapshot as it is, not a fresh one: two
+        // relays never wait on each other for one.
+        pipeline.extend_from_slice(&encode_command(&[
+            b"REPLCONF",
+            b"capa",
+            b"eof",
+            b"capa",
+            b"psync2",
+            b"capa",
+            RELAY_SNAPSHOT_CAPA.as_bytes(),
+        ]));
+    } else {
+        pipeline.extend_from_slice(&encode_command(&[b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"]));
+    }
     let mut replconfs = vec!["listening-port", "capa"];
     if rdb_only {
         pipeline.extend_from_slice(&encode_command(&[b"REPLCONF", b"rdb-only", b"1"]));

@@ -52,7 +52,7 @@ pub type Progress<'a> = &'a mut (dyn FnMut(i64, u64) + Send);
 fn truncated(error: LinkError, read: u64, expected: &str) -> LinkError {
     match error {
         LinkError::Closed | LinkError::Timeout(_) => {
-            LinkError::BadPayload(format!("payload truncated after {read} bytes (expected {expected}): {error}"))
+            LinkError::Truncated(format!("payload truncated after {read} bytes (expected {expected}): {error}"))
         }
         other => other,
     }

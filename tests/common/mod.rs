@@ -789,6 +789,16 @@ impl RelayBuilder {
         self
     }
 
+    /// Several extra arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     /// An environment variable for the process (e.g. `RUST_LOG`, which defaults to `info`).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
