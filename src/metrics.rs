@@ -75,6 +75,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Kind::Gauge,
         "Log bytes kept beyond log_size so the cached snapshot stays usable",
     ),
+    (
+        "redis_relay_rdb_only_served_total",
+        Kind::Counter,
+        "rdb-only requests (redis-cli --rdb) by snapshot (fresh/cached)",
+    ),
     ("redis_relay_full_syncs_served_total", Kind::Counter, "Full syncs served to replicas from the cache"),
     ("redis_relay_partial_syncs_total", Kind::Counter, "Partial resync requests, by result (accepted/refused)"),
     ("redis_relay_replicas", Kind::Gauge, "Connected replicas by state"),
@@ -180,6 +185,10 @@ fn sample(context: &RelayContext) {
     gauge!("redis_relay_log_held_for_snapshot_bytes", &labels).set(context.log.held_beyond_retention() as f64);
 
     let stats = &context.stats;
+    for (kind, value) in [("fresh", &stats.rdb_only_fresh), ("cached", &stats.rdb_only_cached)] {
+        let labels = [("relay", relay.clone()), ("snapshot", kind.to_string())];
+        counter!("redis_relay_rdb_only_served_total", &labels).absolute(ServedStats::get(value));
+    }
     counter!("redis_relay_full_syncs_served_total", &labels).absolute(ServedStats::get(&stats.sync_full));
     for (result, value) in [("accepted", &stats.sync_partial_ok), ("refused", &stats.sync_partial_err)] {
         let labels = [("relay", relay.clone()), ("result", result.to_string())];

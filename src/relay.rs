@@ -30,6 +30,12 @@ pub struct ServedStats {
     pub sync_partial_ok: AtomicU64,
     pub sync_partial_err: AtomicU64,
     pub repl_output_bytes: AtomicU64,
+    /// rdb-only requests (`redis-cli --rdb`) answered with a snapshot taken for them.
+    pub rdb_only_fresh: AtomicU64,
+    /// rdb-only requests answered from the cache because no source could give a fresh snapshot.
+    pub rdb_only_cached: AtomicU64,
+    /// Age in seconds of the cached snapshot the last such request got.
+    pub rdb_only_last_cached_age: AtomicU64,
 }
 
 impl ServedStats {

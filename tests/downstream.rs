@@ -7,16 +7,15 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
-    connect, load_dataset, offset_of, parse_info_field, replid_of, stat_of, value_of, wait_for, wait_in_sync,
-    wait_link_up, wait_until, InfoSource, RedisServer, Relay, SYNC_TIMEOUT,
+    connect, load_dataset, offset_of, parse_info_field, replid_of, run_with_deadline, stat_of, value_of, wait_for,
+    wait_in_sync, wait_link_up, wait_until, InfoSource, KillOnDrop, RedisServer, Relay, SYNC_TIMEOUT,
 };
 
 /// Deadline for replication conditions.
@@ -395,44 +394,6 @@ fn garbage(len: usize, seed: u64) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // Child processes (redis-cli)
 // ---------------------------------------------------------------------------------------------
-
-/// Kills and reaps a child we started (by its handle, never by name).
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs `command` to completion within `timeout`; returns (success, stdout, stderr).
-fn run_with_deadline(mut command: Command, timeout: Duration, dir: &Path) -> (bool, String, String) {
-    let out_path = dir.join("cmd.stdout");
-    let err_path = dir.join("cmd.stderr");
-    command
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("create stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("create stderr file"));
-    let mut child = KillOnDrop(command.spawn().expect("spawn command"));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("try_wait") {
-            break status;
-        }
-        if start.elapsed() >= timeout {
-            let out = std::fs::read_to_string(&out_path).unwrap_or_default();
-            let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-            panic!("{command:?} did not finish within {timeout:?}; stdout: {out}; stderr: {err}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-    (status.success(), out, err)
-}
 
 /// Collects a child's output stream on a thread.
 fn collect(mut source: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {

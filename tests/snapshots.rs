@@ -10,8 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    load_dataset, parse_info_field, stat_of, value_of, wait_for, wait_in_sync, wait_until, InfoSource, RedisServer,
-    Relay, SYNC_TIMEOUT,
+    load_dataset, parse_info_field, run_with_deadline, stat_of, value_of, wait_for, wait_in_sync, wait_until,
+    InfoSource, RedisServer, Relay, SYNC_TIMEOUT,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -91,6 +91,15 @@ fn a_late_joiner_is_served_from_a_replica_snapshot_without_a_master_fork() {
             && !log_passed(&relay, relay_i64(&relay, "snapshot_offset"))
     });
     assert_eq!(relay.info_field("relay", "snapshot_source"), Some(format!("replica {online_addr}")));
+    // Writes have stopped: once the last refresh is done and the snapshot is recent enough not to be
+    // refreshed again (less than 3/4 of log_size behind), the fetcher is idle.
+    wait_until(DEADLINE, "the fetcher to be idle with a recent snapshot", || {
+        let info = relay.info("all");
+        let field = |name: &str| parse_info_field(&info, name).unwrap_or_default();
+        let behind = field("master_repl_offset").parse::<i64>().unwrap_or(0)
+            - field("snapshot_offset").parse::<i64>().unwrap_or(0);
+        field("snapshot_fetching_from") == "none" && behind < 6 << 20
+    });
 
     // A new empty replica joins: served from the cache plus the log, no fork on the master.
     let late = start_replica(relay.port());
@@ -98,6 +107,9 @@ fn a_late_joiner_is_served_from_a_replica_snapshot_without_a_master_fork() {
     // The replica that was there all along goes away and comes back empty (the harness gives it a
     // new port): the late joiner is now the only source.
     drop(online);
+    wait_until(DEADLINE, "the relay to drop the killed replica", || {
+        relay.info_field("replication", "connected_slaves").as_deref() == Some("1")
+    });
     write_stream(&master, 12 << 20, "after");
     let restarted = start_replica(relay.port());
     wait_digest_equal(&master, &restarted, "the replica restarted without data");
@@ -168,4 +180,236 @@ fn without_replicas_the_master_is_asked_once_per_interval_and_the_log_holds_the_
     assert_eq!(relay_i64(&relay, "rdb_fetches"), 2);
     assert!(relay_i64(&relay, "snapshot_master_next_fetch_in_seconds") > 3000);
     let _ = SYNC_TIMEOUT;
+}
+
+/// Runs `redis-cli -p <relay> <mode> <file>` and loads the file into a fresh redis-server.
+fn rdb_through_cli(relay: &Relay, mode: &str) -> RedisServer {
+    let work = tempfile::tempdir().expect("temp dir");
+    let load_dir = tempfile::Builder::new().prefix("redis-load-").tempdir().expect("temp dir");
+    let rdb_path = load_dir.path().join("dump.rdb");
+    let mut command = std::process::Command::new("redis-cli");
+    command.args(["-h", "127.0.0.1", "-p", &relay.port().to_string(), mode]).arg(&rdb_path);
+    let (ok, out, err) = run_with_deadline(command, DEADLINE, work.path());
+    assert!(ok, "redis-cli {mode} failed; stdout: {out}; stderr: {err}");
+    assert!(format!("{out}{err}").contains("Transfer finished with success"), "stdout: {out}; stderr: {err}");
+    RedisServer::builder().dir(load_dir).start()
+}
+
+#[test]
+fn redis_cli_rdb_gets_current_data_taken_from_a_replica() {
+    let master = start_master();
+    load_dataset(&mut master.conn(), 40);
+    let relay = Relay::start(&master);
+    wait_in_sync(&master, &relay, DEADLINE);
+    let replica = start_replica(relay.port());
+    // Writes after the relay's snapshot: the cache alone would miss them.
+    write_stream(&master, 1 << 20, "later");
+    wait_digest_equal(&master, &replica, "the replica");
+    assert!(relay_i64(&relay, "snapshot_offset") < common::offset_of(&master), "the cache predates the writes");
+
+    let loaded = rdb_through_cli(&relay, "--rdb");
+    assert_eq!(loaded.digest(), master.digest(), "the RDB from redis-cli --rdb has the master's current data");
+    assert_eq!(relay_i64(&relay, "rdb_only_served_fresh"), 1);
+    assert_eq!(relay_i64(&relay, "rdb_only_served_cached"), 0);
+    assert_eq!(relay_i64(&relay, "snapshot_refreshes_replica"), 1);
+    assert_eq!(relay.info_field("relay", "snapshot_source"), Some(format!("replica 127.0.0.1:{}", replica.port())));
+    assert_eq!(stat_of(&master, "sync_full"), 1, "no master fork for the backup");
+}
+
+#[test]
+fn redis_cli_rdb_without_any_source_gets_the_cache_and_says_how_old() {
+    let master = start_master();
+    load_dataset(&mut master.conn(), 20);
+    let relay = Relay::builder(master.port()).args(["--snapshot-sources", "replicas"]).start();
+    wait_in_sync(&master, &relay, DEADLINE);
+    let digest_at_snapshot = master.digest();
+    write_stream(&master, 256 << 10, "later");
+    wait_in_sync(&master, &relay, DEADLINE);
+
+    let loaded = rdb_through_cli(&relay, "--rdb");
+    assert_eq!(loaded.digest(), digest_at_snapshot, "the cached snapshot, as it was");
+    assert_eq!(relay_i64(&relay, "rdb_only_served_cached"), 1, "INFO counts the request answered from the cache");
+    assert_eq!(relay_i64(&relay, "rdb_only_served_fresh"), 0);
+    assert!(relay_i64(&relay, "rdb_only_last_cached_age_seconds") >= 0);
+    assert_eq!(stat_of(&master, "sync_full"), 1);
+}
+
+#[test]
+fn redis_cli_functions_rdb_gets_the_functions_only() {
+    let master = start_master();
+    load_dataset(&mut master.conn(), 20);
+    let library = "#!lua name=relaylib\nredis.register_function('relay_answer', function() return 42 end)";
+    let _: String = master.query(redis::cmd("FUNCTION").arg("LOAD").arg(library));
+    let relay = Relay::start(&master);
+    wait_in_sync(&master, &relay, DEADLINE);
+    let replica = start_replica(relay.port());
+    wait_digest_equal(&master, &replica, "the replica");
+
+    let loaded = rdb_through_cli(&relay, "--functions-rdb");
+    assert_eq!(loaded.dbsize(0), 0, "no keys in a functions-only RDB");
+    let answer: i64 = loaded.query(redis::cmd("FCALL").arg("relay_answer").arg(0));
+    assert_eq!(answer, 42, "the library loaded from the functions-only RDB");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misbehaving replica sources (a fake replica: the one place a test imitates a peer).
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    /// Answers the snapshot request with another replication id.
+    OtherReplid,
+    /// Sends half of the RDB and closes.
+    DiesMidTransfer,
+}
+
+/// A fake replica of the relay: follows it as an online replica that ACKs `ack` (more than any real
+/// one, so the relay asks it first), and answers snapshot requests on its listening port with
+/// `fault`.
+struct FakeSource {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn read_line(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> String {
+    use std::io::Read;
+    loop {
+        if let Some(at) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=at).collect();
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            if !text.is_empty() {
+                return text;
+            }
+            continue;
+        }
+        let mut chunk = [0u8; 65536];
+        let n = stream.read(&mut chunk).expect("fake source: read");
+        assert!(n > 0, "fake source: the relay closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+impl FakeSource {
+    fn start(relay_port: u16, fault: Fault, ack: u64) -> FakeSource {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // The replica link: handshake, the RDB, then ACKs while draining the stream.
+        let mut link = std::net::TcpStream::connect(("127.0.0.1", relay_port)).expect("connect to the relay");
+        link.write_all(format!("REPLCONF listening-port {port}\r\nPSYNC ? -1\r\n").as_bytes()).expect("write");
+        let mut buf = Vec::new();
+        assert_eq!(read_line(&mut link, &mut buf), "+OK");
+        let fullresync = read_line(&mut link, &mut buf);
+        let mut parts = fullresync.split_whitespace().skip(1);
+        let replid = parts.next().expect("replid").to_string();
+        let offset: u64 = parts.next().and_then(|o| o.parse().ok()).expect("offset");
+        let header = read_line(&mut link, &mut buf);
+        let len: usize = header.trim_start_matches('$').parse().expect("RDB length");
+        while buf.len() < len {
+            let mut chunk = [0u8; 65536];
+            let n = link.read(&mut chunk).expect("read RDB");
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let rdb: Vec<u8> = buf.drain(..len).collect();
+        let mut threads = Vec::new();
+        {
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                link.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+                let mut chunk = vec![0u8; 1 << 16];
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = link.write_all(format!("REPLCONF ACK {ack}\r\n").as_bytes());
+                    let _ = link.read(&mut chunk);
+                }
+            }));
+        }
+        {
+            let (stop, requests) = (stop.clone(), requests.clone());
+            listener.set_nonblocking(true).expect("nonblocking");
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut side, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    side.set_nonblocking(false).expect("blocking");
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    // PING, then REPLCONFs, then PSYNC: one reply each.
+                    let mut buf = Vec::new();
+                    loop {
+                        let line = read_line(&mut side, &mut buf);
+                        if line.starts_with('*') || line.starts_with('$') {
+                            continue;
+                        }
+                        match line.to_ascii_uppercase().as_str() {
+                            "PING" => side.write_all(b"+PONG\r\n").expect("write"),
+                            "PSYNC" => break,
+                            "REPLCONF" => side.write_all(b"+OK\r\n").expect("write"),
+                            _ => {}
+                        }
+                    }
+                    let mut reply = match fault {
+                        Fault::OtherReplid => format!("+FULLRESYNC {} {offset}\r\n", "e".repeat(40)).into_bytes(),
+                        Fault::DiesMidTransfer => format!("+FULLRESYNC {replid} {offset}\r\n").into_bytes(),
+                    };
+                    reply.extend_from_slice(format!("${}\r\n", rdb.len()).as_bytes());
+                    match fault {
+                        Fault::OtherReplid => reply.extend_from_slice(&rdb),
+                        Fault::DiesMidTransfer => reply.extend_from_slice(&rdb[..rdb.len() / 2]),
+                    }
+                    let _ = side.write_all(&reply);
+                    drop(side);
+                }
+            }));
+        }
+        FakeSource { stop, threads, requests }
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for FakeSource {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn misbehaving_replica_sources_are_refused_with_their_reason_and_the_next_is_used() {
+    let master = start_master();
+    load_dataset(&mut master.conn(), 40);
+    let relay = Relay::start(&master);
+    wait_in_sync(&master, &relay, DEADLINE);
+    let replica = start_replica(relay.port());
+    wait_digest_equal(&master, &replica, "the replica");
+    let other_replid = FakeSource::start(relay.port(), Fault::OtherReplid, u64::MAX / 2);
+    let dies = FakeSource::start(relay.port(), Fault::DiesMidTransfer, u64::MAX / 4);
+    wait_until(DEADLINE, "three online replicas", || relay.info("replication").matches("state=online").count() == 3);
+    write_stream(&master, 512 << 10, "later");
+    wait_digest_equal(&master, &replica, "the replica");
+
+    let loaded = rdb_through_cli(&relay, "--rdb");
+    assert_eq!(loaded.digest(), master.digest(), "served from the real replica after the fakes failed");
+    assert_eq!((other_replid.requests(), dies.requests()), (1, 1), "each fake was asked once, highest ACK first");
+    assert_eq!(relay_i64(&relay, "snapshot_refusals_replid"), 1, "{:?}", relay.info("relay"));
+    assert_eq!(relay_i64(&relay, "snapshot_refusals_transfer"), 1, "{:?}", relay.info("relay"));
+    assert_eq!(relay.info_field("relay", "snapshot_source"), Some(format!("replica 127.0.0.1:{}", replica.port())));
+    assert_eq!(stat_of(&master, "sync_full"), 1);
+    let leftovers: Vec<_> = std::fs::read_dir(relay.dir())
+        .expect("relay dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "nothing from the refused transfers is left: {leftovers:?}");
 }

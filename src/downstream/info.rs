@@ -202,10 +202,14 @@ fn relay(context: &RelayContext, out: &mut String) {
         line(out, &format!("snapshot_refusals_{reason}"), fetcher.refusals.get(reason).copied().unwrap_or(0));
     }
     line(out, "snapshot_last_refusal", &fetcher.last_refusal);
+    line(out, "snapshot_fetching_from", fetcher.fetching_from.as_deref().unwrap_or("none"));
     line(out, "snapshot_master_rate_limited", fetcher.master_rate_limited);
     let interval = context.config.snapshot.master_min_interval;
     let next = fetcher.last_master_fetch.map(|t| (t + interval).saturating_duration_since(tokio::time::Instant::now()));
     line(out, "snapshot_master_next_fetch_in_seconds", next.map(|d| d.as_secs()).unwrap_or(0));
+    line(out, "rdb_only_served_fresh", ServedStats::get(&context.stats.rdb_only_fresh));
+    line(out, "rdb_only_served_cached", ServedStats::get(&context.stats.rdb_only_cached));
+    line(out, "rdb_only_last_cached_age_seconds", ServedStats::get(&context.stats.rdb_only_last_cached_age));
     line(out, "log_size", context.log.options().retention);
     line(out, "log_max_size", context.log.options().max_size);
     line(out, "log_held_for_snapshot_bytes", context.log.held_beyond_retention());

@@ -173,6 +173,8 @@ pub struct ReplicaHandshake {
     pub rdb_only: bool,
     /// A relay above asks for the cached snapshot as it is (`capa relay-snapshot`).
     pub capa_relay_snapshot: bool,
+    /// `REPLCONF rdb-filter-only`: what the RDB keeps (redis-cli --functions-rdb).
+    pub rdb_filter: Option<crate::snapshot::RdbFilter>,
 }
 
 /// Accepts connections until shutdown; with `tls`, each one starts with a TLS handshake.
@@ -787,6 +789,12 @@ impl Session {
                     _ => {}
                 },
                 "ack" | "getack" => return Next::NoReply,
+                "rdb-filter-only" => match crate::snapshot::RdbFilter::parse(&value) {
+                    Ok(filter) => self.handshake.rdb_filter = Some(filter),
+                    Err(name) => {
+                        return Next::Reply(Reply::error(format!("ERR Unsupported rdb-filter-only option: {name}")))
+                    }
+                },
                 "rdb-only" => match value.as_str() {
                     "0" | "1" => self.handshake.rdb_only = value == "1",
                     _ => return Next::Reply(Reply::error("ERR value is not an integer or out of range")),

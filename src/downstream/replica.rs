@@ -177,6 +177,43 @@ async fn full_sync(
         }
     }
     let mut keepalive = tokio::time::interval_at(Instant::now() + KEEPALIVE_PERIOD, KEEPALIVE_PERIOD);
+    let wants_current = session.handshake.rdb_only
+        && !session.handshake.capa_relay_snapshot
+        && session.handshake.rdb_filter.is_none_or(|f| f.functions);
+    let mut cached_fallback = None;
+    if wants_current {
+        match fresh_snapshot(session, &mut keepalive, shutdown).await? {
+            Ok(meta) => {
+                ServedStats::add(&context.stats.rdb_only_fresh, 1);
+                tracing::info!(replica = %session.peer, offset = meta.offset, source = %meta.source, "rdb-only request: a snapshot taken for it");
+            }
+            Err(reason) => cached_fallback = Some(reason),
+        }
+    }
+    if let Some(reason) = cached_fallback {
+        if let Some((snapshot, file)) = context.snapshots.open_current() {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let age = now.saturating_sub(snapshot.created_unix);
+            ServedStats::add(&context.stats.rdb_only_cached, 1);
+            context.stats.rdb_only_last_cached_age.store(age, Ordering::Relaxed);
+            tracing::warn!(
+                replica = %session.peer,
+                age_seconds = age,
+                offset = snapshot.offset,
+                relay_offset = context.log.summary().end,
+                "rdb-only request answered from the cache, {age} s old: no source could give a fresh snapshot ({reason})"
+            );
+            let replid = snapshot.replid.clone();
+            if is_psync {
+                let line = format!("+FULLRESYNC {replid} {}\r\n", snapshot.offset);
+                session.conn.stream.write_all(line.as_bytes()).await?;
+            }
+            row.update(|r| r.state = ReplicaState::SendBulk);
+            let eof_form = context.config.downstream_eof_form && session.handshake.capa_eof;
+            return send_rdb(session, &snapshot, tokio::fs::File::from_std(file), eof_form).await;
+        }
+    }
     let (snapshot, epoch, replid, file) = loop {
         let summary = context.log.summary();
         let current = snapshots.borrow_and_update().clone();
@@ -231,6 +268,26 @@ async fn full_sync(
     stream(session, row, epoch, snapshot.offset, !is_psync, shutdown).await
 }
 
+/// Asks the fetcher for a snapshot taken now (an rdb-only client), with newline keepalives while it
+/// comes. The inner error says why no source could give one.
+async fn fresh_snapshot(
+    session: &mut Session,
+    keepalive: &mut tokio::time::Interval,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Result<SnapshotMeta, String>, Disconnect> {
+    let mut answer = session.context.fetcher.fresh();
+    loop {
+        tokio::select! {
+            result = &mut answer => {
+                return Ok(result.unwrap_or_else(|_| Err("the snapshot fetcher stopped".into())));
+            }
+            _ = keepalive.tick() => session.conn.stream.write_all(b"\n").await?,
+            _ = crate::relay::stopped(shutdown) => return Err(Disconnect::Shutdown),
+            closed = wait_closed(&mut session.conn.stream) => return Err(closed),
+        }
+    }
+}
+
 /// Opens the cached RDB, making sure the file is the one `snapshot` describes.
 async fn send_rdb(
     session: &mut Session,
@@ -239,6 +296,26 @@ async fn send_rdb(
     eof_form: bool,
 ) -> Result<(), Disconnect> {
     let repl_timeout = session.context.config.repl_timeout;
+    if let Some(filter) = session.handshake.rdb_filter {
+        let mut std_file = file.into_std().await;
+        let filtered = tokio::task::spawn_blocking(move || {
+            crate::snapshot::filter_rdb(&mut std::io::BufReader::new(&mut std_file), filter)
+        })
+        .await
+        .map_err(|e| Disconnect::Corrupt(format!("filter task failed: {e}")))?
+        .map_err(|e| Disconnect::Corrupt(e.to_string()))?;
+        let stream = &mut session.conn.stream;
+        let mark = random_hex_id();
+        let header = if eof_form { format!("$EOF:{mark}\r\n") } else { format!("${}\r\n", filtered.len()) };
+        write_timed(stream, header.as_bytes(), repl_timeout).await?;
+        write_timed(stream, &filtered, repl_timeout).await?;
+        if eof_form {
+            write_timed(stream, mark.as_bytes(), repl_timeout).await?;
+        }
+        tracing::info!(replica = %session.peer, bytes = filtered.len(), functions = filter.functions, "sent a filtered RDB (rdb-filter-only)");
+        ServedStats::add(&session.context.stats.repl_output_bytes, filtered.len() as u64);
+        return Ok(());
+    }
     let stream = &mut session.conn.stream;
     let mark = random_hex_id();
     let header = if eof_form { format!("$EOF:{mark}\r\n") } else { format!("${}\r\n", snapshot.size) };

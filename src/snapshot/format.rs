@@ -2,6 +2,8 @@
 //! and the CRC-64 trailer (Jones polynomial, `CRC_64_REDIS`, stored little-endian; zero means the
 //! master runs with `rdbchecksum no` and loaders skip the check). Also the snapshot metadata file.
 
+use std::io::Read as _;
+
 use crc::{Crc, Digest, CRC_64_REDIS};
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +25,126 @@ pub enum RdbError {
     MissingEof(u8),
     #[error("CRC-64 mismatch: trailer says {stored:016x}, content gives {computed:016x}")]
     CrcMismatch { stored: u64, computed: u64 },
+    #[error("cannot filter the RDB: {0}")]
+    Filter(String),
+}
+
+/// Opcodes of redis 7.0's `rdb.h` that may come before the keyspace.
+const OPCODE_FUNCTION2: u8 = 245;
+const OPCODE_FUNCTION_PRE_GA: u8 = 246;
+const OPCODE_MODULE_AUX: u8 = 247;
+const OPCODE_AUX: u8 = 250;
+
+/// What `REPLCONF rdb-filter-only` keeps (redis 7.0): nothing but the header and aux fields (`""`),
+/// or also the function libraries (`functions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RdbFilter {
+    pub functions: bool,
+}
+
+impl RdbFilter {
+    /// Parses the option's value as redis-server does: space-separated names, only `functions`.
+    pub fn parse(value: &str) -> Result<RdbFilter, String> {
+        let mut filter = RdbFilter::default();
+        for name in value.split_whitespace() {
+            if name.eq_ignore_ascii_case("functions") {
+                filter.functions = true;
+            } else {
+                return Err(name.to_string());
+            }
+        }
+        Ok(filter)
+    }
+}
+
+/// Reads `n` bytes of `input` into `out`.
+fn copy_exact(input: &mut impl std::io::Read, out: &mut Vec<u8>, n: u64) -> Result<(), RdbError> {
+    let start = out.len();
+    let taken = input.take(n).read_to_end(out).map_err(|e| RdbError::Filter(e.to_string()))?;
+    if taken as u64 != n {
+        out.truncate(start);
+        return Err(RdbError::Filter("the RDB ends inside a record".into()));
+    }
+    Ok(())
+}
+
+/// Copies one RDB length (`rdbLoadLen`) to `out`; returns it, or `None` for a special encoding
+/// (with the encoding type).
+fn copy_length(input: &mut impl std::io::Read, out: &mut Vec<u8>) -> Result<Result<u64, u8>, RdbError> {
+    let at = out.len();
+    copy_exact(input, out, 1)?;
+    let first = out[at];
+    Ok(match first >> 6 {
+        0 => Ok(u64::from(first & 0x3F)),
+        1 => {
+            copy_exact(input, out, 1)?;
+            Ok((u64::from(first & 0x3F) << 8) | u64::from(out[at + 1]))
+        }
+        2 if first == 0x80 => {
+            copy_exact(input, out, 4)?;
+            Ok(u64::from(u32::from_be_bytes([out[at + 1], out[at + 2], out[at + 3], out[at + 4]])))
+        }
+        2 if first == 0x81 => {
+            copy_exact(input, out, 8)?;
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&out[at + 1..at + 9]);
+            Ok(u64::from_be_bytes(bytes))
+        }
+        2 => return Err(RdbError::Filter(format!("unknown length encoding 0x{first:02x}"))),
+        _ => Err(first & 0x3F),
+    })
+}
+
+/// Copies one RDB string (`rdbGenericLoadStringObject`: plain, integer or LZF encoded) to `out`.
+fn copy_string(input: &mut impl std::io::Read, out: &mut Vec<u8>) -> Result<(), RdbError> {
+    match copy_length(input, out)? {
+        Ok(len) => copy_exact(input, out, len),
+        Err(0) => copy_exact(input, out, 1),
+        Err(1) => copy_exact(input, out, 2),
+        Err(2) => copy_exact(input, out, 4),
+        Err(3) => {
+            let compressed = copy_length(input, out)?.map_err(|_| RdbError::Filter("bad LZF length".into()))?;
+            copy_length(input, out)?.map_err(|_| RdbError::Filter("bad LZF length".into()))?;
+            copy_exact(input, out, compressed)
+        }
+        Err(other) => Err(RdbError::Filter(format!("unknown string encoding {other}"))),
+    }
+}
+
+/// Builds the RDB that `REPLCONF rdb-filter-only` asks for from a whole one: its header and aux
+/// fields, the function libraries when `filter.functions`, no keys, then EOF and a fresh CRC-64.
+/// Redis 7.0 saves aux fields and functions before the first database, so only that prefix is read.
+pub fn filter_rdb(input: &mut impl std::io::Read, filter: RdbFilter) -> Result<Vec<u8>, RdbError> {
+    let mut out = Vec::with_capacity(4096);
+    copy_exact(input, &mut out, HEADER_LEN as u64)?;
+    parse_header(&out)?;
+    loop {
+        let mut opcode = Vec::with_capacity(1);
+        copy_exact(input, &mut opcode, 1)?;
+        match opcode[0] {
+            OPCODE_AUX => {
+                out.push(OPCODE_AUX);
+                copy_string(input, &mut out)?;
+                copy_string(input, &mut out)?;
+            }
+            OPCODE_FUNCTION2 => {
+                let mut record = vec![OPCODE_FUNCTION2];
+                copy_string(input, &mut record)?;
+                if filter.functions {
+                    out.extend_from_slice(&record);
+                }
+            }
+            OPCODE_FUNCTION_PRE_GA | OPCODE_MODULE_AUX => {
+                return Err(RdbError::Filter(format!("opcode {} before the keyspace is not supported", opcode[0])));
+            }
+            // SELECTDB, RESIZEDB, a key, or EOF: the keyspace (or the end) begins.
+            _ => break,
+        }
+    }
+    out.push(EOF_OPCODE);
+    let crc = CRC64.checksum(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
 }
 
 /// Checks an RDB as it streams by: feed every byte with [`RdbVerifier::update`], then [`RdbVerifier::finish`].
@@ -679,6 +801,40 @@ pub(crate) mod tests {
         let crc = CRC64.checksum(&rdb);
         rdb.extend_from_slice(&crc.to_le_bytes());
         assert_eq!(verify_in_pieces(&rdb, 4).unwrap().keys, KeyCount { keys: 200, exact: false });
+    }
+
+    #[test]
+    fn the_filter_keeps_aux_fields_and_functions_only() {
+        let mut rdb = b"REDIS0010".to_vec();
+        rdb.extend_from_slice(&[0xFA, 9]);
+        rdb.extend_from_slice(b"redis-ver");
+        rdb.extend_from_slice(&[6]);
+        rdb.extend_from_slice(b"7.0.15");
+        // aux with an integer-encoded value (0xC0 = 8-bit int).
+        rdb.extend_from_slice(&[0xFA, 8]);
+        rdb.extend_from_slice(b"ctime-ms");
+        rdb.extend_from_slice(&[0xC0, 42]);
+        let function = b"#!lua name=lib\nredis.register_function('f', function() return 1 end)";
+        // A 14-bit length (the library is longer than 63 bytes).
+        rdb.extend_from_slice(&[OPCODE_FUNCTION2, 0x40 | (function.len() >> 8) as u8, function.len() as u8]);
+        rdb.extend_from_slice(function);
+        // SELECTDB 0, RESIZEDB, one string key.
+        rdb.extend_from_slice(&[0xFE, 0, 0xFB, 1, 0, 0, 1, b'k', 1, b'v']);
+        rdb.push(0xFF);
+        let crc = CRC64.checksum(&rdb);
+        rdb.extend_from_slice(&crc.to_le_bytes());
+
+        let functions = filter_rdb(&mut &rdb[..], RdbFilter { functions: true }).unwrap();
+        verify_in_pieces(&functions, 7).unwrap();
+        assert!(functions.windows(function.len()).any(|w| w == function));
+        assert!(!functions.windows(2).any(|w| w == [1, b'k']), "no keys");
+        let empty = filter_rdb(&mut &rdb[..], RdbFilter::default()).unwrap();
+        verify_in_pieces(&empty, 3).unwrap();
+        assert!(!empty.windows(function.len()).any(|w| w == function));
+        assert!(empty.windows(8).any(|w| w == b"ctime-ms"), "aux fields stay");
+        assert_eq!(RdbFilter::parse("").unwrap(), RdbFilter { functions: false });
+        assert_eq!(RdbFilter::parse("functions").unwrap(), RdbFilter { functions: true });
+        assert_eq!(RdbFilter::parse("keys").unwrap_err(), "keys");
     }
 
     #[test]

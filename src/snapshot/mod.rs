@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use format::RdbVerifier;
-pub use format::{KeyCount, RdbError, SnapshotMeta};
+pub use format::{filter_rdb, KeyCount, RdbError, RdbFilter, SnapshotMeta};
 
 const RDB_FILE: &str = "snapshot.rdb";
 const META_FILE: &str = "snapshot.meta";

@@ -72,6 +72,8 @@ pub struct FetcherStatus {
     pub last_master_fetch: Option<Instant>,
     /// The last refusal, for operators: `<source>: <reason>: <detail>`.
     pub last_refusal: String,
+    /// The source being asked right now, if any.
+    pub fetching_from: Option<String>,
 }
 
 type FreshReply = oneshot::Sender<Result<SnapshotMeta, String>>;
@@ -272,7 +274,10 @@ impl RdbFetcher {
                     "fetching a fresh RDB on a side connection"
                 );
                 let started = Instant::now();
-                match self.fetch_from(&source).await {
+                self.published.send_modify(|s| s.fetching_from = Some(source.describe()));
+                let result = self.fetch_from(&source).await;
+                self.published.send_modify(|s| s.fetching_from = None);
+                match result {
                     Ok(meta) => {
                         tracing::info!(
                             source = %source.describe(),

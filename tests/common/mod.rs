@@ -1083,6 +1083,48 @@ pub fn metric_value(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tools
+// ---------------------------------------------------------------------------------------------
+
+/// Kills and reaps a child we started (by its handle, never by name).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `command` to completion within `timeout`; returns (success, stdout, stderr).
+pub fn run_with_deadline(mut command: Command, timeout: Duration, dir: &Path) -> (bool, String, String) {
+    let out_path = dir.join("cmd.stdout");
+    let err_path = dir.join("cmd.stderr");
+    command
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("create stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("create stderr file"));
+    let mut child = KillOnDrop(command.spawn().expect("spawn command"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("try_wait") {
+            break status;
+        }
+        if start.elapsed() >= timeout {
+            let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+            let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+            panic!("{command:?} did not finish within {timeout:?}; stdout: {out}; stderr: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    (status.success(), out, err)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Data and workloads
 // ---------------------------------------------------------------------------------------------
 
