@@ -740,6 +740,18 @@ mod tests {
         assert_eq!(relay.history_reset_min_key_ratio, 0.5);
         assert_eq!(relay.replicaof, ReplicaofPolicy::Allow);
         assert_eq!(relay.upstream_ack, AckMode::Fack);
+        assert_eq!(relay.log.max_size, 256 << 20, "log_max_size defaults to twice log_size");
+        assert_eq!(relay.snapshot, SnapshotSourcing::default());
+        let config = Config::from_yaml(
+            "relays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', dir: /x, snapshot_sources: [master], snapshot_min_interval: 1h, snapshot_source_exclude: ['10.0.0.1:6379'], snapshot_source_password: pw, log_max_size: 3gb}\n",
+        )
+        .unwrap();
+        let relay = &config.relays[0];
+        assert_eq!(relay.snapshot.sources, vec![SnapshotSource::Master]);
+        assert_eq!(relay.snapshot.master_min_interval, Duration::from_secs(3600));
+        assert_eq!(relay.snapshot.exclude, vec!["10.0.0.1:6379".to_string()]);
+        assert_eq!(relay.snapshot.password.as_deref(), Some("pw"));
+        assert_eq!(relay.log.max_size, 3 << 30);
     }
 
     #[test]
@@ -860,6 +872,10 @@ mod tests {
             ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', history_reset_min_key_ratio: '1.5'}\n", &["relays[0].history_reset_min_key_ratio", "1.5"]),
             ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', replicaof: maybe}\n", &["relays[0].replicaof", "maybe", "allow or deny"]),
             ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', upstream_ack: all}\n", &["relays[0].upstream_ack", "all", "fack or durable"]),
+            ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', snapshot_sources: [replicas, disk]}\n", &["relays[0].snapshot_sources", "disk"]),
+            ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', log_size: 1gb, log_max_size: 1mb}\n", &["relays[0].log_max_size", "1mb"]),
+            ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', snapshot_source_exclude: [nope]}\n", &["relays[0].snapshot_source_exclude[0]", "nope"]),
+            ("  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', snapshot_min_interval: often}\n", &["relays[0].snapshot_min_interval", "often"]),
         ];
         for (relays, needles) in cases {
             let message = error_of(&format!("{base}{relays}"));

@@ -609,6 +609,32 @@ mod tests {
     }
 
     #[test]
+    fn retention_holds_the_pinned_position_up_to_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions { max_size: 1 << 20, ..options(256 * 1024, 16 * 1024) };
+        let (log, _) = ReplicationLog::open(dir.path(), opts).unwrap();
+        log.reset("p".repeat(40), 0).unwrap();
+        log.pin(Some(0));
+        let data = pattern(600_000, 1);
+        for piece in data.chunks(1000) {
+            log.append(Bytes::copy_from_slice(piece)).unwrap();
+        }
+        assert_eq!(log.summary().first_byte_offset, 1, "the pinned position stays in the log");
+        assert!(log.held_beyond_retention() > 0);
+        for piece in data.chunks(1000) {
+            log.append(Bytes::copy_from_slice(piece)).unwrap();
+        }
+        let s = log.summary();
+        assert!(s.first_byte_offset > 1, "past the cap the pin no longer holds: {s:?}");
+        assert!(s.histlen() <= (1 << 20) + 64 * 1024, "the cap, plus at most a segment: {s:?}");
+        log.pin(Some(s.end - 100_000));
+        log.append(Bytes::from_static(b"x")).unwrap();
+        let s = log.summary();
+        assert!(s.histlen() <= 256 * 1024 + 64 * 1024, "a newer pin lets retention trim to log_size: {s:?}");
+        assert!(s.covers(s.end - 100_000));
+    }
+
+    #[test]
     fn partial_resync_rules_follow_redis() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = ReplicationLog::open(dir.path(), options(1 << 20, 1 << 20)).unwrap();
