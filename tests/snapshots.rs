@@ -55,6 +55,21 @@ fn wait_digest_equal(master: &RedisServer, replica: &RedisServer, what: &str) {
     });
 }
 
+/// Waits until the replica on `port` has ACKed the relay's current offset: only a replica that ACKs
+/// (one done loading its RDB) is asked for a snapshot.
+fn wait_acked(relay: &Relay, port: u16) {
+    wait_for(DEADLINE, &format!("the replica on port {port} to ACK the relay's offset"), || {
+        let info = relay.info("replication");
+        let offset = parse_info_field(&info, "master_repl_offset").unwrap_or_default();
+        let line = info.lines().find(|l| l.contains(&format!(",port={port},"))).unwrap_or("").to_string();
+        if line.contains(&format!(",offset={offset},")) {
+            Ok(())
+        } else {
+            Err(format!("relay offset {offset}; {line:?}"))
+        }
+    });
+}
+
 fn relay_i64(relay: &Relay, name: &str) -> i64 {
     relay.info_i64("relay", name)
 }
@@ -205,6 +220,7 @@ fn redis_cli_rdb_gets_current_data_taken_from_a_replica() {
     // Writes after the relay's snapshot: the cache alone would miss them.
     write_stream(&master, 1 << 20, "later");
     wait_digest_equal(&master, &replica, "the replica");
+    wait_acked(&relay, replica.port());
     assert!(relay_i64(&relay, "snapshot_offset") < common::offset_of(&master), "the cache predates the writes");
 
     let loaded = rdb_through_cli(&relay, "--rdb");
@@ -214,6 +230,36 @@ fn redis_cli_rdb_gets_current_data_taken_from_a_replica() {
     assert_eq!(relay_i64(&relay, "snapshot_refreshes_replica"), 1);
     assert_eq!(relay.info_field("relay", "snapshot_source"), Some(format!("replica 127.0.0.1:{}", replica.port())));
     assert_eq!(stat_of(&master, "sync_full"), 1, "no master fork for the backup");
+}
+
+#[test]
+fn a_relay_below_is_a_snapshot_source_too() {
+    let master = start_master();
+    load_dataset(&mut master.conn(), 40);
+    let upper = Relay::builder(master.port()).args(["--snapshot-sources", "replicas"]).start();
+    wait_in_sync(&master, &upper, DEADLINE);
+    let lower = Relay::builder(upper.port()).args(["--snapshot-sources", "replicas"]).start();
+    wait_in_sync(&master, &lower, DEADLINE);
+    let replica = start_replica(lower.port());
+    write_stream(&master, 1 << 20, "later");
+    wait_digest_equal(&master, &replica, "the replica below the lower relay");
+    wait_in_sync(&master, &upper, DEADLINE);
+    wait_in_sync(&master, &lower, DEADLINE);
+    wait_acked(&lower, replica.port());
+    wait_acked(&upper, lower.port());
+
+    // The lower relay takes a current snapshot from its replica for a backup...
+    let from_lower = rdb_through_cli(&lower, "--rdb");
+    assert_eq!(from_lower.digest(), master.digest());
+    assert_eq!(relay_i64(&lower, "snapshot_refreshes_replica"), 1);
+    // ...and the upper relay, whose only replica is the lower relay, gets it from there: the lower
+    // relay answers a relay's request from its cache, which its log covers.
+    let from_upper = rdb_through_cli(&upper, "--rdb");
+    assert_eq!(from_upper.digest(), master.digest(), "current data through the relay below");
+    assert_eq!(relay_i64(&upper, "rdb_only_served_fresh"), 1);
+    assert_eq!(upper.info_field("relay", "snapshot_source"), Some(format!("replica 127.0.0.1:{}", lower.port())));
+    assert_eq!(relay_i64(&upper, "snapshot_offset"), relay_i64(&lower, "snapshot_offset"));
+    assert_eq!(stat_of(&master, "sync_full"), 1, "one fork on the master: the upper relay's first sync");
 }
 
 #[test]
@@ -244,6 +290,7 @@ fn redis_cli_functions_rdb_gets_the_functions_only() {
     wait_in_sync(&master, &relay, DEADLINE);
     let replica = start_replica(relay.port());
     wait_digest_equal(&master, &replica, "the replica");
+    wait_acked(&relay, replica.port());
 
     let loaded = rdb_through_cli(&relay, "--functions-rdb");
     assert_eq!(loaded.dbsize(0), 0, "no keys in a functions-only RDB");
@@ -353,9 +400,16 @@ impl FakeSource {
                             _ => {}
                         }
                     }
+                    // Where a real replica would be: the relay's current offset, in its history.
+                    let now: i64 = common::connect(relay_port, None, None)
+                        .and_then(|mut con| redis::cmd("INFO").arg("replication").query::<String>(&mut con))
+                        .ok()
+                        .and_then(|info| parse_info_field(&info, "master_repl_offset"))
+                        .and_then(|o| o.parse().ok())
+                        .unwrap_or(offset as i64);
                     let mut reply = match fault {
-                        Fault::OtherReplid => format!("+FULLRESYNC {} {offset}\r\n", "e".repeat(40)).into_bytes(),
-                        Fault::DiesMidTransfer => format!("+FULLRESYNC {replid} {offset}\r\n").into_bytes(),
+                        Fault::OtherReplid => format!("+FULLRESYNC {} {now}\r\n", "e".repeat(40)).into_bytes(),
+                        Fault::DiesMidTransfer => format!("+FULLRESYNC {replid} {now}\r\n").into_bytes(),
                     };
                     reply.extend_from_slice(format!("${}\r\n", rdb.len()).as_bytes());
                     match fault {
@@ -397,6 +451,7 @@ fn misbehaving_replica_sources_are_refused_with_their_reason_and_the_next_is_use
     wait_until(DEADLINE, "three online replicas", || relay.info("replication").matches("state=online").count() == 3);
     write_stream(&master, 512 << 10, "later");
     wait_digest_equal(&master, &replica, "the replica");
+    wait_acked(&relay, replica.port());
 
     let loaded = rdb_through_cli(&relay, "--rdb");
     assert_eq!(loaded.digest(), master.digest(), "served from the real replica after the fakes failed");

@@ -72,6 +72,9 @@ pub struct ReplicaEntry {
     pub state: ReplicaState,
     pub ack_offset: u64,
     pub ack_time: Instant,
+    /// Whether the replica ACKed on this link yet: a replica still loading its RDB does not, and
+    /// cannot serve a snapshot either.
+    pub acked: bool,
 }
 
 /// The replicas attached to a relay. Each row is written only by its replica's task.
@@ -152,6 +155,7 @@ impl ReplicaRow {
         self.update(|r| {
             r.ack_offset = r.ack_offset.max(offset);
             r.ack_time = Instant::now();
+            r.acked = true;
         });
         self.table.acks.send_modify(|n| *n = n.wrapping_add(1));
     }

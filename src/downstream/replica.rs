@@ -103,6 +103,7 @@ pub async fn serve(
                 state: ReplicaState::Online,
                 ack_offset: position,
                 ack_time: Instant::now(),
+                acked: false,
             });
             let result = stream(session, &row, summary.epoch, position, false, &mut shutdown).await;
             log_drop(session, result);
@@ -120,6 +121,7 @@ pub async fn serve(
         state: ReplicaState::WaitBgsave,
         ack_offset: 0,
         ack_time: Instant::now(),
+        acked: false,
     });
     let result = full_sync(session, &row, is_psync, &mut shutdown).await;
     log_drop(session, result);

@@ -6,7 +6,8 @@
 //! transfer. So a snapshot taken from an online replica below the relay costs a fork on that replica,
 //! not on the master. The fetcher asks, in the configured order (`snapshot_sources`):
 //!
-//! - `replicas`: the online replicas by highest acknowledged offset (lowest lag), skipping those
+//! - `replicas`: the online replicas that ACKed (so are done loading) by highest acknowledged offset
+//!   (lowest lag), skipping those
 //!   opted out (`snapshot_source_exclude`), those without an announced port, those whose address is
 //!   the one of a replica waiting for a full sync, and for a while those that just failed;
 //! - `master`: at most once per `snapshot_min_interval`.
@@ -275,7 +276,7 @@ impl RdbFetcher {
                 );
                 let started = Instant::now();
                 self.published.send_modify(|s| s.fetching_from = Some(source.describe()));
-                let result = self.fetch_from(&source).await;
+                let result = self.fetch_from(&source, purpose).await;
                 self.published.send_modify(|s| s.fetching_from = None);
                 match result {
                     Ok(meta) => {
@@ -330,7 +331,7 @@ impl RdbFetcher {
             rows.iter().filter(|r| r.state != ReplicaState::Online).map(|r| format!("{}:{}", r.ip, r.port)).collect();
         let mut online: Vec<_> = rows
             .iter()
-            .filter(|r| r.state == ReplicaState::Online && r.port != 0)
+            .filter(|r| r.state == ReplicaState::Online && r.acked && r.port != 0)
             .map(|r| (format!("{}:{}", r.ip, r.port), r.ack_offset, r.ack_time))
             .filter(|(addr, _, _)| {
                 !self.sourcing.exclude.contains(addr) && !syncing.contains(addr) && !self.penalties.contains_key(addr)
@@ -342,7 +343,7 @@ impl RdbFetcher {
         addrs
     }
 
-    async fn fetch_from(&self, source: &Source) -> Result<SnapshotMeta, Refusal> {
+    async fn fetch_from(&self, source: &Source, purpose: Purpose) -> Result<SnapshotMeta, Refusal> {
         let refuse = |reason: &'static str, detail: String| Refusal { reason, detail };
         let (addr, user, password) = match source {
             Source::Master => (self.config.addr(), self.config.user.clone(), self.config.password.clone()),
@@ -374,7 +375,7 @@ impl RdbFetcher {
             return Err(refuse("refused", format!("PSYNC answered {reply:?}")));
         };
         if matches!(source, Source::Replica(_)) {
-            self.check_acceptable(replid, offset)?;
+            self.check_acceptable(replid, offset, purpose)?;
         }
         if *source == Source::Master {
             let now = Instant::now();
@@ -400,7 +401,7 @@ impl RdbFetcher {
         })?;
         // The history may have moved while the RDB came: check again before installing.
         if matches!(source, Source::Replica(_)) {
-            self.check_acceptable(replid, offset)?;
+            self.check_acceptable(replid, offset, purpose)?;
         }
         let result = self.snapshots.commit(writer).await;
         if *source == Source::Master && result.is_err() {
@@ -410,8 +411,9 @@ impl RdbFetcher {
     }
 
     /// A replica's `+FULLRESYNC` is usable only in the log's current history, inside the log, and not
-    /// older than the snapshot already cached.
-    fn check_acceptable(&self, replid: &str, offset: u64) -> Result<(), Refusal> {
+    /// older than the snapshot already cached (for a refresh: newer, or it would be fetched again and
+    /// again, as from a relay below that has the same snapshot).
+    fn check_acceptable(&self, replid: &str, offset: u64, purpose: Purpose) -> Result<(), Refusal> {
         let summary = self.log.summary();
         let current = summary.ids.as_ref().map(|ids| ids.replid.clone()).unwrap_or_default();
         if !replid.eq_ignore_ascii_case(&current) {
@@ -428,10 +430,14 @@ impl RdbFetcher {
             });
         }
         if let Some(cached) = self.snapshots.current() {
-            if snapshot_is_current(&cached, &summary) && cached.offset > offset {
+            // For an rdb-only client the cached snapshot itself is as good when nothing was written
+            // since; otherwise only a newer one is worth the transfer.
+            let cache_is_at_end = purpose == Purpose::Fresh && cached.offset == summary.end;
+            let not_newer = if cache_is_at_end { cached.offset > offset } else { cached.offset >= offset };
+            if snapshot_is_current(&cached, &summary) && not_newer {
                 return Err(Refusal {
                     reason: "older",
-                    detail: format!("offset {offset} is older than the cached snapshot's {}", cached.offset),
+                    detail: format!("offset {offset} is not newer than the cached snapshot's {}", cached.offset),
                 });
             }
         }
