@@ -10,7 +10,8 @@
 //! - [`protocol`]: RESP framing in one place: the stream's command-boundary scanner, client command
 //!   parsing, reply encoding.
 //! - [`upstream`]: the replica link to the master (handshake, PSYNC, RDB receipt, applied offset, ACKs),
-//!   the side-connection fetcher of fresh RDBs, and [`upstream::history`]: the hold on a master's new,
+//!   [`upstream::fetch`]: the one fetcher of fresh RDBs on side connections, from the relay's own
+//!   replicas first and the master rate-limited (it also pins the log at the snapshot), and [`upstream::history`]: the hold on a master's new,
 //!   much smaller history (a master restarted empty) until an operator accepts it.
 //! - [`log`]: the replication log, the one fan-out buffer, addressed by master offset, with the
 //!   replication ids of its history: an in-memory tail of shared chunks over checksummed segment
