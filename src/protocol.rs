@@ -319,6 +319,8 @@ pub enum Reply {
     Bulk(Bytes),
     Nil,
     Array(Vec<Reply>),
+    /// A RESP3 map (`%`), only for clients that asked for RESP3 with `HELLO 3`.
+    Map(Vec<(Reply, Reply)>),
 }
 
 impl Reply {
@@ -349,6 +351,13 @@ impl Reply {
                 put_line(out, b'*', items.len().to_string().as_bytes());
                 for item in items {
                     item.encode(out);
+                }
+            }
+            Reply::Map(pairs) => {
+                put_line(out, b'%', pairs.len().to_string().as_bytes());
+                for (key, value) in pairs {
+                    key.encode(out);
+                    value.encode(out);
                 }
             }
         }

@@ -19,6 +19,7 @@ use crate::log::{DropKind, FsyncPolicy, Recovery, ReplicationLog};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use crate::tls::{TlsAcceptor, TlsConnector};
 use crate::upstream::fetch::{FetchRequests, FetcherStatus};
+use crate::upstream::version::MasterVersion;
 use crate::upstream::{UpstreamConfig, UpstreamLink, UpstreamStatus};
 
 /// Counters of what the relay served below it, as `INFO stats` names them.
@@ -74,6 +75,10 @@ pub struct RelayContext {
     pub log_recovery: Recovery,
     /// The TLS listener's certificates, reloaded on SIGHUP (the link's are in `upstream_config`).
     pub tls_acceptor: Option<Arc<TlsAcceptor>>,
+    /// The master's version, read after each connect (`redis_version` in INFO and HELLO).
+    pub master_version: watch::Receiver<Option<MasterVersion>>,
+    /// When the relay started, as a Unix time (`LASTSAVE` before any snapshot).
+    pub started_unix: u64,
 }
 
 impl RelayContext {
@@ -217,6 +222,13 @@ pub async fn start(
     };
     let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone());
     let (fetcher_task, fetcher, fetcher_status) = link.fetcher(config.snapshot.clone(), replicas.clone());
+    let (master_version_sender, master_version) = watch::channel(None);
+    let version_task = crate::upstream::version::follow(
+        upstream_config.clone(),
+        upstream.clone(),
+        master_version_sender,
+        shutdown.clone(),
+    );
     let pubsub = Arc::new(PubSub::new(config.pubsub_output_limit));
     let context = Arc::new(RelayContext {
         config,
@@ -236,6 +248,11 @@ pub async fn start(
         fetcher_status,
         log_recovery: recovery,
         tls_acceptor: tls_acceptor.clone(),
+        master_version,
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     });
     tracing::info!(
         relay = %context.config.name,
@@ -250,6 +267,7 @@ pub async fn start(
     tasks.spawn(crate::metrics::collect(context.clone(), shutdown.clone()));
     tasks.spawn(link.run(shutdown.clone()));
     tasks.spawn(fetcher_task.run(shutdown.clone()));
+    tasks.spawn(version_task);
     if let (Some(listener), Some(acceptor)) = (tls_listener, tls_acceptor) {
         tasks.spawn(downstream::serve(listener, Some(acceptor), context.clone(), shutdown.clone()));
     }

@@ -12,13 +12,30 @@ use crate::protocol::Reply;
 use crate::relay::{RelayContext, ServedStats};
 use crate::upstream::fetch::REFUSAL_REASONS;
 use crate::upstream::history::HistoryResetPolicy;
+use crate::upstream::version::FALLBACK_REDIS_VERSION;
 use crate::upstream::LinkState;
 
-const SECTIONS: [&str; 4] = ["server", "replication", "stats", "relay"];
+/// The sections in redis-server's order (`genRedisInfoString`), then the relay's own.
+const SECTIONS: [&str; 11] = [
+    "server",
+    "clients",
+    "memory",
+    "persistence",
+    "stats",
+    "replication",
+    "cpu",
+    "modules",
+    "cluster",
+    "keyspace",
+    "relay",
+];
 
-/// Renders the requested sections (`INFO`, `INFO replication`, `INFO all`, several names).
+/// Renders the requested sections (`INFO`, `INFO replication`, `INFO all`, several names) in
+/// redis-server's order, whatever the order asked; an unknown name adds nothing.
 pub fn render(context: &RelayContext, args: &[Bytes]) -> String {
     let requested: Vec<String> = args.iter().map(|a| String::from_utf8_lossy(a).to_ascii_lowercase()).collect();
+    // The relay has no commandstats, latencystats or module sections, so `default`, `all` and
+    // `everything` are the same set.
     let everything =
         requested.is_empty() || requested.iter().any(|r| r == "all" || r == "everything" || r == "default");
     let mut out = String::new();
@@ -31,12 +48,128 @@ pub fn render(context: &RelayContext, args: &[Bytes]) -> String {
         }
         match section {
             "server" => server(context, &mut out),
-            "replication" => replication(context, &mut out),
+            "clients" => clients(context, &mut out),
+            "memory" => memory(context, &mut out),
+            "persistence" => persistence(context, &mut out),
             "stats" => stats(context, &mut out),
+            "replication" => replication(context, &mut out),
+            "cpu" => cpu(&mut out),
+            "modules" => out.push_str("# Modules\r\n"),
+            "cluster" => {
+                out.push_str("# Cluster\r\n");
+                line(&mut out, "cluster_enabled", 0);
+            }
+            // The relay holds no keys: no `db0:keys=...` line, as on an empty redis-server.
+            "keyspace" => out.push_str("# Keyspace\r\n"),
             _ => relay(context, &mut out),
         }
     }
     out
+}
+
+/// What the relay's replicas see from the master: its `redis_version` once read, before that
+/// [`FALLBACK_REDIS_VERSION`].
+pub fn redis_version(context: &RelayContext) -> String {
+    context
+        .master_version
+        .borrow()
+        .as_ref()
+        .map(|v| v.redis_version.clone())
+        .unwrap_or_else(|| FALLBACK_REDIS_VERSION.to_string())
+}
+
+fn clients(context: &RelayContext, out: &mut String) {
+    out.push_str("# Clients\r\n");
+    line(out, "connected_clients", context.clients.connected_clients());
+    line(out, "cluster_connections", 0);
+    // The relay has no blocking commands, no client tracking and no command timeouts.
+    line(out, "blocked_clients", 0);
+    line(out, "tracking_clients", 0);
+    line(out, "clients_in_timeout_table", 0);
+}
+
+/// Process memory from /proc (a pseudo-file read from kernel memory: it never waits on a disk).
+/// The relay does not count its allocations, so `used_memory` is the resident set size.
+fn memory(context: &RelayContext, out: &mut String) {
+    let process = ProcessMemory::read();
+    out.push_str("# Memory\r\n");
+    line(out, "used_memory", process.rss);
+    line(out, "used_memory_human", bytes_to_human(process.rss));
+    line(out, "used_memory_rss", process.rss);
+    line(out, "used_memory_rss_human", bytes_to_human(process.rss));
+    line(out, "used_memory_peak", process.peak_rss);
+    line(out, "used_memory_peak_human", bytes_to_human(process.peak_rss));
+    // The log's in-memory tail, the relay's replication backlog in memory.
+    line(out, "mem_replication_backlog", context.log.summary().memory_bytes);
+    line(out, "maxmemory", 0);
+    line(out, "maxmemory_human", "0B");
+    line(out, "maxmemory_policy", "noeviction");
+}
+
+#[derive(Debug, Default)]
+struct ProcessMemory {
+    rss: u64,
+    peak_rss: u64,
+}
+
+impl ProcessMemory {
+    fn read() -> ProcessMemory {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let kib = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|k| k * 1024)
+                .unwrap_or(0)
+        };
+        let rss = kib("VmRSS:");
+        ProcessMemory { rss, peak_rss: kib("VmHWM:").max(rss) }
+    }
+}
+
+/// redis-server's `bytesToHuman`: `1023B`, `1.00K`, `2.50M`, ...
+fn bytes_to_human(n: u64) -> String {
+    const UNITS: [(u64, &str); 5] = [(1 << 50, "P"), (1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    for (size, unit) in UNITS {
+        if n >= size {
+            return format!("{:.2}{unit}", n as f64 / size as f64);
+        }
+    }
+    format!("{n}B")
+}
+
+fn persistence(context: &RelayContext, out: &mut String) {
+    out.push_str("# Persistence\r\n");
+    // The relay never loads a dataset (it serves replicas while receiving one) and never forks.
+    line(out, "loading", 0);
+    line(out, "async_loading", 0);
+    line(out, "rdb_bgsave_in_progress", 0);
+    line(out, "rdb_last_save_time", super::commands::last_save(context));
+    line(out, "aof_enabled", 0);
+    line(out, "aof_rewrite_in_progress", 0);
+}
+
+/// CPU time from /proc/self/stat (user and system, own and of waited-for children), in seconds
+/// as redis-server prints them.
+fn cpu(out: &mut String) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces: the 14th to
+    // 17th fields of the line are utime, stime, cutime, cstime.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().skip(11).take(4).filter_map(|f| f.parse().ok()).collect())
+        .unwrap_or_default();
+    let ticks = rustix::param::clock_ticks_per_second().max(1);
+    let seconds = |i: usize| {
+        let t = fields.get(i).copied().unwrap_or(0);
+        format!("{}.{:06}", t / ticks, (t % ticks) * 1_000_000 / ticks)
+    };
+    out.push_str("# CPU\r\n");
+    line(out, "used_cpu_sys", seconds(1));
+    line(out, "used_cpu_user", seconds(0));
+    line(out, "used_cpu_sys_children", seconds(3));
+    line(out, "used_cpu_user_children", seconds(2));
 }
 
 fn line(out: &mut String, name: &str, value: impl std::fmt::Display) {
@@ -46,8 +179,17 @@ fn line(out: &mut String, name: &str, value: impl std::fmt::Display) {
 fn server(context: &RelayContext, out: &mut String) {
     let uptime = context.started.elapsed().as_secs();
     out.push_str("# Server\r\n");
-    line(out, "redis_version", env!("CARGO_PKG_VERSION"));
+    let master = context.master_version.borrow().clone();
+    line(out, "redis_version", redis_version(context));
     line(out, "relay_version", env!("CARGO_PKG_VERSION"));
+    if let Some(master) = &master {
+        if let Some(name) = &master.server_name {
+            line(out, "server_name", name);
+        }
+        if let Some(version) = &master.valkey_version {
+            line(out, "valkey_version", version);
+        }
+    }
     line(out, "redis_mode", "standalone");
     line(out, "os", std::env::consts::OS);
     line(out, "arch_bits", usize::BITS);
@@ -233,4 +375,16 @@ pub fn role(context: &RelayContext) -> Reply {
         Reply::bulk(upstream.state.role_name()),
         Reply::Integer(offset),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_human_like_redis() {
+        assert_eq!(bytes_to_human(1023), "1023B");
+        assert_eq!(bytes_to_human(1024), "1.00K");
+        assert_eq!(bytes_to_human(5 << 20), "5.00M");
+    }
 }

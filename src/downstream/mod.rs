@@ -6,6 +6,7 @@
 //! and the log; a `SUBSCRIBE` or `PSUBSCRIBE` puts it in subscribed mode, fed by [`pubsub`].
 
 pub mod clients;
+mod commands;
 mod connection;
 pub mod info;
 pub mod pubsub;
@@ -197,6 +198,7 @@ pub async fn serve(
                     let context = context.clone();
                     let shutdown = shutdown.clone();
                     let tls = tls.clone();
+                    let (laddr, fd) = (tcp.local_addr().ok(), std::os::fd::AsRawFd::as_raw_fd(&tcp).into());
                     tokio::spawn(async move {
                         let stream = match tls {
                             None => Stream::Plain(tcp),
@@ -215,7 +217,7 @@ pub async fn serve(
                             }
                         };
                         let authenticated = context.config.requirepass.is_none();
-                        let (client, mut killed) = context.clients.register(peer);
+                        let (client, mut killed) = context.clients.register(peer, laddr, fd);
                         let mut session = Session {
                             conn: ClientConnection::new(stream),
                             peer,
@@ -291,8 +293,12 @@ const SUBSCRIBED_MODE_COMMANDS: [&str; 7] =
 
 /// Every command [`Session::dispatch`] knows (in subscribed mode the others are refused by name,
 /// unknown ones as unknown).
-const KNOWN_COMMANDS: [&str; 25] = [
+const KNOWN_COMMANDS: [&str; 29] = [
     "PING",
+    "HELLO",
+    "DBSIZE",
+    "TIME",
+    "LASTSAVE",
     "ECHO",
     "AUTH",
     "INFO",
@@ -355,8 +361,10 @@ impl Session {
                 Err(other) => return Err(other),
             };
             ServedStats::add(&self.context.stats.commands, 1);
+            self.client.command_started(&command.args);
             match self.dispatch_in_transaction(command.clone()).await {
-                Next::Reply(reply) => self.conn.queue(&reply),
+                Next::Reply(reply) if self.client.reply_wanted() => self.conn.queue(&reply),
+                Next::Reply(_) => {}
                 Next::Replies(replies) => replies.iter().for_each(|reply| self.conn.queue(reply)),
                 Next::NoReply => {}
                 Next::Close(reply) => {
@@ -480,18 +488,6 @@ impl Session {
         self.authenticated = self.context.config.requirepass.is_none();
         self.client.set_type(ClientType::Normal);
         Reply::Simple("RESET".into())
-    }
-
-    /// `CLIENT` subcommands a relay needs: `ID`, `KILL` (both forms), `SETNAME`/`GETNAME` and the
-    /// no-op switches clients send on connect.
-    fn client_command(&mut self, command: &ClientCommand) -> Reply {
-        match command.arg_str(1).to_ascii_uppercase().as_str() {
-            "SETNAME" | "SETINFO" | "REPLY" | "NO-EVICT" | "NO-TOUCH" => Reply::ok(),
-            "GETNAME" => Reply::Nil,
-            "ID" => Reply::Integer(self.client.id() as i64),
-            "KILL" => self.client_kill(command),
-            other => Reply::error(format!("ERR unknown subcommand '{other}'. Try CLIENT HELP.")),
-        }
     }
 
     /// `CLIENT KILL addr` or `CLIENT KILL [ID id] [TYPE type] [ADDR addr] [SKIPME yes|no]`, with
@@ -721,8 +717,11 @@ impl Session {
         }
         let name = command.name();
         let argc = command.args.len();
-        if !self.authenticated && !matches!(name.as_str(), "AUTH" | "QUIT") {
+        if !self.authenticated && !matches!(name.as_str(), "AUTH" | "QUIT" | "HELLO") {
             return Next::Reply(Reply::error("NOAUTH Authentication required."));
+        }
+        if let Some(reply) = self.node_command(command) {
+            return Next::Reply(reply);
         }
         let reply = match name.as_str() {
             // In subscribed mode PING answers as a message would: `["pong", <arg or "">]`.
@@ -736,12 +735,9 @@ impl Session {
                 2 => Reply::Bulk(command.args[1].clone()),
                 _ => wrong_arity("ping"),
             },
-            "ECHO" if argc == 2 => Reply::Bulk(command.args[1].clone()),
             "AUTH" => self.auth(command),
             "INFO" => Reply::Bulk(Bytes::from(info::render(&self.context, &command.args[1..]))),
             "ROLE" => info::role(&self.context),
-            "COMMAND" => Reply::Array(Vec::new()),
-            "CLIENT" => self.client_command(command),
             "SUBSCRIBE" => return self.subscribe(Kind::Channel, command),
             "PSUBSCRIBE" => return self.subscribe(Kind::Pattern, command),
             "UNSUBSCRIBE" => return self.unsubscribe(Kind::Channel, command),
@@ -749,15 +745,10 @@ impl Session {
             "PUBLISH" if argc == 3 => Reply::Integer(self.context.pubsub.publish(&command.args[1], &command.args[2])),
             "PUBLISH" => wrong_arity("publish"),
             "RESET" => self.reset(),
-            "SELECT" => match command.arg_str(1).parse::<i64>() {
-                Ok(_) if argc == 2 => Reply::ok(),
-                _ => Reply::error("ERR value is not an integer or out of range"),
-            },
             "QUIT" => return Next::Close(Reply::ok()),
             "REPLCONF" => return self.replconf(command),
             "PSYNC" | "SYNC" => return Next::BecomeReplica,
             "REPLICAOF" | "SLAVEOF" => self.replicaof(command).await,
-            "CONFIG" if command.arg_str(1).eq_ignore_ascii_case("rewrite") => Reply::ok(),
             "RELAY" => self.relay_command(command),
             _ => unknown_command(command),
         };

@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod history;
 pub mod rdb;
 pub mod stream;
+pub mod version;
 
 use std::sync::Arc;
 use std::time::Duration;
