@@ -11,15 +11,17 @@
 //!   parsing, reply encoding.
 //! - [`upstream`]: the replica link to the master (handshake, PSYNC, RDB receipt, applied offset, ACKs),
 //!   [`upstream::fetch`]: the one fetcher of fresh RDBs on side connections, from the relay's own
-//!   replicas first and the master rate-limited (it also pins the log at the snapshot), and [`upstream::history`]: the hold on a master's new,
+//!   replicas first and the master rate-limited (it also pins the log at the snapshot), [`upstream::version`]: the master's version read after
+//!   each connect, and [`upstream::history`]: the hold on a master's new,
 //!   much smaller history (a master restarted empty) until an operator accepts it.
 //! - [`log`]: the replication log, the one fan-out buffer, addressed by master offset, with the
 //!   replication ids of its history: an in-memory tail of shared chunks over checksummed segment
 //!   files ([`log::format`](mod@log::format) is the on-disk format, [`log::disk`] the segments and their recovery).
 //! - [`snapshot`]: the on-disk cache of the master's RDB; [`snapshot::format`] holds the RDB checks
 //!   and the streaming key count.
-//! - [`downstream`]: the listener: client commands (`INFO`, `ROLE`, ...) and replicas served from the
-//!   snapshot and the log.
+//! - [`downstream`]: the listener: client commands (`INFO`, `ROLE`, ...; the node commands tools
+//!   send, `HELLO`, `COMMAND`, `CONFIG`, `CLIENT`, ..., in `downstream::commands` over the client
+//!   table of `downstream::clients`) and replicas served from the snapshot and the log.
 //! - [`tls`]: TLS both ways (rustls): certificates from PEM files, the one `Stream` type of plain
 //!   and TLS connections.
 //! - [`relay`]: wires one relay together and stops it; [`config`]: CLI and YAML (many relays per
