@@ -261,3 +261,27 @@ fn hello_authenticates_with_requirepass() {
     let ok = redis_cli(relay.port(), &["-3", "HELLO", "3", "AUTH", "default", "sesame", "SETNAME", "tool"]);
     assert!(ok.contains("proto 3\n"), "{ok}");
 }
+
+#[test]
+fn client_reply_off_and_skip_drop_replies() {
+    use std::io::{Read, Write};
+    let master = RedisServer::builder().diskless_sync(true).start();
+    let relay = Relay::start(&master);
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", relay.port())).expect("connect to the relay");
+    socket.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    // SKIP: no reply to itself nor to the next command; OFF: none until ON, which answers +OK.
+    socket
+        .write_all(
+            b"CLIENT REPLY SKIP\r\nPING a\r\nPING b\r\nCLIENT REPLY OFF\r\nPING c\r\nCLIENT REPLY ON\r\nPING d\r\n",
+        )
+        .expect("write");
+    let expected = b"$1\r\nb\r\n+OK\r\n$1\r\nd\r\n";
+    let mut got = vec![0u8; expected.len()];
+    socket.read_exact(&mut got).expect("the replies");
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(expected));
+    // Nothing more: the next reply is PING's own.
+    socket.write_all(b"PING e\r\n").expect("write");
+    let mut next = [0u8; 7];
+    socket.read_exact(&mut next).expect("PING e");
+    assert_eq!(&next, b"$1\r\ne\r\n");
+}
