@@ -17,6 +17,26 @@ pub const MAX_CLIENT_ARGS: usize = 1024 * 1024;
 /// Redis's `PROTO_INLINE_MAX_SIZE`: an inline command (or an unterminated header line) longer than this
 /// is a protocol error.
 pub const MAX_INLINE: usize = 64 * 1024;
+/// redis-server's caps before `AUTH` when a password is required (`processMultibulkBuffer`): more
+/// arguments or a longer bulk closes the connection, so an anonymous client cannot make it buffer more.
+pub const UNAUTHENTICATED_MAX_ARGS: usize = 10;
+pub const UNAUTHENTICATED_MAX_BULK: usize = 16 * 1024;
+
+/// How large a client command may be: [`CommandLimits::AUTHENTICATED`] once the client may run
+/// commands, [`CommandLimits::UNAUTHENTICATED`] before `AUTH` when a password is required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandLimits {
+    pub max_args: usize,
+    pub max_bulk: usize,
+    pub authenticated: bool,
+}
+
+impl CommandLimits {
+    pub const AUTHENTICATED: CommandLimits =
+        CommandLimits { max_args: MAX_CLIENT_ARGS, max_bulk: MAX_CLIENT_BULK, authenticated: true };
+    pub const UNAUTHENTICATED: CommandLimits =
+        CommandLimits { max_args: UNAUTHENTICATED_MAX_ARGS, max_bulk: UNAUTHENTICATED_MAX_BULK, authenticated: false };
+}
 
 /// Why a byte sequence is not valid RESP.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,6 +53,9 @@ pub enum ProtocolError {
     LineTooLong,
     #[error("unbalanced quotes in inline command")]
     UnbalancedQuotes,
+    /// redis-server's wording: `Protocol error: unauthenticated multibulk length` / `... bulk length`.
+    #[error("unauthenticated {what} length")]
+    Unauthenticated { what: &'static str },
 }
 
 /// What kind of command a scanned stream command is, as far as replication cares.
@@ -207,6 +230,12 @@ impl ClientCommand {
 /// Takes one command off the front of `buf`: multibulk, or inline like redis-server accepts (an empty
 /// inline line yields a command with no arguments). `Ok(None)` means more bytes are needed.
 pub fn parse_command(buf: &mut BytesMut) -> Result<Option<ClientCommand>, ProtocolError> {
+    parse_command_within(buf, CommandLimits::AUTHENTICATED)
+}
+
+/// [`parse_command`] with the caps of `limits`; a header over an unauthenticated cap is refused as
+/// soon as the header is complete, before any of its payload is buffered.
+pub fn parse_command_within(buf: &mut BytesMut, limits: CommandLimits) -> Result<Option<ClientCommand>, ProtocolError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -216,11 +245,25 @@ pub fn parse_command(buf: &mut BytesMut) -> Result<Option<ClientCommand>, Protoc
     let Some((argc, mut pos)) = read_header(buf, 0, b'*', "multibulk", MAX_CLIENT_ARGS, 0)? else {
         return Ok(None);
     };
+    if argc > limits.max_args {
+        return Err(if limits.authenticated {
+            ProtocolError::TooLong { what: "multibulk", len: argc, limit: limits.max_args }
+        } else {
+            ProtocolError::Unauthenticated { what: "multibulk" }
+        });
+    }
     let mut spans = Vec::with_capacity(argc.min(64));
     for _ in 0..argc {
         let Some((len, start)) = read_header(buf, pos, b'$', "bulk", MAX_CLIENT_BULK, 0)? else {
             return Ok(None);
         };
+        if len > limits.max_bulk {
+            return Err(if limits.authenticated {
+                ProtocolError::TooLong { what: "bulk", len, limit: limits.max_bulk }
+            } else {
+                ProtocolError::Unauthenticated { what: "bulk" }
+            });
+        }
         if buf.len() < start + len + 2 {
             return Ok(None);
         }
@@ -434,6 +477,28 @@ mod tests {
         assert!(matches!(parse_command(&mut buf), Err(ProtocolError::TooLong { .. })));
         let mut buf = BytesMut::from(&b"*99999999\r\n"[..]);
         assert!(matches!(parse_command(&mut buf), Err(ProtocolError::TooLong { .. })));
+    }
+
+    #[test]
+    fn unauthenticated_caps_are_redis_servers() {
+        let eleven: Vec<&str> = std::iter::repeat_n("x", 11).collect();
+        let mut buf = BytesMut::from(&cmd(&eleven)[..5]);
+        assert_eq!(
+            parse_command_within(&mut buf, CommandLimits::UNAUTHENTICATED),
+            Err(ProtocolError::Unauthenticated { what: "multibulk" })
+        );
+        let ten: Vec<&str> = std::iter::repeat_n("x", 10).collect();
+        let mut buf = BytesMut::from(&cmd(&ten)[..]);
+        assert!(parse_command_within(&mut buf, CommandLimits::UNAUTHENTICATED).unwrap().is_some());
+        // Refused on the header alone: the 16 KiB + 1 payload never has to arrive.
+        let mut buf = BytesMut::from(&b"*2\r\n$4\r\nAUTH\r\n$16385\r\n"[..]);
+        assert_eq!(
+            parse_command_within(&mut buf, CommandLimits::UNAUTHENTICATED),
+            Err(ProtocolError::Unauthenticated { what: "bulk" })
+        );
+        let big = "y".repeat(16384);
+        let mut buf = BytesMut::from(&cmd(&["AUTH", &big])[..]);
+        assert!(parse_command_within(&mut buf, CommandLimits::UNAUTHENTICATED).unwrap().is_some());
     }
 
     #[test]

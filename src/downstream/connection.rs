@@ -4,7 +4,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use std::io::IoSlice;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::protocol::{parse_command, ClientCommand, ProtocolError, Reply};
+use crate::protocol::{parse_command_within, ClientCommand, CommandLimits, ProtocolError, Reply};
 use crate::tls::Stream;
 
 /// Redis's default `client-query-buffer-limit`: one client cannot make the process buffer more.
@@ -32,10 +32,10 @@ impl ClientConnection {
         ClientConnection { stream, buf: BytesMut::with_capacity(1024), out: BytesMut::new() }
     }
 
-    /// Returns the next command, reading as needed. Cancel-safe.
-    pub async fn next_command(&mut self) -> Result<ClientCommand, ClientError> {
+    /// Returns the next command within `limits`, reading as needed. Cancel-safe.
+    pub async fn next_command(&mut self, limits: CommandLimits) -> Result<ClientCommand, ClientError> {
         loop {
-            if let Some(command) = parse_command(&mut self.buf)? {
+            if let Some(command) = parse_command_within(&mut self.buf, limits)? {
                 return Ok(command);
             }
             if self.buf.len() > MAX_QUERY_BUFFER {

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::protocol::{ClientCommand, Reply};
+use crate::protocol::{ClientCommand, CommandLimits, Reply};
 use crate::relay::{RelayContext, ServedStats};
 use crate::tls::{Stream, TlsAcceptor};
 use clients::{ClientHandle, ClientType, KillFilter, KillType};
@@ -340,7 +340,7 @@ impl Session {
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
         loop {
             let command = tokio::select! {
-                command = self.conn.next_command() => command,
+                command = self.conn.next_command(self.command_limits()) => command,
                 Some(message) = next_message(&mut self.subscriber) => {
                     self.queue_message(message);
                     self.queue_waiting_messages();
@@ -390,6 +390,15 @@ impl Session {
             if !self.conn.has_buffered_input() {
                 self.flush().await?;
             }
+        }
+    }
+
+    /// redis-server's caps before `AUTH` when a password is required, its normal ones after.
+    fn command_limits(&self) -> CommandLimits {
+        if self.authenticated {
+            CommandLimits::AUTHENTICATED
+        } else {
+            CommandLimits::UNAUTHENTICATED
         }
     }
 
@@ -565,6 +574,20 @@ impl Session {
     /// subscribed-mode gate, which redis-server applies before queueing.
     async fn dispatch_in_transaction(&mut self, command: ClientCommand) -> Next {
         let name = command.name();
+        // As redis-server's processCommand: before AUTH only the no-auth commands (AUTH, HELLO,
+        // QUIT, RESET) run, and nothing is queued, so MULTI itself is refused.
+        if !self.authenticated
+            && !command.args.is_empty()
+            && !matches!(name.as_str(), "AUTH" | "HELLO" | "QUIT" | "RESET")
+        {
+            // A refused EXEC discards the transaction, in redis-server's words.
+            if name == "EXEC" {
+                return Next::Reply(Reply::error(
+                    "EXECABORT Transaction discarded because of: NOAUTH Authentication required.",
+                ));
+            }
+            return Next::Reply(Reply::error("NOAUTH Authentication required."));
+        }
         if self.subscribed() && !command.args.is_empty() && !SUBSCRIBED_MODE_COMMANDS.contains(&name.as_str()) {
             if !KNOWN_COMMANDS.contains(&name.as_str()) {
                 return Next::Reply(unknown_command(&command));
@@ -717,9 +740,6 @@ impl Session {
         }
         let name = command.name();
         let argc = command.args.len();
-        if !self.authenticated && !matches!(name.as_str(), "AUTH" | "QUIT" | "HELLO") {
-            return Next::Reply(Reply::error("NOAUTH Authentication required."));
-        }
         if let Some(reply) = self.node_command(command) {
             return Next::Reply(reply);
         }

@@ -15,7 +15,7 @@ use tokio::time::{timeout, Instant};
 use super::connection::{read_more, write_all_vectored};
 use super::{ClientError, ReplicaEntry, ReplicaRow, ReplicaState, Session};
 use crate::log::{LogSummary, ReadError};
-use crate::protocol::{parse_command, ClientCommand, Reply};
+use crate::protocol::{parse_command, ClientCommand, CommandLimits, Reply};
 use crate::relay::{random_hex_id, RelayContext, ServedStats, TransferProgress};
 use crate::snapshot::SnapshotMeta;
 use crate::tls::Stream;
@@ -374,7 +374,9 @@ async fn wait_closed(stream: &mut Stream) -> Disconnect {
 async fn wait_first_ack(session: &mut Session) -> Result<(), Disconnect> {
     let limit = session.context.config.repl_timeout;
     loop {
-        let command = timeout(limit, session.conn.next_command()).await.map_err(|_| Disconnect::AckTimeout)??;
+        let command = timeout(limit, session.conn.next_command(CommandLimits::AUTHENTICATED))
+            .await
+            .map_err(|_| Disconnect::AckTimeout)??;
         match classify(&command) {
             FromReplica::Ack(_) => return Ok(()),
             FromReplica::Keepalive => {}
