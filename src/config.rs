@@ -141,6 +141,9 @@ pub struct RelayConfig {
     pub pubsub_output_limit: OutputBufferLimit,
     /// Where fresh snapshots come from.
     pub snapshot: SnapshotSourcing,
+    /// Clients (replicas included) this relay serves at once, like redis.conf `maxclients`;
+    /// lowered at start when the descriptor limit cannot be raised far enough.
+    pub maxclients: u64,
 }
 
 /// The settings about the master's lifecycle, with their defaults.
@@ -257,6 +260,7 @@ struct Tunables {
     snapshot_sources: Option<Vec<String>>,
     snapshot_source_exclude: Option<Vec<String>>,
     snapshot_min_interval: Option<String>,
+    maxclients: Option<u64>,
 }
 
 /// The settings of one relay after inheritance.
@@ -271,6 +275,7 @@ struct Resolved {
     ack_replicas: usize,
     pubsub_output_limit: OutputBufferLimit,
     snapshot: SnapshotSourcing,
+    maxclients: u64,
 }
 
 fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> Result<Resolved, ConfigError> {
@@ -397,6 +402,15 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
         upstream_ack,
         ack_replicas,
         snapshot,
+        maxclients: match own
+            .maxclients
+            .map(|v| (at("maxclients"), v))
+            .or(defaults.maxclients.map(|v| ("defaults.maxclients".to_string(), v)))
+        {
+            None => crate::limits::DEFAULT_MAXCLIENTS,
+            Some((field, 0)) => return Err(field_error(&field, "0", "maxclients must be at least 1")),
+            Some((_, v)) => v,
+        },
     })
 }
 
@@ -643,6 +657,7 @@ impl Config {
                 repl_timeout: resolved.repl_timeout,
                 downstream_eof_form: resolved.downstream_eof_form,
                 pubsub_output_limit: resolved.pubsub_output_limit,
+                maxclients: resolved.maxclients,
                 requirepass: match &relay.requirepass {
                     Some(p) => Some(substitute_env(&at("requirepass"), p)?),
                     None => None,

@@ -32,6 +32,7 @@
 
 pub mod config;
 pub mod downstream;
+pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod protocol;

@@ -140,6 +140,10 @@ struct Cli {
     /// Least time between two snapshot fetches from the master (each one a fork there).
     #[arg(long, value_name = "DURATION", default_value = "15m")]
     snapshot_min_interval: String,
+    /// Clients (replicas included) served at once; more get "-ERR max number of clients reached".
+    /// RLIMIT_NOFILE is raised to fit, or maxclients lowered (see INFO clients maxclients).
+    #[arg(long, value_name = "N", default_value_t = redis_relay::limits::DEFAULT_MAXCLIENTS)]
+    maxclients: u64,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -185,6 +189,9 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
         fsync: FsyncPolicy::parse(&cli.appendfsync)
             .with_context(|| format!("--appendfsync: expected always, everysec or no, got {:?}", cli.appendfsync))?,
     };
+    if cli.maxclients == 0 {
+        bail!("--maxclients: must be at least 1");
+    }
     let repl_timeout = config::parse_duration(&cli.repl_timeout)
         .with_context(|| format!("--repl-timeout: expected a duration such as 60s, got {:?}", cli.repl_timeout))?;
     let downstream_eof_form = match cli.repl_diskless_sync.as_str() {
@@ -267,10 +274,29 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
             ack_replicas: cli.ack_replicas,
             pubsub_output_limit,
             snapshot,
+            maxclients: cli.maxclients,
         }],
     };
     config.validate()?;
     Ok(config)
+}
+
+/// Raises RLIMIT_NOFILE for every relay's maxclients plus the reserves, as redis-server does at
+/// start, and says so when it cannot (maxclients is then lowered; INFO shows the value in force).
+fn adjust_open_files_limit(config: &Config) {
+    let maxclients: Vec<u64> = config.relays.iter().map(|r| r.maxclients).collect();
+    let budget = redis_relay::limits::adjust_open_files_limit(&maxclients);
+    match &budget.shortfall {
+        None => tracing::info!(limit = budget.limit, wanted = budget.wanted, "open files limit"),
+        Some(reason) => tracing::warn!(
+            wanted = budget.wanted,
+            limit = budget.limit,
+            client_cap = budget.client_cap,
+            "cannot raise the open files limit to {} ({reason}): maxclients reduced to {} clients in total to compensate for the low ulimit",
+            budget.wanted,
+            budget.client_cap
+        ),
+    }
 }
 
 fn init_tracing(format: &str) -> anyhow::Result<()> {
@@ -365,6 +391,7 @@ async fn main() -> anyhow::Result<()> {
         redis_relay::metrics::install(addr)?;
         tracing::info!(%addr, "metrics endpoint listening on /metrics");
     }
+    adjust_open_files_limit(&config);
     let mut supervisor = Supervisor { relays: BTreeMap::new() };
     supervisor.apply(&config).await?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -386,6 +413,7 @@ async fn main() -> anyhow::Result<()> {
                             tracing::warn!("metrics.listen changed: it takes effect at the next restart");
                         }
                         tracing::info!(file = %file.display(), relays = new_config.relays.len(), "reloading the configuration");
+                        adjust_open_files_limit(&new_config);
                         if let Err(error) = supervisor.apply(&new_config).await {
                             tracing::error!("reload: some relays did not start: {error}");
                         }

@@ -21,6 +21,9 @@ use crate::relay::{stopped, RelayContext, ServedStats};
 use crate::upstream::fetch::REFUSAL_REASONS;
 use crate::upstream::LinkState;
 
+/// Connections the metrics endpoint serves at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 16;
+
 /// How often the collector samples, and how long a series survives without a sample.
 const SAMPLE_PERIOD: Duration = Duration::from_secs(1);
 const SERIES_IDLE_TIMEOUT: Duration = Duration::from_secs(5);

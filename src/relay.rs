@@ -37,6 +37,8 @@ pub struct ServedStats {
     pub rdb_only_cached: AtomicU64,
     /// Age in seconds of the cached snapshot the last such request got.
     pub rdb_only_last_cached_age: AtomicU64,
+    /// Connections refused because of `maxclients` (INFO `rejected_connections`).
+    pub rejected_connections: AtomicU64,
 }
 
 impl ServedStats {
@@ -79,6 +81,8 @@ pub struct RelayContext {
     pub master_version: watch::Receiver<Option<MasterVersion>>,
     /// When the relay started, as a Unix time (`LASTSAVE` before any snapshot).
     pub started_unix: u64,
+    /// Connected clients and replicas against `maxclients`.
+    pub client_slots: Arc<crate::limits::ClientSlots>,
 }
 
 impl RelayContext {
@@ -203,6 +207,7 @@ pub async fn start(
         SnapshotStore::open(&config.dir)
             .map_err(|source| RelayError::Snapshot { name: config.name.clone(), source })?,
     );
+    let config_maxclients = config.maxclients;
     let (upstream_target, target) = watch::channel(config.upstream.clone());
     let (history_accept, accepted) = watch::channel(None);
     let replicas = Arc::new(ReplicaTable::default());
@@ -244,6 +249,7 @@ pub async fn start(
         replicas,
         clients: Arc::new(ClientTable::default()),
         pubsub,
+        client_slots: crate::limits::ClientSlots::new(config_maxclients),
         fetcher,
         fetcher_status,
         log_recovery: recovery,

@@ -200,3 +200,96 @@ fn unauthenticated_clients_cannot_grow_the_relay() {
     );
     assert!(relay.ping(), "the relay still serves authenticated clients");
 }
+
+/// Holds `count` connections that each got `+PONG`; returns them and how many were refused with
+/// redis-server's `maxclients` error (and closed) instead.
+fn hold_connections(port: u16, count: usize) -> (Vec<RawClient>, usize) {
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..count {
+        let mut client = RawClient::connect(port);
+        // The error arrives unasked; a PING sent to a closed connection may fail, which is fine.
+        let _ = client.send(b"PING\r\n");
+        match client.line().as_deref() {
+            Some("+PONG") => held.push(client),
+            Some("-ERR max number of clients reached") => {
+                assert!(client.closed_by_peer(), "a refused connection must be closed");
+                refused += 1;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    (held, refused)
+}
+
+/// `--maxclients 50` with a replica attached: the next connections get redis-server's error and
+/// are closed, while the upstream link and the log go on (the replica stays in sync); once a slot
+/// is free the replica reconnects with a partial resync, and the master never forks again.
+#[test]
+fn maxclients_refuses_the_excess_and_replication_goes_on() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::builder(master.port()).arg("--maxclients").arg("50").start();
+    wait_link_up(&relay, SYNC_TIMEOUT);
+    let replica = RedisServer::builder().replica_of(relay.port()).start();
+    wait_in_sync(&relay, &replica, SYNC_TIMEOUT);
+    assert_eq!(relay.info_field("clients", "maxclients").as_deref(), Some("50"));
+    // The replica holds one slot; 49 more fill the relay; 10 more are refused.
+    let (mut held, refused) = hold_connections(relay.port(), 59);
+    assert_eq!((held.len(), refused), (49, 10));
+    let mut con = master.conn();
+    for i in 0..2000 {
+        redis::cmd("SET").arg(format!("key:{i}")).arg(value_of(i, 512)).query::<()>(&mut con).unwrap();
+    }
+    wait_until(SYNC_TIMEOUT, "the replica keeps up through the full relay", || {
+        master.info_field("replication", "master_repl_offset") == replica.info_field("replication", "slave_repl_offset")
+    });
+    assert_eq!(master.digest(), replica.digest());
+    // Free a few slots (the helper opens a connection per INFO; the relay frees a slot once it has
+    // seen the close), then cut the replica's link.
+    held.truncate(held.len() - 4);
+    // Until the relay has seen the close, attempts are refused (and counted) too.
+    let mut refused_attempts = 0;
+    let rejected = wait_for(SYNC_TIMEOUT, "a slot to be free again", || {
+        refused_attempts += 1;
+        connect(relay.port(), None, None)
+            .and_then(|mut con| redis::cmd("INFO").arg("stats").query::<String>(&mut con))
+            .map_err(|e| e.to_string())
+    });
+    let expected = (10 + refused_attempts - 1).to_string();
+    assert_eq!(parse_info_field(&rejected, "rejected_connections"), Some(expected));
+    let partial_before = stat_of(&relay, "sync_partial_ok");
+    let killed: i64 = replica.query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("master"));
+    assert_eq!(killed, 1);
+    wait_until(SYNC_TIMEOUT, "the replica reconnects with a partial resync", || {
+        stat_of(&relay, "sync_partial_ok") > partial_before
+    });
+    wait_in_sync(&relay, &replica, SYNC_TIMEOUT);
+    assert_eq!(master.digest(), replica.digest());
+    assert_eq!(stat_of(&master, "sync_full"), 1, "the master must not fork for the relay again");
+    drop(held);
+}
+
+/// Started under a hard descriptor limit of 256, the relay cannot raise it for the default
+/// `maxclients` 10000: it lowers maxclients to what remains after its reserves (256 - 32 for the
+/// relay - 48 for the process = 176) and refuses the rest, so the log still rotates (64 KiB
+/// segments) and a replica attached afterwards syncs from the cache without a fork of the master.
+#[test]
+fn a_low_descriptor_limit_lowers_maxclients_and_keeps_the_reserve() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::builder(master.port()).open_files_limit(256).arg("--log-segment-size").arg("64kb").start();
+    wait_link_up(&relay, SYNC_TIMEOUT);
+    let maxclients: usize = relay.info_field("clients", "maxclients").unwrap().parse().unwrap();
+    assert_eq!(maxclients, 176);
+    let (held, refused) = hold_connections(relay.port(), 200);
+    assert_eq!((held.len(), refused), (176, 24));
+    let mut con = master.conn();
+    for i in 0..1000 {
+        redis::cmd("SET").arg(format!("key:{i}")).arg(value_of(i, 1024)).query::<()>(&mut con).unwrap();
+    }
+    drop(held);
+    let replica = RedisServer::builder().replica_of(relay.port()).start();
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    assert_eq!(master.digest(), replica.digest());
+    assert_eq!(stat_of(&master, "sync_full"), 1, "the master must not fork for the relay again");
+    assert_eq!(relay.info_field("relay", "upstream_reconnects").as_deref(), Some("0"));
+}

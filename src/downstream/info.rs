@@ -82,6 +82,8 @@ fn clients(context: &RelayContext, out: &mut String) {
     out.push_str("# Clients\r\n");
     line(out, "connected_clients", context.clients.connected_clients());
     line(out, "cluster_connections", 0);
+    // In force after the descriptor limit was applied (lower than configured if it could not be raised).
+    line(out, "maxclients", context.client_slots.effective_max());
     // The relay has no blocking commands, no client tracking and no command timeouts.
     line(out, "blocked_clients", 0);
     line(out, "tracking_clients", 0);
@@ -275,6 +277,7 @@ fn stats(context: &RelayContext, out: &mut String) {
     out.push_str("# Stats\r\n");
     line(out, "total_connections_received", ServedStats::get(&s.connections));
     line(out, "total_commands_processed", ServedStats::get(&s.commands));
+    line(out, "rejected_connections", ServedStats::get(&s.rejected_connections));
     line(out, "sync_full", ServedStats::get(&s.sync_full));
     line(out, "sync_partial_ok", ServedStats::get(&s.sync_partial_ok));
     line(out, "sync_partial_err", ServedStats::get(&s.sync_partial_err));

@@ -182,24 +182,40 @@ pub struct ReplicaHandshake {
     pub rdb_filter: Option<crate::snapshot::RdbFilter>,
 }
 
-/// Accepts connections until shutdown; with `tls`, each one starts with a TLS handshake.
+/// redis-server's reply to a connection over `maxclients`, written before closing it.
+const MAX_CLIENTS_REACHED: &[u8] = b"-ERR max number of clients reached\r\n";
+
+/// Accepts connections until shutdown; with `tls`, each one starts with a TLS handshake. A
+/// connection beyond `maxclients` (or beyond what the process's descriptor budget leaves after the
+/// reserves) gets redis-server's error (plain connections; a TLS one is just closed) and is closed.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<TlsAcceptor>>,
     context: Arc<RelayContext>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut accept_errors = crate::limits::LogThrottle::new(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let _ = tcp.set_nodelay(true);
                     ServedStats::add(&context.stats.connections, 1);
+                    let Some(slot) = context.client_slots.try_acquire() else {
+                        ServedStats::add(&context.stats.rejected_connections, 1);
+                        // As redis-server: one non-blocking write of the error, then close.
+                        if tls.is_none() {
+                            let _ = tcp.try_write(MAX_CLIENTS_REACHED);
+                        }
+                        drop(tcp);
+                        continue;
+                    };
+                    let _ = tcp.set_nodelay(true);
                     let context = context.clone();
                     let shutdown = shutdown.clone();
                     let tls = tls.clone();
                     let (laddr, fd) = (tcp.local_addr().ok(), std::os::fd::AsRawFd::as_raw_fd(&tcp).into());
                     tokio::spawn(async move {
+                        let _slot = slot;
                         let stream = match tls {
                             None => Stream::Plain(tcp),
                             Some(tls) => {
@@ -247,7 +263,9 @@ pub async fn serve(
                     });
                 }
                 Err(error) => {
-                    tracing::warn!("accept failed: {error}");
+                    if let Some(suppressed) = accept_errors.ready() {
+                        tracing::warn!(suppressed, "accept failed: {error}");
+                    }
                     // Out of file descriptors and the like: give the system a moment instead of spinning.
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }

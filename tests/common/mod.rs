@@ -743,9 +743,17 @@ pub struct RelayBuilder {
     requirepass: Option<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    open_files_limit: Option<u64>,
 }
 
 impl RelayBuilder {
+    /// Starts the process with soft and hard `RLIMIT_NOFILE` at `limit` (as `prlimit --nofile`), so
+    /// it cannot raise its descriptor limit.
+    pub fn open_files_limit(mut self, limit: u64) -> Self {
+        self.open_files_limit = Some(limit);
+        self
+    }
+
     /// `--upstream HOST:PORT` (the builder's default is `127.0.0.1:<port given to builder()>`).
     pub fn upstream(mut self, addr: impl Into<String>) -> Self {
         self.upstream = addr.into();
@@ -848,6 +856,7 @@ impl Relay {
             requirepass: None,
             args: Vec::new(),
             env: Vec::new(),
+            open_files_limit: None,
         }
     }
 
@@ -896,6 +905,19 @@ impl Relay {
             .stderr(Stdio::from(stderr));
         for (key, value) in &self.options.env {
             command.env(key, value);
+        }
+        if let Some(limit) = self.options.open_files_limit {
+            use std::os::unix::process::CommandExt;
+            let rlim = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
+            // SAFETY: between fork and exec only setrlimit runs, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = command.spawn().map_err(|e| format!("cannot run {}: {e}", relay_bin()))?;
         let pid = child.id().to_string();

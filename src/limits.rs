@@ -1,0 +1,159 @@
+//! Process-wide connection limits: the file-descriptor budget (`RLIMIT_NOFILE`, raised at start as
+//! redis-server's `adjustOpenFilesLimit` does) and the client slots every relay's listener takes
+//! from before it serves a connection, so clients can never use the descriptors reserved for the log,
+//! the snapshot cache and the upstream link.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Descriptors each relay keeps for itself (log segments and their directory, snapshot files,
+/// the upstream link and RDB fetcher), like redis-server's `CONFIG_MIN_RESERVED_FDS`.
+pub const RESERVED_FDS_PER_RELAY: u64 = 32;
+/// Descriptors the process keeps besides its relays: stdio, the runtime, the metrics listener and
+/// its connection cap.
+pub const RESERVED_FDS_PROCESS: u64 = 32 + crate::metrics::MAX_CONNECTIONS as u64;
+
+/// Redis's default `maxclients`.
+pub const DEFAULT_MAXCLIENTS: u64 = 10_000;
+
+/// Clients all relays of the process may have together: what the descriptor limit leaves after the
+/// reserves. `usize::MAX` until [`adjust_open_files_limit`] ran.
+static PROCESS_CLIENT_CAP: AtomicUsize = AtomicUsize::new(usize::MAX);
+static PROCESS_CLIENTS: AtomicUsize = AtomicUsize::new(0);
+
+/// The outcome of raising `RLIMIT_NOFILE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdBudget {
+    /// Descriptors the relays' settings need.
+    pub wanted: u64,
+    /// The soft limit now in force.
+    pub limit: u64,
+    /// Clients the process can serve within it (sum over relays).
+    pub client_cap: u64,
+    /// Why the limit could not be raised to `wanted`, if it could not.
+    pub shortfall: Option<String>,
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to what `maxclients` of every relay plus the reserves need
+/// (never lowers it). When the hard limit forbids it, takes the highest value it can get and
+/// lowers the process's client capacity to fit, as redis-server lowers `maxclients`.
+pub fn adjust_open_files_limit(maxclients: &[u64]) -> FdBudget {
+    let reserve = RESERVED_FDS_PROCESS + RESERVED_FDS_PER_RELAY * maxclients.len() as u64;
+    let wanted = maxclients.iter().sum::<u64>() + reserve;
+    let (mut limit, hard) = current_limit();
+    let mut shortfall = None;
+    if limit < wanted {
+        let target = wanted.min(hard);
+        match set_soft_limit(target) {
+            Ok(()) => limit = target,
+            Err(error) => shortfall = Some(format!("setrlimit({target}) failed: {error}")),
+        }
+        if limit < wanted && shortfall.is_none() {
+            shortfall = Some(format!("the hard limit is {hard}"));
+        }
+    }
+    let client_cap = limit.saturating_sub(reserve);
+    PROCESS_CLIENT_CAP.store(usize::try_from(client_cap).unwrap_or(usize::MAX), Ordering::Relaxed);
+    FdBudget { wanted, limit, client_cap, shortfall }
+}
+
+fn current_limit() -> (u64, u64) {
+    let mut rlim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) } != 0 {
+        return (1024, 1024);
+    }
+    (rlim.rlim_cur, rlim.rlim_max)
+}
+
+fn set_soft_limit(soft: u64) -> std::io::Result<()> {
+    let (_, hard) = current_limit();
+    let rlim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+    // SAFETY: setrlimit only reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The process's client capacity (after [`adjust_open_files_limit`]).
+pub fn process_client_cap() -> usize {
+    PROCESS_CLIENT_CAP.load(Ordering::Relaxed)
+}
+
+/// One relay's client count against its `maxclients`.
+#[derive(Debug)]
+pub struct ClientSlots {
+    maxclients: usize,
+    connected: AtomicUsize,
+}
+
+impl ClientSlots {
+    pub fn new(maxclients: u64) -> Arc<ClientSlots> {
+        Arc::new(ClientSlots {
+            maxclients: usize::try_from(maxclients).unwrap_or(usize::MAX),
+            connected: AtomicUsize::new(0),
+        })
+    }
+
+    /// `maxclients` in force: the configured value, lowered to the process's capacity.
+    pub fn effective_max(&self) -> usize {
+        self.maxclients.min(process_client_cap())
+    }
+
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// A slot for one more client, or `None` when this relay or the process is full.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<ClientSlot> {
+        if PROCESS_CLIENTS.fetch_add(1, Ordering::AcqRel) >= process_client_cap() {
+            PROCESS_CLIENTS.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        if self.connected.fetch_add(1, Ordering::AcqRel) >= self.maxclients {
+            self.connected.fetch_sub(1, Ordering::AcqRel);
+            PROCESS_CLIENTS.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ClientSlot { slots: self.clone() })
+    }
+}
+
+/// A connected client's slot; freed when the connection ends.
+#[derive(Debug)]
+pub struct ClientSlot {
+    slots: Arc<ClientSlots>,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.slots.connected.fetch_sub(1, Ordering::AcqRel);
+        PROCESS_CLIENTS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Logs at most once per period (accept errors under descriptor exhaustion must not flood the log).
+#[derive(Debug)]
+pub struct LogThrottle {
+    period: std::time::Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    pub fn new(period: std::time::Duration) -> LogThrottle {
+        LogThrottle { period, last: None, suppressed: 0 }
+    }
+
+    /// `Some(suppressed since the last logged one)` when it is time to log again.
+    pub fn ready(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|last| now.duration_since(last) < self.period) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
