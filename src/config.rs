@@ -103,6 +103,8 @@ fn field_error(field: &str, value: &str, message: &str) -> ConfigError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub metrics: Option<SocketAddr>,
+    /// Credentials `/metrics` requires (`metrics.auth`: `bearer:TOKEN` or `basic:USER:PASSWORD`).
+    pub metrics_auth: Option<crate::metrics::http::MetricsAuth>,
     pub relays: Vec<RelayConfig>,
 }
 
@@ -207,6 +209,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileMetrics {
     listen: String,
+    auth: Option<String>,
 }
 
 /// The top-level `defaults` every relay inherits.
@@ -670,7 +673,16 @@ impl Config {
                 snapshot,
             });
         }
-        let config = Config { metrics, relays };
+        let metrics_auth = match parsed.metrics.as_ref().and_then(|m| m.auth.as_ref()) {
+            None => None,
+            Some(text) => {
+                let value = substitute_env("metrics.auth", text)?;
+                Some(crate::metrics::http::MetricsAuth::parse(&value).ok_or_else(|| {
+                    field_error("metrics.auth", "<redacted>", "expected bearer:TOKEN or basic:USER:PASSWORD")
+                })?)
+            }
+        };
+        let config = Config { metrics, metrics_auth, relays };
         config.validate()?;
         Ok(config)
     }

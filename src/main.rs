@@ -38,6 +38,10 @@ struct Cli {
     /// Prometheus endpoint, HOST:PORT, serving /metrics (or set REDIS_RELAY_METRICS).
     #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_METRICS")]
     metrics: Option<String>,
+    /// Credentials /metrics requires: bearer:TOKEN or basic:USER:PASSWORD (or set
+    /// REDIS_RELAY_METRICS_AUTH).
+    #[arg(long, value_name = "AUTH", env = "REDIS_RELAY_METRICS_AUTH", hide_env_values = true)]
+    metrics_auth: Option<String>,
     /// ACL user for AUTH to the master.
     #[arg(long, value_name = "U")]
     upstream_user: Option<String>,
@@ -234,8 +238,16 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
         Some(addr) => Some(config::parse_listen("--metrics", addr)?),
         None => None,
     };
+    let metrics_auth = match &cli.metrics_auth {
+        Some(text) => Some(
+            redis_relay::metrics::http::MetricsAuth::parse(text)
+                .context("--metrics-auth: expected bearer:TOKEN or basic:USER:PASSWORD")?,
+        ),
+        None => None,
+    };
     let config = Config {
         metrics,
+        metrics_auth,
         relays: vec![RelayConfig {
             upstream_tls: config::upstream_tls(
                 "--upstream-tls-",
@@ -388,7 +400,7 @@ async fn main() -> anyhow::Result<()> {
         None => config_from_flags(&cli)?,
     };
     if let Some(addr) = config.metrics {
-        redis_relay::metrics::install(addr)?;
+        redis_relay::metrics::install(addr, config.metrics_auth.clone())?;
         tracing::info!(%addr, "metrics endpoint listening on /metrics");
     }
     adjust_open_files_limit(&config);
@@ -409,8 +421,8 @@ async fn main() -> anyhow::Result<()> {
                 };
                 match Config::from_file(file) {
                     Ok(new_config) => {
-                        if new_config.metrics != config.metrics {
-                            tracing::warn!("metrics.listen changed: it takes effect at the next restart");
+                        if new_config.metrics != config.metrics || new_config.metrics_auth != config.metrics_auth {
+                            tracing::warn!("metrics.listen or metrics.auth changed: it takes effect at the next restart");
                         }
                         tracing::info!(file = %file.display(), relays = new_config.relays.len(), "reloading the configuration");
                         adjust_open_files_limit(&new_config);

@@ -1,11 +1,13 @@
-//! Prometheus metrics: the `/metrics` endpoint, and a collector per relay that samples the relay's
-//! state once a second.
+//! Prometheus metrics: the `/metrics` endpoint ([`http`]: our own small server, the recorder only
+//! renders the text), and a collector per relay that samples the relay's state once a second.
 //!
 //! The metrics registry is the one piece of global state (the `metrics` facade's recorder). Values are
 //! read from the same state `INFO` shows (upstream status, log summary, replica table, served
 //! counters), so the two always agree. Every series carries the `relay` label; per-replica series also
 //! `replica` (`ip:port`) and disappear a few seconds after the replica does (idle timeout).
 //! Names follow Prometheus conventions: `_bytes`, `_seconds`, `_total`.
+
+pub mod http;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,13 +105,24 @@ pub enum Kind {
     Counter,
 }
 
-/// Starts the `/metrics` HTTP endpoint and describes every metric.
-pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Installs the recorder, starts the `/metrics` HTTP endpoint on the current runtime (with `auth`
+/// required if given) and describes every metric.
+pub fn install(addr: SocketAddr, auth: Option<http::MetricsAuth>) -> Result<(), MetricsError> {
+    let listener = http::bind(addr).map_err(|e| MetricsError { addr, reason: e.to_string() })?;
+    let handle = PrometheusBuilder::new()
         .idle_timeout(MetricKindMask::GAUGE, Some(SERIES_IDLE_TIMEOUT))
-        .install()
+        .install_recorder()
         .map_err(|e| MetricsError { addr, reason: e.to_string() })?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        // Without the exporter's own listener, the idle-series sweep is ours to run.
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    tokio::spawn(http::serve(listener, handle, auth, MAX_CONNECTIONS));
     for (name, kind, help) in METRICS {
         let unit = if name.ends_with("_bytes") || name.ends_with("_bytes_total") {
             Some(Unit::Bytes)
