@@ -146,6 +146,8 @@ pub struct RelayConfig {
     /// Clients (replicas included) this relay serves at once, like redis.conf `maxclients`;
     /// lowered at start when the descriptor limit cannot be raised far enough.
     pub maxclients: u64,
+    /// Idle normal clients are closed after this (redis.conf `timeout`); zero is off.
+    pub timeout: Duration,
 }
 
 /// The settings about the master's lifecycle, with their defaults.
@@ -264,6 +266,8 @@ struct Tunables {
     snapshot_source_exclude: Option<Vec<String>>,
     snapshot_min_interval: Option<String>,
     maxclients: Option<u64>,
+    /// A duration, or a bare number of seconds as in redis.conf.
+    timeout: Option<serde_yaml_ng::Value>,
 }
 
 /// The settings of one relay after inheritance.
@@ -279,6 +283,16 @@ struct Resolved {
     pubsub_output_limit: OutputBufferLimit,
     snapshot: SnapshotSourcing,
     maxclients: u64,
+    timeout: Duration,
+}
+
+/// A scalar YAML value as text (`300` and `"300s"` alike).
+fn yaml_text(value: &Option<serde_yaml_ng::Value>) -> Option<String> {
+    value.as_ref().map(|v| match v {
+        serde_yaml_ng::Value::String(s) => s.clone(),
+        serde_yaml_ng::Value::Number(n) => n.to_string(),
+        other => format!("{other:?}"),
+    })
 }
 
 fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> Result<Resolved, ConfigError> {
@@ -405,6 +419,12 @@ fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> 
         upstream_ack,
         ack_replicas,
         snapshot,
+        timeout: match pick(&yaml_text(&own.timeout), &yaml_text(&defaults.timeout), "timeout") {
+            None => Duration::ZERO,
+            Some((field, v)) => {
+                parse_duration(&v).ok_or_else(|| field_error(&field, &v, "expected a duration such as 300s, or 0"))?
+            }
+        },
         maxclients: match own
             .maxclients
             .map(|v| (at("maxclients"), v))
@@ -661,6 +681,7 @@ impl Config {
                 downstream_eof_form: resolved.downstream_eof_form,
                 pubsub_output_limit: resolved.pubsub_output_limit,
                 maxclients: resolved.maxclients,
+                timeout: resolved.timeout,
                 requirepass: match &relay.requirepass {
                     Some(p) => Some(substitute_env(&at("requirepass"), p)?),
                     None => None,

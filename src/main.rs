@@ -148,6 +148,10 @@ struct Cli {
     /// RLIMIT_NOFILE is raised to fit, or maxclients lowered (see INFO clients maxclients).
     #[arg(long, value_name = "N", default_value_t = redis_relay::limits::DEFAULT_MAXCLIENTS)]
     maxclients: u64,
+    /// Close a client idle for this long (like redis.conf timeout; replicas and subscribers are
+    /// exempt); 0 is off.
+    #[arg(long, value_name = "DURATION", default_value = "0")]
+    timeout: String,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -287,6 +291,8 @@ fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
             pubsub_output_limit,
             snapshot,
             maxclients: cli.maxclients,
+            timeout: config::parse_duration(&cli.timeout)
+                .with_context(|| format!("--timeout: expected a duration such as 300s, or 0, got {:?}", cli.timeout))?,
         }],
     };
     config.validate()?;

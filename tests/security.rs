@@ -400,3 +400,83 @@ fn metrics_port_under_descriptor_exhaustion_does_not_spin() {
     drop(pending);
     wait_until(SYNC_TIMEOUT, "scrapes work again", || http(metrics_port, "GET /metrics HTTP/1.0\r\n\r\n").0 == 200);
 }
+
+/// Error replies echo at most 128 bytes of input, exactly as redis-server 7.0 words them: an
+/// unknown command with a 1 MiB name and long arguments.
+#[test]
+fn error_replies_are_truncated_like_redis_server() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::start(&master);
+    let huge_name = "n".repeat(1 << 20);
+    let long_arg = "a".repeat(100);
+    let reply_of = |port: u16| {
+        let mut client = RawClient::connect(port);
+        client.send(&command(&[huge_name.as_bytes(), long_arg.as_bytes(), b"b", long_arg.as_bytes()])).unwrap();
+        let first = client.line().unwrap_or_default();
+        client.send(&command(&[b"nosuchcommand", b"x", b"y"])).unwrap();
+        (first, client.line().unwrap_or_default())
+    };
+    let relayed = reply_of(relay.port());
+    assert!(relayed.0.len() < 400, "error reply of {} bytes", relayed.0.len());
+    assert_eq!(relayed, reply_of(master.port()));
+}
+
+/// A client pipelining 20,000 `INFO` commands without reading (about 34 MiB of replies) costs the
+/// relay one 64 KiB batch plus its socket buffers: peak RSS grows by less than 16 MiB.
+#[test]
+fn a_client_that_does_not_read_costs_a_bounded_output_buffer() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::start(&master);
+    wait_link_up(&relay, SYNC_TIMEOUT);
+    let pid = relay.pid().unwrap();
+    let reply_len = relay.query::<String>(&redis::cmd("INFO")).len();
+    let (peak_before, _) = memory_kib(pid);
+    let mut client = RawClient::connect(relay.port());
+    let flood = b"INFO\r\n".repeat(20_000);
+    // The writes stall once the relay stops reading (it waits on its own writes): send from a thread.
+    let writer = {
+        let mut stream = client.reader.get_ref().try_clone().unwrap();
+        std::thread::spawn(move || stream.write_all(&flood).is_ok())
+    };
+    // Until the relay has filled the socket and stalled, its command counter moves by more than
+    // our own INFO between two probes.
+    wait_until(SYNC_TIMEOUT, "the relay stalls on the non-reading client", || {
+        let before = stat_of(&relay, "total_commands_processed");
+        std::thread::sleep(Duration::from_millis(300));
+        stat_of(&relay, "total_commands_processed") == before + 1
+    });
+    let (peak_after, _) = memory_kib(pid);
+    let growth = peak_after.saturating_sub(peak_before);
+    eprintln!(
+        "INFO flood ({} KiB of replies asked): VmHWM {peak_before} -> {peak_after} KiB (growth {growth} KiB)",
+        reply_len * 20_000 / 1024
+    );
+    assert!(growth < 16 * 1024, "peak RSS grew by {growth} KiB while a client did not read");
+    // Reading now drains everything that was asked.
+    let mut replies = 0;
+    while replies < 20_000 && client.line().is_some() {
+        replies += 1;
+    }
+    assert_eq!(replies, 20_000);
+    assert!(writer.join().unwrap());
+}
+
+/// `--timeout 1`: an idle client is closed after about a second (as redis-server's `timeout`),
+/// a client that keeps talking is not.
+#[test]
+fn idle_clients_are_closed_after_timeout() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::builder(master.port()).arg("--timeout").arg("1").start();
+    let started = std::time::Instant::now();
+    let mut idle = RawClient::connect(relay.port());
+    assert!(idle.closed_by_peer());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "closed after {waited:?}");
+    let mut busy = RawClient::connect(relay.port());
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        busy.send(b"PING\r\n").unwrap();
+        assert_eq!(busy.line().as_deref(), Some("+PONG"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -56,6 +56,11 @@ impl ClientConnection {
         !self.buf.is_empty()
     }
 
+    /// Reply bytes queued and not yet written.
+    pub fn pending_output(&self) -> usize {
+        self.out.len()
+    }
+
     pub fn queue(&mut self, reply: &Reply) {
         reply.encode(&mut self.out);
     }

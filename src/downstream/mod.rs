@@ -351,14 +351,21 @@ async fn next_message(subscriber: &mut Option<Subscriber>) -> Option<Bytes> {
     }
 }
 
+/// Reply bytes a pipelining client's session gathers before it writes them.
+const OUTPUT_BATCH: usize = 64 * 1024;
+
 /// Most message bytes gathered into one write.
 const MESSAGE_BATCH: u64 = 64 * 1024;
 
 impl Session {
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
+        let idle_limit = self.context.config.timeout;
         loop {
+            // redis-server's `timeout`: idle normal clients are closed; subscribers are exempt.
+            let idle_timeout = !idle_limit.is_zero() && !self.subscribed();
             let command = tokio::select! {
                 command = self.conn.next_command(self.command_limits()) => command,
+                _ = tokio::time::sleep(idle_limit), if idle_timeout => return Ok(()),
                 Some(message) = next_message(&mut self.subscriber) => {
                     self.queue_message(message);
                     self.queue_waiting_messages();
@@ -405,7 +412,9 @@ impl Session {
             if self.close_after_reply {
                 return self.flush().await;
             }
-            if !self.conn.has_buffered_input() {
+            // Pipelined replies go out in batches: a client that sends faster than it reads holds
+            // at most one batch here, the rest waits in its socket (backpressure, not memory).
+            if !self.conn.has_buffered_input() || self.conn.pending_output() >= OUTPUT_BATCH {
                 self.flush().await?;
             }
         }
@@ -874,11 +883,24 @@ fn wrong_arity(name: &str) -> Reply {
 
 /// Redis's wording for an unknown command.
 fn unknown_command(command: &ClientCommand) -> Reply {
-    // redis-server writes each argument followed by a space.
-    let args: String = command.args[1..].iter().take(8).map(|a| format!("'{}' ", String::from_utf8_lossy(a))).collect();
+    // As redis-server's processCommand: at most 128 bytes of the name, and arguments (each followed
+    // by a space) only while the list is under 128 bytes, each cut to what is left of the 128.
+    const ECHO_LIMIT: usize = 128;
+    let mut args = Vec::new();
+    for arg in &command.args[1..] {
+        if args.len() >= ECHO_LIMIT {
+            break;
+        }
+        let room = ECHO_LIMIT - args.len();
+        args.push(b'\'');
+        args.extend_from_slice(&arg[..arg.len().min(room)]);
+        args.extend_from_slice(b"' ");
+    }
+    let name = &command.args[0][..command.args[0].len().min(ECHO_LIMIT)];
     Reply::error(format!(
-        "ERR unknown command '{}', with args beginning with: {args}",
-        String::from_utf8_lossy(&command.args[0]),
+        "ERR unknown command '{}', with args beginning with: {}",
+        String::from_utf8_lossy(name),
+        String::from_utf8_lossy(&args),
     ))
 }
 

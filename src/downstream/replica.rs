@@ -406,7 +406,8 @@ fn classify(command: &ClientCommand) -> FromReplica {
             return FromReplica::Keepalive;
         }
     }
-    FromReplica::Other(command.name())
+    // At most 128 bytes of it reach the log, as redis-server truncates echoed input.
+    FromReplica::Other(command.name().chars().take(128).collect())
 }
 
 /// Streams the log from `position` until the replica goes away, falls behind the log's start, the
