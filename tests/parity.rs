@@ -194,6 +194,8 @@ fn node_commands_answer_like_redis() {
     assert_eq!(value("save"), "");
     assert_eq!(value("port"), relay.port().to_string());
     assert_eq!(Some(value("repl-backlog-size")), relay.info_field("replication", "repl_backlog_size"));
+    assert_eq!(Some(value("maxclients")), relay.info_field("clients", "maxclients"));
+    assert_eq!(value("timeout"), "0", "idle clients are kept by default, as in redis.conf");
     let repl: Vec<String> =
         redis::cmd("CONFIG").arg("GET").arg("REPL-*").arg("port").query(&mut con).expect("CONFIG GET REPL-*");
     let names: Vec<&String> = repl.iter().step_by(2).collect();

@@ -512,6 +512,7 @@ fn config_values(context: &RelayContext) -> Vec<(&'static str, String)> {
         ("cluster-enabled", "no".into()),
         ("databases", DATABASES.to_string()),
         ("dir", config.dir.display().to_string()),
+        ("maxclients", context.client_slots.effective_max().to_string()),
         ("maxmemory", "0".into()),
         ("port", config.listen.port().to_string()),
         ("repl-backlog-size", context.log.summary().capacity.to_string()),
@@ -524,7 +525,7 @@ fn config_values(context: &RelayContext) -> Vec<(&'static str, String)> {
         ("save", String::new()),
         ("slave-read-only", "yes".into()),
         ("slaveof", format!("{} {}", upstream.host(), upstream.port())),
-        ("timeout", "0".into()),
+        ("timeout", config.timeout.as_secs().to_string()),
         ("tls-port", config.tls.as_ref().map(|t| t.listen.port()).unwrap_or(0).to_string()),
     ]
 }
