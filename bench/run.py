@@ -693,6 +693,48 @@ def throughput_case(opts, mode, kind, n):
         return result
 
 
+FLOORS = ["floor-write", "floor-sendfile"]
+
+
+def floor_case(opts, how, n):
+    """The kernel's copy floor: examples/copy_floor.rs sends the burst's bytes to n sinks and does nothing
+    else, with write() from memory or sendfile() from the page cache; same fields as throughput_case."""
+    command = len(f"*3\r\n$3\r\nSET\r\n$16\r\nkey:000000000000\r\n${opts.value_size}\r\n") + opts.value_size + 2
+    floor = Tool(opts.floor_bin, ["--bytes", str(opts.burst * command), "--value-size", str(opts.value_size)],
+                 f"floor-{random.randint(0, 1 << 30)}")
+    try:
+        hello = floor.request("port")
+        sinks = Sinks(opts.sink_bin, hello["port"], n)
+        try:
+            sinks.wait_online(120)
+            wait_until(f"{n} sinks past the floor's handshake", lambda: floor.request("count")["online"] == n, 60)
+            time.sleep(opts.settle)
+            start = sinks.status()["min_offset"]
+            cpu0 = proc_cpu(floor.proc.pid)
+            stat0 = cpu_stat()
+            t0 = time.time_ns()
+            floor.request(f"go {how.split('-')[1]}", timeout=600)
+            times = sinks.wait_offset(start + hello["bytes"], opts.deliver_timeout)
+            stat1 = cpu_stat()
+            cpu1 = proc_cpu(floor.proc.pid)
+            deliver_s = (max(times) - t0) / 1e9
+            result = {
+                "mode": how, "kind": "sink", "n": n, "stream_bytes": hello["bytes"],
+                "write_s": None, "deliver_s": deliver_s, "ratio": None, "master_cpu_s": None,
+                "middle_cpu_s": cpu1 - cpu0, "middle_rss": None, "middle_hwm": None,
+                "delivered_mb": hello["bytes"] * n / MB, "sink_cpu_s": None,
+                "machine_busy": 1 - (stat1[1] - stat0[1]) / max(1, stat1[0] - stat0[0]),
+            }
+            result["cpu_ms_per_mb"] = result["middle_cpu_s"] * 1000 / result["delivered_mb"]
+            log(f"throughput {how} N={n:3}: {hello['bytes'] / MB:.0f} MB, delivered {deliver_s:.2f}s, "
+                f"CPU {result['middle_cpu_s']:.2f}s ({result['cpu_ms_per_mb']:.3f} ms/MB)")
+            return result
+        finally:
+            sinks.finish()
+    finally:
+        floor.finish()
+
+
 def ccdf(sorted_values, points=160):
     """[(value, fraction of samples above it)] on a log grid of fractions, for the CCDF plot."""
     n = len(sorted_values)
@@ -1032,7 +1074,8 @@ def ensure_matplotlib():
     return False
 
 
-COLORS = {"direct": "#888888", "chained": "#d62728", "relay": "#1f77b4", "relay-1gb": "#17becf"}
+COLORS = {"direct": "#888888", "chained": "#d62728", "relay": "#1f77b4", "relay-1gb": "#17becf",
+          "floor-write": "#2ca02c", "floor-sendfile": "#98df8a"}
 
 
 def plots(results, outdir, rel):
@@ -1059,6 +1102,12 @@ def plots(results, outdir, rel):
                     label=f"{mode}: master write")
             if mode != "direct":
                 a2.plot(ns, [r["cpu_ms_per_mb"] for r in rows], "o-", color=COLORS[mode], label=mode)
+        for mode in FLOORS:
+            rows = sorted((r for r in tp if r["mode"] == mode), key=lambda r: r["n"])
+            if rows:
+                ns = [r["n"] for r in rows]
+                a1.plot(ns, [r["deliver_s"] for r in rows], "s:", color=COLORS[mode], label=f"{mode}: delivered")
+                a2.plot(ns, [r["cpu_ms_per_mb"] for r in rows], "s:", color=COLORS[mode], label=mode)
         all_ns = sorted({r["n"] for r in tp})
         for ax in (a1, a2):
             ax.set_xscale("log", base=2)
@@ -1262,9 +1311,46 @@ def report(opts, results, machine, busy, started, finished, out_md):
                   f"{ratio(x['cpu_ms_per_mb'], g(c, 'cpu_ms_per_mb'))} | "
                   f"{fmt(g(r, 'middle_hwm') and g(r, 'middle_hwm') / MB, '.0f')} / {x['middle_hwm'] / MB:.0f} |")
             w("")
+        floors = [n for kind, n in keys if kind == "sink" and by.get(("floor-write", "sink", n))]
+        if floors:
+            w("The kernel's copy floor (`examples/copy_floor.rs`, the same bytes as the burst to the same sinks "
+              "from one thread, nothing else done: *write* = 1 MiB `write()`s from memory, socket after socket; "
+              "*sendfile* = the same from the file in the page cache) and the relay as a ratio to it:")
+            w("")
+            w("| N | delivered s floor write / sendfile | CPU ms/MB floor write / sendfile | CPU ms/MB relay | "
+              "**relay ÷ write floor** | relay ÷ sendfile floor | chained ÷ write floor |")
+            w("|---|---|---|---|---|---|---|")
+            for n in floors:
+                fw, fs = by.get(("floor-write", "sink", n)), by.get(("floor-sendfile", "sink", n))
+                r, c = by.get(("relay", "sink", n)), by.get(("chained", "sink", n))
+                g = lambda y, f: y.get(f) if y else None  # noqa: E731
+                w(f"| {n} | {fmt(g(fw, 'deliver_s'))} / {fmt(g(fs, 'deliver_s'))} | "
+                  f"{fmt(g(fw, 'cpu_ms_per_mb'), '.3f')} / {fmt(g(fs, 'cpu_ms_per_mb'), '.3f')} | "
+                  f"{fmt(g(r, 'cpu_ms_per_mb'), '.3f')} | **{ratio(g(r, 'cpu_ms_per_mb'), g(fw, 'cpu_ms_per_mb'))}** | "
+                  f"{ratio(g(r, 'cpu_ms_per_mb'), g(fs, 'cpu_ms_per_mb'))} | "
+                  f"{ratio(g(c, 'cpu_ms_per_mb'), g(fw, 'cpu_ms_per_mb'))} |")
+            w("")
         if "throughput" in files:
             w(f"![throughput]({files['throughput']})")
             w("")
+        for n in (32, 64):
+            r, c = by.get(("relay", "sink", n)), by.get(("chained", "sink", n))
+            fw = by.get(("floor-write", "sink", n))
+            if r and c:
+                targets.append((f"master write time with the relay ≤ 1.1× with the chained replica at N = {n}",
+                                r["write_s"] <= 1.1 * c["write_s"],
+                                f"{r['write_s']:.2f} s / {c['write_s']:.2f} s = {r['write_s'] / c['write_s']:.2f}×"))
+                targets.append((f"all delivered ≤ 0.6× the chained replica's at N = {n}",
+                                r["deliver_s"] <= 0.6 * c["deliver_s"],
+                                f"{r['deliver_s']:.2f} s / {c['deliver_s']:.2f} s = {r['deliver_s'] / c['deliver_s']:.2f}×"))
+            if r and fw and fw.get("cpu_ms_per_mb"):
+                targets.append((f"relay CPU per delivered MB ≤ 1.2× the write() floor at N = {n}",
+                                r["cpu_ms_per_mb"] <= 1.2 * fw["cpu_ms_per_mb"],
+                                f"{r['cpu_ms_per_mb']:.3f} / {fw['cpu_ms_per_mb']:.3f} ms/MB = "
+                                f"{r['cpu_ms_per_mb'] / fw['cpu_ms_per_mb']:.2f}×"))
+            if r and r.get("middle_hwm"):
+                targets.append((f"relay peak RSS ≤ --log-memory + 32 MB during the burst at N = {n}",
+                                r["middle_hwm"] <= 96 * MB, f"{r['middle_hwm'] / MB:.0f} MiB (64 MB + 32 MB = 96 MiB)"))
         for n in (32, 64):
             r = by.get(("relay", "sink", n))
             if r:
@@ -1513,6 +1599,7 @@ def main():
     p.add_argument("--out", help="markdown report (default docs/benchmarks.md, --quick: target/bench-quick/benchmarks.md)")
     p.add_argument("--relay-bin", default=os.path.join(ROOT, "target/release/redis-relay"))
     p.add_argument("--sink-bin", default=os.path.join(ROOT, "target/release/examples/bench_sink"))
+    p.add_argument("--floor-bin", default=os.path.join(ROOT, "target/release/examples/copy_floor"))
     p.add_argument("--no-build", action="store_true", help="do not run cargo build --release first")
     p.add_argument("--report-from", metavar="JSON", help="only rewrite the report from a results.json of an earlier run")
     p.add_argument("--sink-ns", dest="sink_ns_arg", help="override the sink replica counts, e.g. 1,4,16,32,64")
@@ -1580,8 +1667,9 @@ def main():
         if not shutil.which(tool):
             sys.exit(f"{tool} not found (Debian: apt-get install redis-server redis-tools)")
     if not opts.no_build:
-        log("cargo build --release --bin redis-relay --example bench_sink")
-        subprocess.run(["cargo", "build", "--release", "--bin", "redis-relay", "--example", "bench_sink"],
+        log("cargo build --release --bin redis-relay --example bench_sink --example copy_floor")
+        subprocess.run(["cargo", "build", "--release", "--bin", "redis-relay", "--example", "bench_sink",
+                        "--example", "copy_floor"],
                        cwd=ROOT, check=True)
     ensure_matplotlib()
 
@@ -1624,6 +1712,8 @@ def main():
                         attempt("throughput", throughput_case, opts, mode, "sink", n)
                     if "relay" in modes and n in opts.mem_ns:
                         attempt("throughput", throughput_case, opts, "relay-1gb", "sink", n)
+                    for how in FLOORS:
+                        attempt("throughput", floor_case, opts, how, n)
             results["throughput"] = median_runs(results.get("throughput", []))
         if "latency" in scenarios:
             for load_rate in (0, opts.lat_load_rate):
