@@ -1,12 +1,22 @@
-//! Configuration: the command line and the YAML file, both turned into one [`Config`] (a list of
+//! Configuration: one pipeline from the YAML file and the command line to one [`Config`] (a list of
 //! relays, so one process can relay several masters).
 //!
-//! Sizes and durations use Redis's units: `64mb` is 64 × 1024², `1gb` is 1024³, `10s`, `5m`, `500ms`.
-//! Every error names the field and the value.
+//! The file is read into [`RelaySettings`] layers (the top-level `defaults` and each entry of
+//! `relays`); the command line gives one more layer ([`Overrides`]), merged over the file: a flag
+//! wins over the relay's own field, which wins over `defaults`, which wins over the defaults of
+//! [`DEFAULTS`] (the one place they are written). [`Config::load`] resolves the layers and runs the
+//! one validation pass. Without a file, the flags describe one relay named `default`.
+//!
+//! Sizes and durations use Redis's units ([`Size`], [`Duration`]): a bare number is bytes or
+//! seconds as in redis.conf, `64mb` is 64 × 1024², `1gb` 1024³, `1m` 10⁶; `10s`, `5m`, `500ms`.
+//! Booleans take `yes`, `no`, `true`, `false`. `${VAR}` is replaced in every value of the file; an
+//! unset variable is an error. Every error names the file, the field path
+//! (`relays[2].upstream.addr`, or the flag `--upstream`) and the value.
+
+mod units;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -17,12 +27,58 @@ use crate::tls::{ClientAuth, DownstreamTls, UpstreamTls};
 use crate::upstream::history::{HistoryResetPolicy, DEFAULT_MIN_KEY_RATIO};
 use crate::upstream::AckMode;
 
-pub const DEFAULT_LOG_SIZE: u64 = 1 << 30;
-pub const DEFAULT_LOG_MEMORY: u64 = 64 << 20;
-pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
-pub const DEFAULT_REPL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Least time between two snapshot fetches from the master (as XPipe's keeper spaces its dumps).
-pub const DEFAULT_SNAPSHOT_MIN_INTERVAL: Duration = Duration::from_secs(15 * 60);
+pub(crate) use units::parse_size;
+pub use units::{Duration, List, Size, Text, YesNo};
+
+/// The defaults of every setting, in one place (redis-server's where it has the setting).
+pub struct Defaults {
+    pub log_size: u64,
+    pub log_memory: u64,
+    pub log_segment_size: u64,
+    pub appendfsync: FsyncPolicy,
+    pub repl_timeout: std::time::Duration,
+    pub repl_diskless_sync: bool,
+    pub history_reset: HistoryResetPolicy,
+    pub history_reset_min_key_ratio: f64,
+    pub replicaof: ReplicaofPolicy,
+    pub upstream_ack: AckMode,
+    pub ack_replicas: usize,
+    pub client_output_buffer_limit_pubsub: OutputBufferLimit,
+    pub snapshot_sources: &'static [SnapshotSource],
+    /// Least time between two snapshot fetches from the master (as XPipe's keeper spaces its dumps).
+    pub snapshot_min_interval: std::time::Duration,
+    pub maxclients: u64,
+    pub timeout: std::time::Duration,
+    /// `tls_auth_clients`: redis-server's `tls-auth-clients yes`.
+    pub tls_auth_clients: ClientAuth,
+    /// The relay name when the flags describe the only relay.
+    pub name: &'static str,
+}
+
+pub const DEFAULTS: Defaults = Defaults {
+    log_size: 1 << 30,
+    log_memory: 64 << 20,
+    log_segment_size: 64 << 20,
+    appendfsync: FsyncPolicy::EverySec,
+    repl_timeout: std::time::Duration::from_secs(60),
+    repl_diskless_sync: false,
+    history_reset: HistoryResetPolicy::Hold,
+    history_reset_min_key_ratio: DEFAULT_MIN_KEY_RATIO,
+    replicaof: ReplicaofPolicy::Allow,
+    upstream_ack: AckMode::Fack,
+    ack_replicas: 0,
+    client_output_buffer_limit_pubsub: OutputBufferLimit::PUBSUB_DEFAULT,
+    snapshot_sources: &[SnapshotSource::Replicas, SnapshotSource::Master],
+    snapshot_min_interval: std::time::Duration::from_secs(15 * 60),
+    maxclients: crate::limits::DEFAULT_MAXCLIENTS,
+    timeout: std::time::Duration::ZERO,
+    tls_auth_clients: ClientAuth::Yes,
+    name: "default",
+};
+
+/// The smallest log the relay runs with, and the smallest segment file.
+const MIN_LOG_SIZE: u64 = 16 * 1024;
+const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
 
 /// Where fresh snapshots come from, in order of preference (`snapshot_sources`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,22 +115,22 @@ pub struct SnapshotSourcing {
     /// `AUTH` to a replica source; `None` means the relay's upstream password.
     pub password: Option<String>,
     /// Least time between two fetches from the master.
-    pub master_min_interval: Duration,
+    pub master_min_interval: std::time::Duration,
 }
 
 impl Default for SnapshotSourcing {
     fn default() -> Self {
         SnapshotSourcing {
-            sources: vec![SnapshotSource::Replicas, SnapshotSource::Master],
+            sources: DEFAULTS.snapshot_sources.to_vec(),
             exclude: Vec::new(),
             password: None,
-            master_min_interval: DEFAULT_SNAPSHOT_MIN_INTERVAL,
+            master_min_interval: DEFAULTS.snapshot_min_interval,
         }
     }
 }
 
 /// Parses a `replicas,master` list; an empty or repeated entry is an error.
-pub fn parse_sources(items: &[String]) -> Result<Vec<SnapshotSource>, String> {
+fn parse_sources(items: &[String]) -> Result<Vec<SnapshotSource>, String> {
     let mut sources = Vec::new();
     for item in items {
         let source = SnapshotSource::parse(item)
@@ -89,14 +145,42 @@ pub fn parse_sources(items: &[String]) -> Result<Vec<SnapshotSource>, String> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read or is not the expected YAML (serde's message has the field path
+    /// and the line).
     #[error("{file}: {message}")]
     File { file: String, message: String },
-    #[error("{field}: {message} (value: {value:?})")]
-    Field { field: String, value: String, message: String },
+    /// A value refused after parsing; `file` is `None` for a flag.
+    #[error("{}", render_field_error(file.as_deref(), field, value.as_deref(), message))]
+    Field { file: Option<String>, field: String, value: Option<String>, message: String },
+}
+
+fn render_field_error(file: Option<&str>, field: &str, value: Option<&str>, message: &str) -> String {
+    let mut text = String::new();
+    if let Some(file) = file {
+        text.push_str(file);
+        text.push_str(": ");
+    }
+    text.push_str(field);
+    text.push_str(": ");
+    text.push_str(message);
+    if let Some(value) = value {
+        text.push_str(&format!(" (value: {value:?})"));
+    }
+    text
 }
 
 fn field_error(field: &str, value: &str, message: &str) -> ConfigError {
-    ConfigError::Field { field: field.to_string(), value: value.to_string(), message: message.to_string() }
+    ConfigError::Field {
+        file: None,
+        field: field.to_string(),
+        value: Some(value.to_string()),
+        message: message.to_string(),
+    }
+}
+
+/// An error about a field that has no value to show (a missing one, or a secret).
+fn field_error_without_value(field: &str, message: &str) -> ConfigError {
+    ConfigError::Field { file: None, field: field.to_string(), value: None, message: message.to_string() }
 }
 
 /// Everything one process runs.
@@ -118,7 +202,7 @@ pub struct RelayConfig {
     pub listen: SocketAddr,
     pub dir: PathBuf,
     pub log: LogOptions,
-    pub repl_timeout: Duration,
+    pub repl_timeout: std::time::Duration,
     /// Serve full syncs in the EOF-marked form to replicas that announce `capa eof` (Redis's
     /// `repl-diskless-sync`); otherwise the `$<len>` form.
     pub downstream_eof_form: bool,
@@ -147,51 +231,74 @@ pub struct RelayConfig {
     /// lowered at start when the descriptor limit cannot be raised far enough.
     pub maxclients: u64,
     /// Idle normal clients are closed after this (redis.conf `timeout`); zero is off.
-    pub timeout: Duration,
+    pub timeout: std::time::Duration,
 }
 
-/// The settings about the master's lifecycle, with their defaults.
-pub const DEFAULT_HISTORY_RESET: HistoryResetPolicy = HistoryResetPolicy::Hold;
-pub const DEFAULT_REPLICAOF: ReplicaofPolicy = ReplicaofPolicy::Allow;
-pub const DEFAULT_UPSTREAM_ACK: AckMode = AckMode::Fack;
-
-/// Parses `history_reset_min_key_ratio`: a fraction from 0 to 1.
-pub fn parse_ratio(text: &str) -> Option<f64> {
-    text.trim().parse::<f64>().ok().filter(|r| (0.0..=1.0).contains(r))
+/// The `upstream` block of one layer. The flags spell these `--upstream` (the address),
+/// `--upstream-user`, `--upstream-tls-ca-cert-file`, ...
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    pub addr: Option<Text>,
+    pub user: Option<Text>,
+    pub password: Option<Text>,
+    pub tls: Option<YesNo>,
+    pub tls_ca_cert_file: Option<Text>,
+    pub tls_cert_file: Option<Text>,
+    pub tls_key_file: Option<Text>,
+    pub tls_server_name: Option<Text>,
 }
 
-/// Parses a size in Redis's units (`1024`, `64kb`, `64mb`, `1gb`, `1k` = 1000, `1m`, `1g`).
-pub fn parse_size(text: &str) -> Option<u64> {
-    let lower = text.trim().to_ascii_lowercase();
-    let split = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
-    let (digits, unit) = lower.split_at(split);
-    let number: u64 = digits.parse().ok()?;
-    let multiplier: u64 = match unit {
-        "" | "b" => 1,
-        "k" => 1000,
-        "kb" => 1024,
-        "m" => 1000 * 1000,
-        "mb" => 1024 * 1024,
-        "g" => 1000 * 1000 * 1000,
-        "gb" => 1024 * 1024 * 1024,
-        _ => return None,
-    };
-    number.checked_mul(multiplier)
+/// One layer of a relay's settings: the file's `defaults`, one entry of `relays`, or the command
+/// line. Every field is optional here; [`Config::load`] picks the first layer that sets it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    pub name: Option<Text>,
+    pub upstream: Option<UpstreamSettings>,
+    pub listen: Option<Text>,
+    pub dir: Option<Text>,
+    pub requirepass: Option<Text>,
+    pub tls_listen: Option<Text>,
+    pub tls_cert_file: Option<Text>,
+    pub tls_key_file: Option<Text>,
+    pub tls_ca_cert_file: Option<Text>,
+    pub tls_auth_clients: Option<Text>,
+    pub snapshot_source_password: Option<Text>,
+    pub log_size: Option<Size>,
+    pub log_memory: Option<Size>,
+    pub log_segment_size: Option<Size>,
+    pub log_max_size: Option<Size>,
+    pub log_max_age: Option<Duration>,
+    pub appendfsync: Option<Text>,
+    pub repl_timeout: Option<Duration>,
+    pub repl_diskless_sync: Option<YesNo>,
+    pub history_reset: Option<Text>,
+    pub history_reset_min_key_ratio: Option<Text>,
+    pub replicaof: Option<Text>,
+    pub upstream_ack: Option<Text>,
+    pub ack_replicas: Option<Text>,
+    pub client_output_buffer_limit_pubsub: Option<Text>,
+    pub snapshot_sources: Option<List>,
+    pub snapshot_source_exclude: Option<List>,
+    pub snapshot_min_interval: Option<Duration>,
+    pub maxclients: Option<Text>,
+    pub timeout: Option<Duration>,
 }
 
-/// Parses a duration (`60`, `60s`, `500ms`, `5m`, `1h`); a bare number is seconds, as in redis.conf.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let lower = text.trim().to_ascii_lowercase();
-    let split = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
-    let (digits, unit) = lower.split_at(split);
-    let number: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "" | "s" => Duration::from_secs(number),
-        "ms" => Duration::from_millis(number),
-        "m" => Duration::from_secs(number.checked_mul(60)?),
-        "h" => Duration::from_secs(number.checked_mul(3600)?),
-        _ => return None,
-    })
+/// The top-level `metrics` block (`--metrics`, `--metrics-auth`).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    pub listen: Option<Text>,
+    pub auth: Option<Text>,
+}
+
+/// The command line's layer, merged over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub metrics: MetricsSettings,
+    pub relay: RelaySettings,
 }
 
 /// The YAML file's shape.
@@ -199,576 +306,626 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     #[serde(default)]
-    metrics: Option<FileMetrics>,
+    metrics: MetricsSettings,
     #[serde(default)]
-    data_dir: Option<PathBuf>,
+    data_dir: Option<Text>,
     #[serde(default)]
-    defaults: FileDefaults,
-    relays: Vec<FileRelay>,
+    defaults: RelaySettings,
+    relays: Vec<RelaySettings>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileMetrics {
-    listen: String,
-    auth: Option<String>,
+/// Where a layer comes from: it names the fields of its errors.
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    Flags,
+    Defaults,
+    Relay(usize),
 }
 
-/// The top-level `defaults` every relay inherits.
-#[derive(Debug, Default, Deserialize)]
-struct FileDefaults {
-    #[serde(flatten)]
-    tunables: Tunables,
-    #[serde(flatten)]
-    unknown: std::collections::BTreeMap<String, serde_yaml_ng::Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct FileRelay {
-    name: String,
-    upstream: FileUpstream,
-    listen: String,
-    dir: Option<PathBuf>,
-    requirepass: Option<String>,
-    tls_listen: Option<String>,
-    tls_cert_file: Option<String>,
-    tls_key_file: Option<String>,
-    tls_ca_cert_file: Option<String>,
-    tls_auth_clients: Option<String>,
-    snapshot_source_password: Option<String>,
-    #[serde(flatten)]
-    tunables: Tunables,
-    /// serde cannot deny unknown fields next to a flattened struct: they land here and are refused.
-    #[serde(flatten)]
-    unknown: std::collections::BTreeMap<String, serde_yaml_ng::Value>,
-}
-
-/// Settings a relay may set itself or inherit from `defaults`.
-#[derive(Debug, Default, Deserialize)]
-struct Tunables {
-    log_size: Option<String>,
-    log_memory: Option<String>,
-    log_segment_size: Option<String>,
-    log_max_age: Option<String>,
-    appendfsync: Option<String>,
-    repl_timeout: Option<String>,
-    repl_diskless_sync: Option<bool>,
-    history_reset: Option<String>,
-    /// A YAML number or string: kept as written, parsed with the others.
-    history_reset_min_key_ratio: Option<serde_yaml_ng::Value>,
-    replicaof: Option<String>,
-    upstream_ack: Option<String>,
-    /// A YAML number (or string), checked with the others so the error names the field.
-    ack_replicas: Option<serde_yaml_ng::Value>,
-    client_output_buffer_limit_pubsub: Option<String>,
-    log_max_size: Option<String>,
-    snapshot_sources: Option<Vec<String>>,
-    snapshot_source_exclude: Option<Vec<String>>,
-    snapshot_min_interval: Option<String>,
-    maxclients: Option<u64>,
-    /// A duration, or a bare number of seconds as in redis.conf.
-    timeout: Option<serde_yaml_ng::Value>,
-}
-
-/// The settings of one relay after inheritance.
-struct Resolved {
-    log: LogOptions,
-    repl_timeout: Duration,
-    downstream_eof_form: bool,
-    history_reset: HistoryResetPolicy,
-    history_reset_min_key_ratio: f64,
-    replicaof: ReplicaofPolicy,
-    upstream_ack: AckMode,
-    ack_replicas: usize,
-    pubsub_output_limit: OutputBufferLimit,
-    snapshot: SnapshotSourcing,
-    maxclients: u64,
-    timeout: Duration,
-}
-
-/// A scalar YAML value as text (`300` and `"300s"` alike).
-fn yaml_text(value: &Option<serde_yaml_ng::Value>) -> Option<String> {
-    value.as_ref().map(|v| match v {
-        serde_yaml_ng::Value::String(s) => s.clone(),
-        serde_yaml_ng::Value::Number(n) => n.to_string(),
-        other => format!("{other:?}"),
-    })
-}
-
-fn resolve(at: &dyn Fn(&str) -> String, own: &Tunables, defaults: &Tunables) -> Result<Resolved, ConfigError> {
-    let pick = |own: &Option<String>, default: &Option<String>, name: &str| match own {
-        Some(v) => Some((at(name), v.clone())),
-        None => default.clone().map(|v| (format!("defaults.{name}"), v)),
-    };
-    let size =
-        |name: &str, own: &Option<String>, default: &Option<String>, fallback: u64| match pick(own, default, name) {
-            None => Ok(fallback),
-            Some((field, v)) => {
-                parse_size(&v).ok_or_else(|| field_error(&field, &v, "expected a size such as 64mb or 1gb"))
+impl Place {
+    /// The field's name as this source spells it: `--upstream-tls`, `defaults.log_size`,
+    /// `relays[2].upstream.addr`.
+    fn field(self, name: &str) -> String {
+        match self {
+            Place::Flags => {
+                let flag = name.replace(['.', '_'], "-");
+                match flag.as_str() {
+                    "upstream-addr" => "--upstream".to_string(),
+                    "metrics-listen" => "--metrics".to_string(),
+                    _ => format!("--{flag}"),
+                }
             }
-        };
-    let retention = size("log_size", &own.log_size, &defaults.log_size, DEFAULT_LOG_SIZE)?;
-    let memory = size("log_memory", &own.log_memory, &defaults.log_memory, DEFAULT_LOG_MEMORY.min(retention))?;
-    let segment_size =
-        size("log_segment_size", &own.log_segment_size, &defaults.log_segment_size, DEFAULT_SEGMENT_SIZE)?;
-    if retention < 16 * 1024 {
-        let field = if own.log_size.is_some() { at("log_size") } else { "defaults.log_size".into() };
-        return Err(field_error(&field, &retention.to_string(), "the log must hold at least 16kb"));
-    }
-    let max_size = size("log_max_size", &own.log_max_size, &defaults.log_max_size, retention.saturating_mul(2))?;
-    if max_size < retention {
-        let (field, value) = pick(&own.log_max_size, &defaults.log_max_size, "log_max_size").unwrap_or_default();
-        return Err(field_error(&field, &value, "log_max_size must be at least log_size"));
-    }
-    let mut snapshot = SnapshotSourcing::default();
-    if let Some(list) = own.snapshot_sources.as_ref().or(defaults.snapshot_sources.as_ref()) {
-        let field =
-            if own.snapshot_sources.is_some() { at("snapshot_sources") } else { "defaults.snapshot_sources".into() };
-        snapshot.sources = parse_sources(list).map_err(|m| field_error(&field, &list.join(","), &m))?;
-    }
-    if let Some(list) = own.snapshot_source_exclude.as_ref().or(defaults.snapshot_source_exclude.as_ref()) {
-        for (i, addr) in list.iter().enumerate() {
-            let field = if own.snapshot_source_exclude.is_some() {
-                at(&format!("snapshot_source_exclude[{i}]"))
-            } else {
-                format!("defaults.snapshot_source_exclude[{i}]")
-            };
-            check_upstream(&field, addr)?;
+            Place::Defaults => format!("defaults.{name}"),
+            Place::Relay(i) => format!("relays[{i}].{name}"),
         }
-        snapshot.exclude = list.clone();
-    }
-    if let Some((field, v)) = pick(&own.snapshot_min_interval, &defaults.snapshot_min_interval, "snapshot_min_interval")
-    {
-        snapshot.master_min_interval =
-            parse_duration(&v).ok_or_else(|| field_error(&field, &v, "expected a duration such as 15m"))?;
-    }
-    let fsync = match pick(&own.appendfsync, &defaults.appendfsync, "appendfsync") {
-        None => FsyncPolicy::EverySec,
-        Some((field, v)) => {
-            FsyncPolicy::parse(&v).ok_or_else(|| field_error(&field, &v, "expected always, everysec or no"))?
-        }
-    };
-    let max_age = match pick(&own.log_max_age, &defaults.log_max_age, "log_max_age") {
-        None => None,
-        Some((field, v)) => {
-            Some(parse_duration(&v).ok_or_else(|| field_error(&field, &v, "expected a duration such as 6h"))?)
-        }
-    };
-    let repl_timeout = match pick(&own.repl_timeout, &defaults.repl_timeout, "repl_timeout") {
-        None => DEFAULT_REPL_TIMEOUT,
-        Some((field, v)) => {
-            parse_duration(&v).ok_or_else(|| field_error(&field, &v, "expected a duration such as 60s or 5m"))?
-        }
-    };
-    let choice = |name: &str, own: &Option<String>, default: &Option<String>| pick(own, default, name);
-    let history_reset = match choice("history_reset", &own.history_reset, &defaults.history_reset) {
-        None => DEFAULT_HISTORY_RESET,
-        Some((field, v)) => {
-            HistoryResetPolicy::parse(&v).ok_or_else(|| field_error(&field, &v, "expected hold or follow"))?
-        }
-    };
-    let as_text = |value: &Option<serde_yaml_ng::Value>| match value {
-        Some(serde_yaml_ng::Value::Number(n)) => Some(n.to_string()),
-        Some(serde_yaml_ng::Value::String(s)) => Some(s.clone()),
-        Some(other) => Some(format!("{other:?}")),
-        None => None,
-    };
-    let history_reset_min_key_ratio = match choice(
-        "history_reset_min_key_ratio",
-        &as_text(&own.history_reset_min_key_ratio),
-        &as_text(&defaults.history_reset_min_key_ratio),
-    ) {
-        None => DEFAULT_MIN_KEY_RATIO,
-        Some((field, v)) => {
-            parse_ratio(&v).ok_or_else(|| field_error(&field, &v, "expected a fraction from 0 to 1, e.g. 0.5"))?
-        }
-    };
-    let replicaof = match choice("replicaof", &own.replicaof, &defaults.replicaof) {
-        None => DEFAULT_REPLICAOF,
-        Some((field, v)) => {
-            ReplicaofPolicy::parse(&v).ok_or_else(|| field_error(&field, &v, "expected allow or deny"))?
-        }
-    };
-    let upstream_ack = match choice("upstream_ack", &own.upstream_ack, &defaults.upstream_ack) {
-        None => DEFAULT_UPSTREAM_ACK,
-        Some((field, v)) => AckMode::parse(&v).ok_or_else(|| field_error(&field, &v, "expected fack or durable"))?,
-    };
-    let ack_replicas = match choice("ack_replicas", &as_text(&own.ack_replicas), &as_text(&defaults.ack_replicas)) {
-        None => 0,
-        Some((field, v)) => v
-            .parse::<usize>()
-            .map_err(|_| field_error(&field, &v, "expected a number of replicas (0 turns end-to-end ACKs off)"))?,
-    };
-    let pubsub_output_limit = match pick(
-        &own.client_output_buffer_limit_pubsub,
-        &defaults.client_output_buffer_limit_pubsub,
-        "client_output_buffer_limit_pubsub",
-    ) {
-        None => OutputBufferLimit::PUBSUB_DEFAULT,
-        Some((field, v)) => OutputBufferLimit::parse(&v)
-            .ok_or_else(|| field_error(&field, &v, "expected <hard> <soft> <soft seconds>, such as \"32mb 8mb 60\""))?,
-    };
-    Ok(Resolved {
-        pubsub_output_limit,
-        log: LogOptions { retention, max_size, memory, segment_size: segment_size.max(64 * 1024), max_age, fsync },
-        repl_timeout,
-        downstream_eof_form: own.repl_diskless_sync.or(defaults.repl_diskless_sync).unwrap_or(false),
-        history_reset,
-        history_reset_min_key_ratio,
-        replicaof,
-        upstream_ack,
-        ack_replicas,
-        snapshot,
-        timeout: match pick(&yaml_text(&own.timeout), &yaml_text(&defaults.timeout), "timeout") {
-            None => Duration::ZERO,
-            Some((field, v)) => {
-                parse_duration(&v).ok_or_else(|| field_error(&field, &v, "expected a duration such as 300s, or 0"))?
-            }
-        },
-        maxclients: match own
-            .maxclients
-            .map(|v| (at("maxclients"), v))
-            .or(defaults.maxclients.map(|v| ("defaults.maxclients".to_string(), v)))
-        {
-            None => crate::limits::DEFAULT_MAXCLIENTS,
-            Some((field, 0)) => return Err(field_error(&field, "0", "maxclients must be at least 1")),
-            Some((_, v)) => v,
-        },
-    })
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileUpstream {
-    addr: String,
-    user: Option<String>,
-    password: Option<String>,
-    /// `yes` | `no` (or a YAML bool).
-    tls: Option<serde_yaml_ng::Value>,
-    tls_ca_cert_file: Option<String>,
-    tls_cert_file: Option<String>,
-    tls_key_file: Option<String>,
-    tls_server_name: Option<String>,
-}
-
-/// TLS to the master as both pipelines give it (flags and YAML fields have the same names).
-#[derive(Debug, Default)]
-pub struct UpstreamTlsFields {
-    pub tls: Option<String>,
-    pub ca_cert_file: Option<String>,
-    pub cert_file: Option<String>,
-    pub key_file: Option<String>,
-    pub server_name: Option<String>,
-}
-
-/// The TLS listener as both pipelines give it.
-#[derive(Debug, Default)]
-pub struct DownstreamTlsFields {
-    pub listen: Option<String>,
-    pub cert_file: Option<String>,
-    pub key_file: Option<String>,
-    pub ca_cert_file: Option<String>,
-    pub auth_clients: Option<String>,
-}
-
-/// `yes`/`no` as redis.conf writes booleans (`true`/`false` too).
-pub fn parse_yes_no(field: &str, text: &str) -> Result<bool, ConfigError> {
-    match text.to_ascii_lowercase().as_str() {
-        "yes" | "true" => Ok(true),
-        "no" | "false" => Ok(false),
-        _ => Err(field_error(field, text, "expected yes or no")),
     }
 }
 
-fn yaml_yes_no(value: &Option<serde_yaml_ng::Value>) -> Option<String> {
-    value.as_ref().map(|v| match v {
-        serde_yaml_ng::Value::Bool(b) => if *b { "yes" } else { "no" }.to_string(),
-        serde_yaml_ng::Value::String(text) => text.clone(),
-        other => format!("{other:?}"),
-    })
+/// A value with the field path it came from.
+#[derive(Debug, Clone)]
+struct Sourced<T> {
+    value: T,
+    field: String,
 }
 
-/// A TLS field's name as its pipeline spells it: `--tls-cert-file` or `relays[0].tls_cert_file`.
-fn tls_field_name(prefix: &str, field: &str) -> String {
-    if prefix.ends_with('_') {
-        format!("{prefix}{}", field.replace('-', "_"))
-    } else {
-        format!("{prefix}{field}")
+/// The layers of one relay, first wins.
+struct Layers<'a> {
+    layers: Vec<(&'a RelaySettings, Place)>,
+}
+
+impl Layers<'_> {
+    fn pick<T: Clone>(&self, name: &str, get: impl Fn(&RelaySettings) -> Option<&T>) -> Option<Sourced<T>> {
+        self.layers.iter().find_map(|(settings, place)| {
+            get(settings).map(|value| Sourced { value: value.clone(), field: place.field(name) })
+        })
+    }
+
+    fn text(&self, name: &str, get: impl Fn(&RelaySettings) -> Option<&Text>) -> Option<Sourced<String>> {
+        self.pick(name, get).map(|s| Sourced { value: s.value.0, field: s.field })
+    }
+
+    fn upstream_text(&self, name: &str, get: impl Fn(&UpstreamSettings) -> Option<&Text>) -> Option<Sourced<String>> {
+        self.text(&format!("upstream.{name}"), |s| s.upstream.as_ref().and_then(&get))
+    }
+
+    /// The relay's own field path for `name` (where a missing required field belongs).
+    fn own_field(&self, name: &str) -> String {
+        self.layers
+            .iter()
+            .rev()
+            .find(|(_, place)| !matches!(place, Place::Defaults))
+            .map_or_else(|| Place::Flags.field(name), |(_, place)| place.field(name))
     }
 }
 
-/// Checks TLS-to-the-master settings; `prefix` names the fields (`--upstream-tls-` or
-/// `relays[0].upstream.tls_`).
-pub fn upstream_tls(prefix: &str, fields: &UpstreamTlsFields) -> Result<Option<UpstreamTls>, ConfigError> {
-    let name = |field: &str| tls_field_name(prefix, field);
-    let enabled = match &fields.tls {
-        Some(text) => parse_yes_no(prefix.trim_end_matches(['-', '_']), text)?,
-        None => false,
-    };
-    let given = [&fields.ca_cert_file, &fields.cert_file, &fields.key_file, &fields.server_name];
-    if !enabled {
-        if given.iter().any(|f| f.is_some()) {
-            return Err(field_error(prefix.trim_end_matches(['-', '_']), "no", "TLS files are set but TLS is off"));
-        }
-        return Ok(None);
+/// Parses a text setting with `parse`; a refusal names the field, the value and what is expected.
+fn parse_with<T>(
+    value: Option<Sourced<String>>,
+    default: T,
+    parse: impl Fn(&str) -> Option<T>,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(Sourced { value, field }) => parse(&value).ok_or_else(|| field_error(&field, &value, expected)),
     }
-    let Some(ca) = &fields.ca_cert_file else {
-        return Err(field_error(
-            &name("ca-cert-file"),
-            "",
-            "TLS to the master needs the CA that signed its certificate",
-        ));
-    };
-    if fields.cert_file.is_some() != fields.key_file.is_some() {
-        return Err(field_error(&name("cert-file"), "", "a client certificate needs both a cert file and a key file"));
-    }
-    Ok(Some(UpstreamTls {
-        ca_cert_file: ca.into(),
-        cert_file: fields.cert_file.as_ref().map(Into::into),
-        key_file: fields.key_file.as_ref().map(Into::into),
-        server_name: fields.server_name.clone(),
-    }))
 }
 
-/// Checks the TLS listener's settings; `prefix` names the fields (`--tls-` or `relays[0].tls_`).
-pub fn downstream_tls(prefix: &str, fields: &DownstreamTlsFields) -> Result<Option<DownstreamTls>, ConfigError> {
-    let name = |field: &str| tls_field_name(prefix, field);
-    let Some(listen) = &fields.listen else {
-        if fields.cert_file.is_some() || fields.key_file.is_some() {
-            return Err(field_error(&name("listen"), "", "TLS certificates are set but there is no TLS listener"));
-        }
-        return Ok(None);
-    };
-    let listen = parse_listen(&name("listen"), listen)?;
-    let (Some(cert), Some(key)) = (&fields.cert_file, &fields.key_file) else {
-        return Err(field_error(&name("cert-file"), "", "a TLS listener needs a cert file and a key file"));
-    };
-    let auth_clients = match &fields.auth_clients {
-        Some(text) => ClientAuth::parse(text)
-            .ok_or_else(|| field_error(&name("auth-clients"), text, "expected yes, no or optional"))?,
-        None => ClientAuth::Yes,
-    };
-    if auth_clients != ClientAuth::No && fields.ca_cert_file.is_none() {
-        return Err(field_error(
-            &name("ca-cert-file"),
-            "",
-            "tls-auth-clients yes or optional needs the CA that client certificates chain to",
-        ));
-    }
-    Ok(Some(DownstreamTls {
-        listen,
-        cert_file: cert.into(),
-        key_file: key.into(),
-        ca_cert_file: fields.ca_cert_file.as_ref().map(Into::into),
-        auth_clients,
-    }))
+/// Parses `history_reset_min_key_ratio`: a fraction from 0 to 1.
+fn parse_ratio(text: &str) -> Option<f64> {
+    text.trim().parse::<f64>().ok().filter(|r| (0.0..=1.0).contains(r))
 }
 
-/// Replaces `${NAME}` with the environment variable NAME; an unset variable is an error.
-fn substitute_env(field: &str, text: &str) -> Result<String, ConfigError> {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let Some(end) = rest[start..].find('}') else {
-            return Err(field_error(field, text, "unterminated ${...}"));
-        };
-        let name = &rest[start + 2..start + end];
-        let value = std::env::var(name)
-            .map_err(|_| field_error(field, text, &format!("environment variable {name} is not set")))?;
-        out.push_str(&value);
-        rest = &rest[start + end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-pub fn parse_listen(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+fn parse_listen(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.parse().map_err(|_| field_error(field, text, "expected HOST:PORT with an IP address, e.g. 127.0.0.1:6380"))
 }
 
-pub fn check_upstream(field: &str, text: &str) -> Result<String, ConfigError> {
+fn check_host_port(field: &str, text: &str) -> Result<String, ConfigError> {
     match text.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(text.to_string()),
         _ => Err(field_error(field, text, "expected HOST:PORT")),
     }
 }
 
+/// A relay name becomes a directory under `data_dir` and a metrics label: letters, digits, `-`,
+/// `_` and `.`, not starting with a dot (so never `..` nor a path).
+fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() {
+        return Err(field_error(field, name, "a relay needs a name"));
+    }
+    if name.starts_with('.') || !name.chars().all(allowed) {
+        return Err(field_error(
+            field,
+            name,
+            "a relay name is letters, digits, '-', '_' and '.', not starting with '.'",
+        ));
+    }
+    Ok(())
+}
+
+/// The directory lexically made absolute (against the working directory) without `.` parts, so
+/// that `./a` and `a` compare equal and nesting is a prefix test.
+fn normalized_dir(dir: &Path) -> PathBuf {
+    let absolute = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir().map(|cwd| cwd.join(dir)).unwrap_or_else(|_| dir.to_path_buf())
+    };
+    absolute.components().filter(|c| !matches!(c, Component::CurDir)).collect()
+}
+
+/// Two listeners clash when they share a port and an address, or one is a wildcard (`0.0.0.0` and
+/// `[::]` take the port on every address).
+fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// A resolved relay and the field paths of the values the cross-relay checks compare.
+struct Resolved {
+    relay: RelayConfig,
+    name_field: String,
+    listen_field: String,
+    tls_listen_field: String,
+    dir_field: String,
+}
+
+/// Settings that belong to one relay and cannot be shared in `defaults` nor given as flags to a
+/// file of several relays.
+const PER_RELAY: &[&str] = &["name", "listen", "tls_listen", "dir", "upstream.addr"];
+
+fn per_relay_fields(settings: &RelaySettings) -> Vec<&'static str> {
+    let set = [
+        settings.name.is_some(),
+        settings.listen.is_some(),
+        settings.tls_listen.is_some(),
+        settings.dir.is_some(),
+        settings.upstream.as_ref().is_some_and(|u| u.addr.is_some()),
+    ];
+    PER_RELAY.iter().zip(set).filter(|(_, set)| *set).map(|(name, _)| *name).collect()
+}
+
+/// Resolves one relay's layers into its [`RelayConfig`], checking each value.
+fn resolve_relay(layers: &Layers, data_dir: Option<&Sourced<String>>) -> Result<Resolved, ConfigError> {
+    let name = layers
+        .text("name", |s| s.name.as_ref())
+        .unwrap_or_else(|| Sourced { value: DEFAULTS.name.to_string(), field: layers.own_field("name") });
+    check_name(&name.field, &name.value)?;
+
+    let required = |value: Option<Sourced<String>>, name: &str| {
+        value.ok_or_else(|| field_error_without_value(&layers.own_field(name), "required"))
+    };
+    let upstream = required(layers.upstream_text("addr", |u| u.addr.as_ref()), "upstream.addr")?;
+    let upstream = check_host_port(&upstream.field, &upstream.value)?;
+    let listen = required(layers.text("listen", |s| s.listen.as_ref()), "listen")?;
+    let listen_field = listen.field.clone();
+    let listen = parse_listen(&listen.field, &listen.value)?;
+
+    let (dir, dir_field) = match (layers.text("dir", |s| s.dir.as_ref()), data_dir) {
+        (Some(dir), _) => (PathBuf::from(dir.value), dir.field),
+        (None, Some(data_dir)) => (Path::new(&data_dir.value).join(&name.value), data_dir.field.clone()),
+        (None, None) => {
+            return Err(field_error_without_value(
+                &layers.own_field("dir"),
+                "required: set dir here, or data_dir at the top level",
+            ))
+        }
+    };
+    if dir.components().any(|c| c == Component::ParentDir) {
+        return Err(field_error(&dir_field, &dir.display().to_string(), "a data directory may not contain '..'"));
+    }
+
+    let size = |name: &str, get: fn(&RelaySettings) -> Option<&Size>| layers.pick(name, get);
+    let retention = size("log_size", |s| s.log_size.as_ref());
+    if let Some(Sourced { value, field }) = &retention {
+        if value.0 < MIN_LOG_SIZE {
+            return Err(field_error(field, &value.to_string(), "the log must hold at least 16kb"));
+        }
+    }
+    let retention = retention.map_or(DEFAULTS.log_size, |s| s.value.0);
+    let max_size = match size("log_max_size", |s| s.log_max_size.as_ref()) {
+        None => retention.saturating_mul(2),
+        Some(Sourced { value, field }) if value.0 < retention => {
+            return Err(field_error(&field, &value.to_string(), "log_max_size must be at least log_size"))
+        }
+        Some(s) => s.value.0,
+    };
+    let log = LogOptions {
+        retention,
+        max_size,
+        // The memory tail is part of the log: never more than it keeps.
+        memory: size("log_memory", |s| s.log_memory.as_ref()).map_or(DEFAULTS.log_memory, |s| s.value.0).min(retention),
+        segment_size: size("log_segment_size", |s| s.log_segment_size.as_ref())
+            .map_or(DEFAULTS.log_segment_size, |s| s.value.0)
+            .max(MIN_SEGMENT_SIZE),
+        max_age: layers.pick("log_max_age", |s| s.log_max_age.as_ref()).map(|s| s.value.0),
+        fsync: parse_with(
+            layers.text("appendfsync", |s| s.appendfsync.as_ref()),
+            DEFAULTS.appendfsync,
+            FsyncPolicy::parse,
+            "expected always, everysec or no",
+        )?,
+    };
+
+    let repl_timeout = match layers.pick("repl_timeout", |s| s.repl_timeout.as_ref()) {
+        None => DEFAULTS.repl_timeout,
+        Some(Sourced { value, field }) if value.0.is_zero() => {
+            return Err(field_error(
+                &field,
+                "0",
+                "repl_timeout must be more than 0 (a link could never be established)",
+            ))
+        }
+        Some(s) => s.value.0,
+    };
+    let maxclients = parse_with(
+        layers.text("maxclients", |s| s.maxclients.as_ref()),
+        DEFAULTS.maxclients,
+        |t| t.trim().parse::<u64>().ok().filter(|n| *n >= 1),
+        "expected a number of clients, at least 1",
+    )?;
+
+    let mut snapshot = SnapshotSourcing::default();
+    if let Some(Sourced { value, field }) = layers.pick("snapshot_sources", |s| s.snapshot_sources.as_ref()) {
+        snapshot.sources = parse_sources(&value.0).map_err(|m| field_error(&field, &value.0.join(","), &m))?;
+    }
+    if let Some(Sourced { value, field }) =
+        layers.pick("snapshot_source_exclude", |s| s.snapshot_source_exclude.as_ref())
+    {
+        for (i, addr) in value.0.iter().enumerate() {
+            check_host_port(&format!("{field}[{i}]"), addr)?;
+        }
+        snapshot.exclude = value.0;
+    }
+    if let Some(s) = layers.pick("snapshot_min_interval", |s| s.snapshot_min_interval.as_ref()) {
+        snapshot.master_min_interval = s.value.0;
+    }
+    snapshot.password =
+        layers.text("snapshot_source_password", |s| s.snapshot_source_password.as_ref()).map(|s| s.value);
+
+    let upstream_tls = upstream_tls(layers)?;
+    let tls_listen_field = layers.own_field("tls_listen");
+    let tls = downstream_tls(layers)?;
+    let tls_listen_field = layers.text("tls_listen", |s| s.tls_listen.as_ref()).map_or(tls_listen_field, |s| s.field);
+
+    let relay = RelayConfig {
+        name: name.value,
+        upstream,
+        upstream_user: layers.upstream_text("user", |u| u.user.as_ref()).map(|s| s.value),
+        upstream_password: layers.upstream_text("password", |u| u.password.as_ref()).map(|s| s.value),
+        listen,
+        dir,
+        log,
+        repl_timeout,
+        downstream_eof_form: layers
+            .pick("repl_diskless_sync", |s| s.repl_diskless_sync.as_ref())
+            .map_or(DEFAULTS.repl_diskless_sync, |s| s.value.0),
+        requirepass: layers.text("requirepass", |s| s.requirepass.as_ref()).map(|s| s.value),
+        history_reset: parse_with(
+            layers.text("history_reset", |s| s.history_reset.as_ref()),
+            DEFAULTS.history_reset,
+            HistoryResetPolicy::parse,
+            "expected hold or follow",
+        )?,
+        history_reset_min_key_ratio: parse_with(
+            layers.text("history_reset_min_key_ratio", |s| s.history_reset_min_key_ratio.as_ref()),
+            DEFAULTS.history_reset_min_key_ratio,
+            parse_ratio,
+            "expected a fraction from 0 to 1, e.g. 0.5",
+        )?,
+        replicaof: parse_with(
+            layers.text("replicaof", |s| s.replicaof.as_ref()),
+            DEFAULTS.replicaof,
+            ReplicaofPolicy::parse,
+            "expected allow or deny",
+        )?,
+        upstream_ack: parse_with(
+            layers.text("upstream_ack", |s| s.upstream_ack.as_ref()),
+            DEFAULTS.upstream_ack,
+            AckMode::parse,
+            "expected fack or durable",
+        )?,
+        upstream_tls,
+        tls,
+        ack_replicas: parse_with(
+            layers.text("ack_replicas", |s| s.ack_replicas.as_ref()),
+            DEFAULTS.ack_replicas,
+            |t| t.trim().parse::<usize>().ok(),
+            "expected a number of replicas (0 turns end-to-end ACKs off)",
+        )?,
+        pubsub_output_limit: parse_with(
+            layers.text("client_output_buffer_limit_pubsub", |s| s.client_output_buffer_limit_pubsub.as_ref()),
+            DEFAULTS.client_output_buffer_limit_pubsub,
+            OutputBufferLimit::parse,
+            "expected <hard> <soft> <soft seconds>, such as \"32mb 8mb 60\"",
+        )?,
+        snapshot,
+        maxclients,
+        timeout: layers.pick("timeout", |s| s.timeout.as_ref()).map_or(DEFAULTS.timeout, |s| s.value.0),
+    };
+    Ok(Resolved { relay, name_field: name.field, listen_field, tls_listen_field, dir_field })
+}
+
+/// TLS to the master: `upstream.tls` and its files.
+fn upstream_tls(layers: &Layers) -> Result<Option<UpstreamTls>, ConfigError> {
+    let enabled = layers.pick("upstream.tls", |s| s.upstream.as_ref().and_then(|u| u.tls.as_ref()));
+    let ca = layers.upstream_text("tls_ca_cert_file", |u| u.tls_ca_cert_file.as_ref());
+    let cert = layers.upstream_text("tls_cert_file", |u| u.tls_cert_file.as_ref());
+    let key = layers.upstream_text("tls_key_file", |u| u.tls_key_file.as_ref());
+    let server_name = layers.upstream_text("tls_server_name", |u| u.tls_server_name.as_ref());
+    if !enabled.as_ref().is_some_and(|e| e.value.0) {
+        if let Some(given) = [&ca, &cert, &key, &server_name].into_iter().flatten().next() {
+            let field = enabled.map_or_else(|| layers.own_field("upstream.tls"), |e| e.field);
+            return Err(field_error(&field, "no", &format!("{} is set but TLS is off", given.field)));
+        }
+        return Ok(None);
+    }
+    let Some(ca) = ca else {
+        return Err(field_error_without_value(
+            &layers.own_field("upstream.tls_ca_cert_file"),
+            "TLS to the master needs the CA that signed its certificate",
+        ));
+    };
+    match (&cert, &key) {
+        (Some(_), None) => {
+            return Err(field_error_without_value(
+                &layers.own_field("upstream.tls_key_file"),
+                "a client certificate needs both a cert file and a key file",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(field_error_without_value(
+                &layers.own_field("upstream.tls_cert_file"),
+                "a client certificate needs both a cert file and a key file",
+            ))
+        }
+        _ => {}
+    }
+    Ok(Some(UpstreamTls {
+        ca_cert_file: ca.value.into(),
+        cert_file: cert.map(|c| c.value.into()),
+        key_file: key.map(|k| k.value.into()),
+        server_name: server_name.map(|s| s.value),
+    }))
+}
+
+/// The TLS listener: `tls_listen` and its files.
+fn downstream_tls(layers: &Layers) -> Result<Option<DownstreamTls>, ConfigError> {
+    let cert = layers.text("tls_cert_file", |s| s.tls_cert_file.as_ref());
+    let key = layers.text("tls_key_file", |s| s.tls_key_file.as_ref());
+    let ca = layers.text("tls_ca_cert_file", |s| s.tls_ca_cert_file.as_ref());
+    let Some(listen) = layers.text("tls_listen", |s| s.tls_listen.as_ref()) else {
+        if let Some(given) = [&cert, &key].into_iter().flatten().next() {
+            return Err(field_error_without_value(
+                &layers.own_field("tls_listen"),
+                &format!("{} is set but there is no TLS listener", given.field),
+            ));
+        }
+        return Ok(None);
+    };
+    let listen = parse_listen(&listen.field, &listen.value)?;
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Err(field_error_without_value(
+            &layers.own_field("tls_cert_file"),
+            "a TLS listener needs a cert file and a key file (tls_cert_file, tls_key_file)",
+        ));
+    };
+    let auth_clients = parse_with(
+        layers.text("tls_auth_clients", |s| s.tls_auth_clients.as_ref()),
+        DEFAULTS.tls_auth_clients,
+        ClientAuth::parse,
+        "expected yes, no or optional",
+    )?;
+    if auth_clients != ClientAuth::No && ca.is_none() {
+        return Err(field_error_without_value(
+            &layers.own_field("tls_ca_cert_file"),
+            "tls_auth_clients yes or optional needs the CA that client certificates chain to",
+        ));
+    }
+    Ok(Some(DownstreamTls {
+        listen,
+        cert_file: cert.value.into(),
+        key_file: key.value.into(),
+        ca_cert_file: ca.map(|c| c.value.into()),
+        auth_clients,
+    }))
+}
+
+/// Cross-relay checks, the last step of the one validation pass: at least one relay; names,
+/// listeners (the metrics endpoint's too) and data directories that do not clash.
+fn validate(relays: &[Resolved], metrics: Option<&Sourced<SocketAddr>>) -> Result<(), ConfigError> {
+    if relays.is_empty() {
+        return Err(field_error("relays", "[]", "at least one relay is required"));
+    }
+    // Every listener of the process, with the field that set it.
+    let mut listeners: Vec<(SocketAddr, String)> = Vec::new();
+    if let Some(metrics) = metrics {
+        listeners.push((metrics.value, metrics.field.clone()));
+    }
+    for (i, resolved) in relays.iter().enumerate() {
+        let relay = &resolved.relay;
+        for (j, other) in relays[..i].iter().enumerate() {
+            if relay.name == other.relay.name {
+                return Err(field_error(&resolved.name_field, &relay.name, &format!("duplicate of relays[{j}].name")));
+            }
+            let (mine, theirs) = (normalized_dir(&relay.dir), normalized_dir(&other.relay.dir));
+            let clash = if mine == theirs {
+                Some("the same directory as")
+            } else if mine.starts_with(&theirs) {
+                Some("inside the data directory of")
+            } else if theirs.starts_with(&mine) {
+                Some("the parent of the data directory of")
+            } else {
+                None
+            };
+            if let Some(clash) = clash {
+                return Err(field_error(
+                    &resolved.dir_field,
+                    &relay.dir.display().to_string(),
+                    &format!("{clash} relays[{j}] ({}, from {})", other.relay.dir.display(), other.dir_field),
+                ));
+            }
+        }
+        let own = [
+            Some((relay.listen, &resolved.listen_field)),
+            relay.tls.as_ref().map(|t| (t.listen, &resolved.tls_listen_field)),
+        ];
+        for (addr, field) in own.into_iter().flatten() {
+            if let Some((_, other_field)) = listeners.iter().find(|(other, _)| listeners_overlap(addr, *other)) {
+                let message = if addr.ip().is_unspecified()
+                    || listeners.iter().any(|(o, _)| o.ip().is_unspecified() && o.port() == addr.port())
+                {
+                    format!("overlaps {other_field} (a wildcard address takes the port on every address)")
+                } else {
+                    format!("duplicate of {other_field}")
+                };
+                return Err(field_error(field, &addr.to_string(), &message));
+            }
+            listeners.push((addr, field.clone()));
+        }
+    }
+    Ok(())
+}
+
 impl Config {
-    /// Reads and validates a YAML file.
+    /// The one pipeline: reads `file` (if any), merges the command line's `overrides` over it,
+    /// resolves every relay with the defaults and validates the whole. Errors name the file (for
+    /// its fields), the field path or flag, and the value.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        match file {
+            None => Config::resolve(None, None, overrides),
+            Some(path) => {
+                let name = path.display().to_string();
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::File { file: name.clone(), message: e.to_string() })?;
+                Config::from_yaml_text(&name, &text, overrides)
+            }
+        }
+    }
+
+    /// Reads and validates a YAML file, without command-line overrides (`check-config FILE`).
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::File { file: file.clone(), message: e.to_string() })?;
-        Config::from_yaml(&text).map_err(|e| match e {
-            ConfigError::Field { .. } => ConfigError::File { file, message: e.to_string() },
+        Config::load(Some(path), &Overrides::default())
+    }
+
+    /// Parses YAML text named `file` in errors, with `overrides` merged over it.
+    pub fn from_yaml_text(file: &str, text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let parsed: FileConfig = serde_yaml_ng::from_str(text)
+            .map_err(|e| ConfigError::File { file: file.to_string(), message: suggest_field(&e.to_string()) })?;
+        Config::resolve(Some(&parsed), Some(file), overrides)
+    }
+
+    fn resolve(parsed: Option<&FileConfig>, file: Option<&str>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let in_file = |error: ConfigError| match error {
+            ConfigError::Field { file: None, field, value, message } if !field.starts_with("--") => {
+                ConfigError::Field { file: file.map(str::to_string), field, value, message }
+            }
             other => other,
+        };
+        Config::resolve_layers(parsed, overrides).map_err(in_file)
+    }
+
+    fn resolve_layers(parsed: Option<&FileConfig>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let flags = &overrides.relay;
+        let mut relays = Vec::new();
+        let metrics_layers = [(&overrides.metrics, "--metrics", "--metrics-auth")]
+            .into_iter()
+            .chain(parsed.map(|p| (&p.metrics, "metrics.listen", "metrics.auth")));
+        let mut metrics = None;
+        let mut metrics_auth = None;
+        for (layer, listen_field, auth_field) in metrics_layers {
+            if let (None, Some(listen)) = (&metrics, &layer.listen) {
+                metrics = Some(Sourced {
+                    value: parse_listen(listen_field, listen.as_str())?,
+                    field: listen_field.to_string(),
+                });
+            }
+            if let (None, Some(auth)) = (&metrics_auth, &layer.auth) {
+                metrics_auth = Some(crate::metrics::http::MetricsAuth::parse(auth.as_str()).ok_or_else(|| {
+                    field_error_without_value(auth_field, "expected bearer:TOKEN or basic:USER:PASSWORD")
+                })?);
+            }
+        }
+        match parsed {
+            None => {
+                let layers = Layers { layers: vec![(flags, Place::Flags)] };
+                if flags.upstream.as_ref().and_then(|u| u.addr.as_ref()).is_none()
+                    && flags.listen.is_none()
+                    && flags.dir.is_none()
+                {
+                    return Err(field_error_without_value(
+                        "--config",
+                        "give --config FILE, or --upstream HOST:PORT --listen HOST:PORT --dir PATH",
+                    ));
+                }
+                relays.push(resolve_relay(&layers, None)?);
+            }
+            Some(parsed) => {
+                if let Some(name) = per_relay_fields(&parsed.defaults).first() {
+                    return Err(field_error_without_value(
+                        &Place::Defaults.field(name),
+                        "set per relay: it cannot be shared in defaults",
+                    ));
+                }
+                if parsed.relays.len() > 1 {
+                    if let Some(name) = per_relay_fields(flags).first() {
+                        return Err(field_error_without_value(
+                            &Place::Flags.field(name),
+                            &format!(
+                                "applies to one relay, and the file has {}: set it in the file",
+                                parsed.relays.len()
+                            ),
+                        ));
+                    }
+                }
+                let data_dir =
+                    parsed.data_dir.as_ref().map(|d| Sourced { value: d.0.clone(), field: "data_dir".to_string() });
+                for (i, relay) in parsed.relays.iter().enumerate() {
+                    let layers = Layers {
+                        layers: vec![
+                            (flags, Place::Flags),
+                            (relay, Place::Relay(i)),
+                            (&parsed.defaults, Place::Defaults),
+                        ],
+                    };
+                    relays.push(resolve_relay(&layers, data_dir.as_ref())?);
+                }
+            }
+        }
+        validate(&relays, metrics.as_ref())?;
+        Ok(Config {
+            metrics: metrics.map(|m| m.value),
+            metrics_auth,
+            relays: relays.into_iter().map(|r| r.relay).collect(),
         })
     }
+}
 
-    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        let parsed: FileConfig = serde_yaml_ng::from_str(text)
-            .map_err(|e| ConfigError::File { file: "<config>".into(), message: e.to_string() })?;
-        let metrics = match &parsed.metrics {
-            Some(m) => Some(parse_listen("metrics.listen", &m.listen)?),
-            None => None,
-        };
-        if let Some(field) = parsed.defaults.unknown.keys().next() {
-            return Err(field_error(&format!("defaults.{field}"), "", "unknown field"));
+/// Adds "did you mean" to serde's "unknown field `x`, expected one of ..." when one expected name
+/// is close to the typo.
+fn suggest_field(message: &str) -> String {
+    let Some(start) = message.find("unknown field `") else {
+        return message.to_string();
+    };
+    let rest = &message[start + "unknown field `".len()..];
+    let Some(end) = rest.find('`') else {
+        return message.to_string();
+    };
+    let typo = &rest[..end];
+    let after = &rest[end + 1..];
+    let (list, position) = after.find(" at line ").map_or((after, ""), |at| after.split_at(at));
+    let expected: Vec<&str> = list.split('`').skip(1).step_by(2).collect();
+    match expected.iter().map(|name| (edit_distance(typo, name), *name)).min() {
+        Some((distance, name)) if distance <= 2.max(typo.len() / 4) => {
+            format!("{}unknown field `{typo}`, did you mean `{name}`?{position}", &message[..start])
         }
-        let mut relays = Vec::new();
-        for (i, relay) in parsed.relays.iter().enumerate() {
-            let at = |name: &str| format!("relays[{i}].{name}");
-            if let Some(field) = relay.unknown.keys().next() {
-                return Err(field_error(&at(field), "", "unknown field"));
-            }
-            let resolved = resolve(&at, &relay.tunables, &parsed.defaults.tunables)?;
-            let dir = match (&relay.dir, &parsed.data_dir) {
-                (Some(dir), _) => dir.clone(),
-                (None, Some(data_dir)) => data_dir.join(&relay.name),
-                (None, None) => return Err(field_error(&at("dir"), "", "set dir here or data_dir at the top level")),
-            };
-            let password = match &relay.upstream.password {
-                Some(p) => Some(substitute_env(&at("upstream.password"), p)?),
-                None => None,
-            };
-            let user = match &relay.upstream.user {
-                Some(u) => Some(substitute_env(&at("upstream.user"), u)?),
-                None => None,
-            };
-            let env = |field: &str, value: &Option<String>| {
-                value.as_ref().map(|text| substitute_env(&at(field), text)).transpose()
-            };
-            let upstream_tls = upstream_tls(
-                &at("upstream.tls_"),
-                &UpstreamTlsFields {
-                    tls: yaml_yes_no(&relay.upstream.tls),
-                    ca_cert_file: env("upstream.tls_ca_cert_file", &relay.upstream.tls_ca_cert_file)?,
-                    cert_file: env("upstream.tls_cert_file", &relay.upstream.tls_cert_file)?,
-                    key_file: env("upstream.tls_key_file", &relay.upstream.tls_key_file)?,
-                    server_name: env("upstream.tls_server_name", &relay.upstream.tls_server_name)?,
-                },
-            )?;
-            let tls = downstream_tls(
-                &at("tls_"),
-                &DownstreamTlsFields {
-                    listen: env("tls_listen", &relay.tls_listen)?,
-                    cert_file: env("tls_cert_file", &relay.tls_cert_file)?,
-                    key_file: env("tls_key_file", &relay.tls_key_file)?,
-                    ca_cert_file: env("tls_ca_cert_file", &relay.tls_ca_cert_file)?,
-                    auth_clients: relay.tls_auth_clients.clone(),
-                },
-            )?;
-            let mut snapshot = resolved.snapshot;
-            snapshot.password = match &relay.snapshot_source_password {
-                Some(p) => Some(substitute_env(&at("snapshot_source_password"), p)?),
-                None => None,
-            };
-            relays.push(RelayConfig {
-                name: relay.name.clone(),
-                upstream_tls,
-                tls,
-                upstream: check_upstream(
-                    &at("upstream.addr"),
-                    &substitute_env(&at("upstream.addr"), &relay.upstream.addr)?,
-                )?,
-                upstream_user: user,
-                upstream_password: password,
-                listen: parse_listen(&at("listen"), &relay.listen)?,
-                dir,
-                log: resolved.log,
-                repl_timeout: resolved.repl_timeout,
-                downstream_eof_form: resolved.downstream_eof_form,
-                pubsub_output_limit: resolved.pubsub_output_limit,
-                maxclients: resolved.maxclients,
-                timeout: resolved.timeout,
-                requirepass: match &relay.requirepass {
-                    Some(p) => Some(substitute_env(&at("requirepass"), p)?),
-                    None => None,
-                },
-                history_reset: resolved.history_reset,
-                history_reset_min_key_ratio: resolved.history_reset_min_key_ratio,
-                replicaof: resolved.replicaof,
-                upstream_ack: resolved.upstream_ack,
-                ack_replicas: resolved.ack_replicas,
-                snapshot,
-            });
-        }
-        let metrics_auth = match parsed.metrics.as_ref().and_then(|m| m.auth.as_ref()) {
-            None => None,
-            Some(text) => {
-                let value = substitute_env("metrics.auth", text)?;
-                Some(crate::metrics::http::MetricsAuth::parse(&value).ok_or_else(|| {
-                    field_error("metrics.auth", "<redacted>", "expected bearer:TOKEN or basic:USER:PASSWORD")
-                })?)
-            }
-        };
-        let config = Config { metrics, metrics_auth, relays };
-        config.validate()?;
-        Ok(config)
+        _ => message.to_string(),
     }
+}
 
-    /// Cross-relay checks: at least one relay, unique names, listen addresses and directories.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.relays.is_empty() {
-            return Err(field_error("relays", "[]", "at least one relay is required"));
+/// Levenshtein distance, for field-name suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
         }
-        let listen_addrs = |r: &RelayConfig| [Some(r.listen), r.tls.as_ref().map(|t| t.listen)].into_iter();
-        for (i, relay) in self.relays.iter().enumerate() {
-            if let Some(tls) = relay.tls.as_ref().filter(|tls| tls.listen == relay.listen) {
-                return Err(field_error(&format!("relays[{i}].tls_listen"), &tls.listen.to_string(), "same as listen"));
-            }
-            for (j, other) in self.relays[..i].iter().enumerate() {
-                if relay.name == other.name {
-                    return Err(field_error(
-                        &format!("relays[{i}].name"),
-                        &relay.name,
-                        &format!("duplicate of relays[{j}].name"),
-                    ));
-                }
-                if relay.listen == other.listen {
-                    return Err(field_error(
-                        &format!("relays[{i}].listen"),
-                        &relay.listen.to_string(),
-                        &format!("duplicate of relays[{j}].listen"),
-                    ));
-                }
-                // Equal plain listen addresses were refused above: a clash here is a TLS listener's.
-                if let Some(addr) = listen_addrs(relay).flatten().find(|a| listen_addrs(other).any(|b| b == Some(*a))) {
-                    return Err(field_error(
-                        &format!("relays[{i}].tls_listen"),
-                        &addr.to_string(),
-                        &format!("already a listen address of relays[{j}]"),
-                    ));
-                }
-                if relay.dir == other.dir {
-                    return Err(field_error(
-                        &format!("relays[{i}].dir"),
-                        &relay.dir.display().to_string(),
-                        &format!("duplicate of relays[{j}].dir"),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        previous = current;
     }
+    previous[b.len()]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn sizes_and_durations_use_redis_units() {
-        assert_eq!(parse_size("64mb"), Some(64 << 20));
-        assert_eq!(parse_size("1GB"), Some(1 << 30));
-        assert_eq!(parse_size("1k"), Some(1000));
-        assert_eq!(parse_size("12"), Some(12));
-        assert_eq!(parse_size("12xb"), None);
-        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("soon"), None);
+    impl Config {
+        fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+            Config::from_yaml_text("test.yaml", text, &Overrides::default())
+        }
     }
 
     #[test]
@@ -783,7 +940,7 @@ mod tests {
         assert_eq!(relay.log.retention, 128 << 20);
         assert_eq!(relay.log.fsync, FsyncPolicy::EverySec);
         assert_eq!(relay.upstream_password.as_deref(), Some("s3cret"));
-        assert_eq!(relay.repl_timeout, DEFAULT_REPL_TIMEOUT);
+        assert_eq!(relay.repl_timeout, DEFAULTS.repl_timeout);
         assert_eq!(relay.history_reset, HistoryResetPolicy::Hold);
         assert_eq!(relay.history_reset_min_key_ratio, 0.5);
         assert_eq!(relay.replicaof, ReplicaofPolicy::Allow);
@@ -796,7 +953,7 @@ mod tests {
         .unwrap();
         let relay = &config.relays[0];
         assert_eq!(relay.snapshot.sources, vec![SnapshotSource::Master]);
-        assert_eq!(relay.snapshot.master_min_interval, Duration::from_secs(3600));
+        assert_eq!(relay.snapshot.master_min_interval, std::time::Duration::from_secs(3600));
         assert_eq!(relay.snapshot.exclude, vec!["10.0.0.1:6379".to_string()]);
         assert_eq!(relay.snapshot.password.as_deref(), Some("pw"));
         assert_eq!(relay.log.max_size, 3 << 30);
@@ -837,7 +994,7 @@ mod tests {
         let config = Config::from_yaml(&yaml("")).unwrap();
         assert_eq!(
             config.relays[0].pubsub_output_limit,
-            OutputBufferLimit { hard: 1 << 20, soft: 0, soft_seconds: Duration::ZERO }
+            OutputBufferLimit { hard: 1 << 20, soft: 0, soft_seconds: std::time::Duration::ZERO }
         );
         let err = Config::from_yaml(&yaml(", client_output_buffer_limit_pubsub: '32mb'")).unwrap_err().to_string();
         assert!(err.contains("relays[0].client_output_buffer_limit_pubsub") && err.contains("32mb"), "{err}");
@@ -899,7 +1056,10 @@ mod tests {
         let message = error_of(&listener(", tls_ca_cert_file: /ca, tls_auth_clients: sometimes"));
         assert!(message.contains("relays[0].tls_auth_clients") && message.contains("sometimes"), "{message}");
         let message = error_of(&listener(", tls_auth_clients: no").replace("7001", "7000"));
-        assert!(message.contains("relays[0].tls_listen") && message.contains("same as listen"), "{message}");
+        assert!(
+            message.contains("relays[0].tls_listen") && message.contains("duplicate of relays[0].listen"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -934,7 +1094,7 @@ mod tests {
         let message = error_of("relays: []\n");
         assert!(message.contains("relays") && message.contains("at least one"), "{message}");
         let message = error_of("defaults: {log_sise: 1mb}\nrelays: []\n");
-        assert!(message.contains("defaults.log_sise"), "{message}");
+        assert!(message.contains("defaults: unknown field `log_sise`, did you mean `log_size`?"), "{message}");
     }
 
     #[test]
@@ -954,5 +1114,198 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/relay.example.yaml");
         let config = Config::from_file(&path).unwrap();
         assert!(!config.relays.is_empty());
+    }
+
+    /// The command line's layer as main.rs builds it, for the flag side of the tests.
+    fn flags(relay: RelaySettings) -> Overrides {
+        Overrides { metrics: MetricsSettings::default(), relay }
+    }
+
+    fn text(value: &str) -> Option<Text> {
+        Some(Text(value.to_string()))
+    }
+
+    fn one_relay_flags() -> RelaySettings {
+        RelaySettings {
+            upstream: Some(UpstreamSettings { addr: text("h:1"), ..Default::default() }),
+            listen: text("127.0.0.1:7000"),
+            dir: text("/d/a"),
+            ..Default::default()
+        }
+    }
+
+    const ONE_RELAY: &str = "relays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:7000', dir: /d/a}\n";
+
+    #[test]
+    fn bare_numbers_are_bytes_and_seconds_and_booleans_take_yes_no() {
+        let config = Config::from_yaml(
+            "relays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', dir: /x, repl_timeout: 90, log_size: 1048576, timeout: 300, repl_diskless_sync: yes}\n",
+        )
+        .unwrap();
+        let relay = &config.relays[0];
+        assert_eq!(relay.repl_timeout, std::time::Duration::from_secs(90));
+        assert_eq!(relay.log.retention, 1 << 20);
+        assert_eq!(relay.timeout, std::time::Duration::from_secs(300));
+        assert!(relay.downstream_eof_form);
+        let config =
+            Config::from_yaml(&ONE_RELAY.replace("dir: /d/a", "dir: /d/a, repl_diskless_sync: false")).unwrap();
+        assert!(!config.relays[0].downstream_eof_form);
+    }
+
+    #[test]
+    fn repl_timeout_zero_is_refused_in_the_file_and_as_a_flag() {
+        let message = error_of(&ONE_RELAY.replace("dir: /d/a", "dir: /d/a, repl_timeout: 0"));
+        assert!(message.contains("test.yaml: relays[0].repl_timeout") && message.contains("\"0\""), "{message}");
+        let relay = RelaySettings { repl_timeout: Some("0s".parse().unwrap()), ..one_relay_flags() };
+        let message = Config::load(None, &flags(relay)).unwrap_err().to_string();
+        assert!(message.starts_with("--repl-timeout: "), "{message}");
+    }
+
+    #[test]
+    fn log_memory_is_capped_at_log_size_on_both_paths() {
+        let capped = |config: Config| (config.relays[0].log.memory, config.relays[0].log.retention);
+        let relay = RelaySettings {
+            log_size: Some("1mb".parse().unwrap()),
+            log_memory: Some("64mb".parse().unwrap()),
+            ..one_relay_flags()
+        };
+        assert_eq!(capped(Config::load(None, &flags(relay)).unwrap()), (1 << 20, 1 << 20), "flags");
+        let file = ONE_RELAY.replace("dir: /d/a", "dir: /d/a, log_size: 1mb, log_memory: 64mb");
+        assert_eq!(capped(Config::from_yaml(&file).unwrap()), (1 << 20, 1 << 20), "file");
+        let file =
+            "defaults: {log_memory: 64mb}\n".to_string() + &ONE_RELAY.replace("dir: /d/a", "dir: /d/a, log_size: 1mb");
+        assert_eq!(capped(Config::from_yaml(&file).unwrap()), (1 << 20, 1 << 20), "file, inherited");
+    }
+
+    #[test]
+    fn a_wildcard_listener_overlaps_a_specific_address_on_its_port() {
+        let message = error_of(
+            "data_dir: /d\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '0.0.0.0:7000'}\n  - {name: b, upstream: {addr: 'h:1'}, listen: '127.0.0.1:7000'}\n",
+        );
+        assert!(message.contains("relays[1].listen") && message.contains("overlaps relays[0].listen"), "{message}");
+        // Other ports, or two distinct specific addresses, are fine.
+        Config::from_yaml(
+            "data_dir: /d\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '0.0.0.0:7000'}\n  - {name: b, upstream: {addr: 'h:1'}, listen: '127.0.0.1:7001'}\n  - {name: c, upstream: {addr: 'h:1'}, listen: '127.0.0.2:7001'}\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_metrics_port_may_not_be_a_listen_port() {
+        let message = error_of(&format!("metrics: {{listen: '0.0.0.0:7000'}}\n{ONE_RELAY}"));
+        assert!(message.contains("relays[0].listen") && message.contains("metrics.listen"), "{message}");
+        let overrides = Overrides {
+            metrics: MetricsSettings { listen: text("127.0.0.1:7000"), auth: None },
+            relay: one_relay_flags(),
+        };
+        let message = Config::load(None, &overrides).unwrap_err().to_string();
+        assert!(message.contains("--listen") && message.contains("duplicate of --metrics"), "{message}");
+    }
+
+    #[test]
+    fn data_dirs_may_not_nest_nor_climb() {
+        let two = |a: &str, b: &str| {
+            format!("relays:\n  - {{name: a, upstream: {{addr: 'h:1'}}, listen: '127.0.0.1:1', dir: '{a}'}}\n  - {{name: b, upstream: {{addr: 'h:1'}}, listen: '127.0.0.1:2', dir: '{b}'}}\n")
+        };
+        let message = error_of(&two("/d/a", "/d/a/b"));
+        assert!(
+            message.contains("relays[1].dir") && message.contains("inside the data directory of relays[0]"),
+            "{message}"
+        );
+        let message = error_of(&two("/d/a/b", "/d/a"));
+        assert!(message.contains("relays[1].dir") && message.contains("parent"), "{message}");
+        let message = error_of(&two("/d/a", "/d/./a"));
+        assert!(message.contains("relays[1].dir") && message.contains("same directory"), "{message}");
+        let message = error_of(&two("/d/a", "/d/b/../c"));
+        assert!(message.contains("relays[1].dir") && message.contains("'..'"), "{message}");
+        Config::from_yaml(&two("/d/a", "/d/ab")).unwrap();
+    }
+
+    #[test]
+    fn relay_names_are_path_safe() {
+        for name in ["../x", "", ".", "a/b", ".hidden"] {
+            let message = error_of(&format!(
+                "data_dir: /d\nrelays:\n  - {{name: '{name}', upstream: {{addr: 'h:1'}}, listen: '127.0.0.1:1'}}\n"
+            ));
+            assert!(
+                message.contains("relays[0].name") && message.contains(&format!("{name:?}")),
+                "{name:?}: {message}"
+            );
+        }
+        Config::from_yaml(
+            "data_dir: /d\nrelays:\n  - {name: shard-a_1.eu, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1'}\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn env_variables_are_replaced_in_every_value() {
+        std::env::set_var("RELAY_CFG_TEST_ROOT", "/srv");
+        std::env::set_var("RELAY_CFG_TEST_PORT", "7010");
+        std::env::set_var("RELAY_CFG_TEST_SIZE", "2mb");
+        let config = Config::from_yaml(
+            "data_dir: ${RELAY_CFG_TEST_ROOT}/data\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:${RELAY_CFG_TEST_PORT}', log_size: '${RELAY_CFG_TEST_SIZE}', snapshot_source_exclude: ['10.0.0.1:${RELAY_CFG_TEST_PORT}']}\n",
+        )
+        .unwrap();
+        let relay = &config.relays[0];
+        assert_eq!(relay.dir, PathBuf::from("/srv/data/a"));
+        assert_eq!(relay.listen.port(), 7010);
+        assert_eq!(relay.log.retention, 2 << 20);
+        assert_eq!(relay.snapshot.exclude, vec!["10.0.0.1:7010".to_string()]);
+        let message = error_of("data_dir: ${RELAY_CFG_TEST_SURELY_UNSET}/data\nrelays: []\n");
+        assert!(
+            message.contains("data_dir") && message.contains("RELAY_CFG_TEST_SURELY_UNSET is not set"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_and_a_typo_as_unknown() {
+        let message = error_of("relays:\n  - {name: a, upstrem: {addr: 'h:1'}, listen: '127.0.0.1:1', dir: /x}\n");
+        assert!(
+            message.starts_with("test.yaml: relays[0]: unknown field `upstrem`, did you mean `upstream`?"),
+            "{message}"
+        );
+        let message = error_of("relays:\n  - {name: a, listen: '127.0.0.1:1', dir: /x}\n");
+        assert_eq!(message, "test.yaml: relays[0].upstream.addr: required");
+        for yaml in [
+            "relays:\n  - {name: a, listen: '127.0.0.1:1'}\n",
+            "relays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', tls_listen: '127.0.0.1:2', dir: /x}\n",
+            "relays:\n  - {name: a, upstream: {addr: 'h:1', tls: yes}, listen: '127.0.0.1:1', dir: /x}\n",
+        ] {
+            let message = error_of(yaml);
+            assert!(message.starts_with("test.yaml: relays[0]"), "{message}");
+            assert!(!message.contains("(value: \"\")") && !message.contains("<config>"), "{message}");
+        }
+    }
+
+    #[test]
+    fn flags_are_merged_over_the_file() {
+        let file = "defaults: {log_size: 2mb, appendfsync: always}\ndata_dir: /d\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:1', log_size: 4mb}\n  - {name: b, upstream: {addr: 'h:2'}, listen: '127.0.0.1:2'}\n";
+        let overrides = flags(RelaySettings { log_size: Some("8mb".parse().unwrap()), ..Default::default() });
+        let config = Config::from_yaml_text("f.yaml", file, &overrides).unwrap();
+        for relay in &config.relays {
+            assert_eq!(relay.log.retention, 8 << 20, "the flag wins for {}", relay.name);
+            assert_eq!(relay.log.fsync, FsyncPolicy::Always, "the file's defaults stay for {}", relay.name);
+        }
+        let message = Config::from_yaml_text("f.yaml", file, &flags(one_relay_flags())).unwrap_err().to_string();
+        assert!(message.starts_with("--listen: applies to one relay, and the file has 2"), "{message}");
+        // A one-relay file takes them.
+        let config = Config::from_yaml_text(
+            "f.yaml",
+            ONE_RELAY,
+            &flags(RelaySettings { listen: text("127.0.0.1:7999"), ..Default::default() }),
+        )
+        .unwrap();
+        assert_eq!((config.relays[0].name.as_str(), config.relays[0].listen.port()), ("a", 7999));
+        // A flag's bad value is reported as the flag, a file's with the file.
+        let overrides = flags(RelaySettings { appendfsync: text("sometimes"), ..Default::default() });
+        let message = Config::from_yaml_text("f.yaml", file, &overrides).unwrap_err().to_string();
+        assert!(message.starts_with("--appendfsync: expected always, everysec or no"), "{message}");
+        let message = Config::load(None, &Overrides::default()).unwrap_err().to_string();
+        assert!(message.contains("--upstream HOST:PORT --listen HOST:PORT --dir PATH"), "{message}");
+        let message =
+            Config::load(None, &flags(RelaySettings { dir: None, ..one_relay_flags() })).unwrap_err().to_string();
+        assert_eq!(message, "--dir: required: set dir here, or data_dir at the top level");
     }
 }

@@ -4,135 +4,134 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use anyhow::bail;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use redis_relay::config::{self, Config, RelayConfig};
-use redis_relay::downstream::pubsub::OutputBufferLimit;
-use redis_relay::downstream::ReplicaofPolicy;
-use redis_relay::log::{FsyncPolicy, LogOptions};
+use redis_relay::config::{self, Config, Duration, List, RelayConfig, Size, Text, YesNo};
 use redis_relay::relay::RunningRelay;
-use redis_relay::upstream::history::HistoryResetPolicy;
-use redis_relay::upstream::AckMode;
 
 /// A Redis replication relay: one replica of the master, a master to many replicas.
+///
+/// The flags are merged over the `--config` file (a flag wins over the file's value for every
+/// relay); without a file they describe one relay. Defaults are in `config::DEFAULTS`.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// YAML file describing the relays (instead of the single-relay flags).
+    /// YAML file describing the relays; the flags below override its values.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// The master to replicate, HOST:PORT (or set REDIS_RELAY_UPSTREAM).
     #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_UPSTREAM")]
-    upstream: Option<String>,
+    upstream: Option<Text>,
     /// Where replicas and clients connect, HOST:PORT (or set REDIS_RELAY_LISTEN).
     #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_LISTEN")]
-    listen: Option<String>,
+    listen: Option<Text>,
     /// Data directory: replication log and snapshot cache (or set REDIS_RELAY_DIR).
     #[arg(long, value_name = "PATH", env = "REDIS_RELAY_DIR")]
-    dir: Option<PathBuf>,
+    dir: Option<Text>,
     /// Prometheus endpoint, HOST:PORT, serving /metrics (or set REDIS_RELAY_METRICS).
     #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_METRICS")]
-    metrics: Option<String>,
+    metrics: Option<Text>,
     /// Credentials /metrics requires: bearer:TOKEN or basic:USER:PASSWORD (or set
     /// REDIS_RELAY_METRICS_AUTH).
     #[arg(long, value_name = "AUTH", env = "REDIS_RELAY_METRICS_AUTH", hide_env_values = true)]
-    metrics_auth: Option<String>,
+    metrics_auth: Option<Text>,
     /// ACL user for AUTH to the master.
     #[arg(long, value_name = "U")]
-    upstream_user: Option<String>,
+    upstream_user: Option<Text>,
     /// Password for AUTH to the master (or set REDIS_RELAY_UPSTREAM_PASSWORD).
     #[arg(long, value_name = "P", env = "REDIS_RELAY_UPSTREAM_PASSWORD", hide_env_values = true)]
-    upstream_password: Option<String>,
-    /// Replication log retention on disk, in Redis units (64mb, 1gb).
-    #[arg(long, value_name = "SIZE", default_value = "1gb")]
-    log_size: String,
-    /// Newest part of the log also kept in memory for live fan-out.
-    #[arg(long, value_name = "SIZE", default_value = "64mb")]
-    log_memory: String,
-    /// Size of one log segment file.
-    #[arg(long, value_name = "SIZE", default_value = "64mb")]
-    log_segment_size: String,
+    upstream_password: Option<Text>,
+    /// Replication log retention on disk, in Redis units (64mb, 1gb; a bare number is bytes) [default: 1gb].
+    #[arg(long, value_name = "SIZE")]
+    log_size: Option<Size>,
+    /// Newest part of the log also kept in memory for live fan-out (at most --log-size) [default: 64mb].
+    #[arg(long, value_name = "SIZE")]
+    log_memory: Option<Size>,
+    /// Size of one log segment file [default: 64mb].
+    #[arg(long, value_name = "SIZE")]
+    log_segment_size: Option<Size>,
     /// Also drop log segments older than this (e.g. 24h); off by default.
     #[arg(long, value_name = "DURATION")]
-    log_max_age: Option<String>,
+    log_max_age: Option<Duration>,
     /// When the log is fsynced: always, everysec or no (like appendfsync). The FACK (or, with
-    /// --upstream-ack durable, the ACK) to the master covers what is durable under it.
-    #[arg(long, value_name = "POLICY", default_value = "everysec")]
-    appendfsync: String,
-    /// Replication timeout, both directions (60s, 5m).
-    #[arg(long, value_name = "DURATION", default_value = "60s")]
-    repl_timeout: String,
-    /// Serve full syncs in the EOF-marked (diskless) form to replicas that support it.
-    #[arg(long, value_name = "yes|no", default_value = "no")]
-    repl_diskless_sync: String,
+    /// --upstream-ack durable, the ACK) to the master covers what is durable under it [default: everysec].
+    #[arg(long, value_name = "POLICY")]
+    appendfsync: Option<Text>,
+    /// Replication timeout, both directions (60 seconds, 60s, 5m; more than 0) [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    repl_timeout: Option<Duration>,
+    /// Serve full syncs in the EOF-marked (diskless) form to replicas that support it [default: no].
+    #[arg(long, value_name = "yes|no")]
+    repl_diskless_sync: Option<YesNo>,
     /// Password clients and replicas must give with AUTH (like requirepass; or set
     /// REDIS_RELAY_REQUIREPASS).
     #[arg(long, value_name = "P", env = "REDIS_RELAY_REQUIREPASS", hide_env_values = true)]
-    requirepass: Option<String>,
+    requirepass: Option<Text>,
     /// When the master presents another history with far fewer keys (e.g. it restarted empty):
-    /// hold (keep serving the old dataset until RELAY HISTORY ACCEPT) or follow.
-    #[arg(long, value_name = "hold|follow", default_value = "hold")]
-    history_reset: String,
+    /// hold (keep serving the old dataset until RELAY HISTORY ACCEPT) or follow [default: hold].
+    #[arg(long, value_name = "hold|follow")]
+    history_reset: Option<Text>,
     /// A new history with fewer keys than this fraction of the cached snapshot's is held (an
-    /// empty one always is, when the snapshot has keys).
-    #[arg(long, value_name = "RATIO", default_value = "0.5")]
-    history_reset_min_key_ratio: String,
-    /// Whether clients may repoint the relay with REPLICAOF/SLAVEOF (allow or deny).
-    #[arg(long, value_name = "allow|deny", default_value = "allow")]
-    replicaof: String,
+    /// empty one always is, when the snapshot has keys) [default: 0.5].
+    #[arg(long, value_name = "RATIO")]
+    history_reset_min_key_ratio: Option<Text>,
+    /// Whether clients may repoint the relay with REPLICAOF/SLAVEOF (allow or deny) [default: allow].
+    #[arg(long, value_name = "allow|deny")]
+    replicaof: Option<Text>,
     /// What the relay ACKs to its master: fack (ACK applied, FACK durable, like a Redis 7.2+
-    /// replica with AOF) or durable (ACK only what is fsynced).
-    #[arg(long, value_name = "fack|durable", default_value = "fack")]
-    upstream_ack: String,
-    /// TLS to the master: yes or no.
+    /// replica with AOF) or durable (ACK only what is fsynced) [default: fack].
+    #[arg(long, value_name = "fack|durable")]
+    upstream_ack: Option<Text>,
+    /// TLS to the master: yes or no [default: no].
     #[arg(long, value_name = "yes|no")]
-    upstream_tls: Option<String>,
+    upstream_tls: Option<YesNo>,
     /// CA bundle (PEM) the master's certificate must chain to.
     #[arg(long, value_name = "FILE")]
-    upstream_tls_ca_cert_file: Option<String>,
+    upstream_tls_ca_cert_file: Option<Text>,
     /// Client certificate (PEM) for a master with tls-auth-clients.
     #[arg(long, value_name = "FILE")]
-    upstream_tls_cert_file: Option<String>,
+    upstream_tls_cert_file: Option<Text>,
     /// Key (PEM) of the client certificate.
     #[arg(long, value_name = "FILE")]
-    upstream_tls_key_file: Option<String>,
+    upstream_tls_key_file: Option<Text>,
     /// Name the master's certificate must carry (default: the upstream host).
     #[arg(long, value_name = "NAME")]
-    upstream_tls_server_name: Option<String>,
+    upstream_tls_server_name: Option<Text>,
     /// TLS listener for replicas and clients, HOST:PORT (beside --listen).
     #[arg(long, value_name = "HOST:PORT")]
-    tls_listen: Option<String>,
+    tls_listen: Option<Text>,
     /// Certificate (PEM) of the TLS listener.
     #[arg(long, value_name = "FILE")]
-    tls_cert_file: Option<String>,
+    tls_cert_file: Option<Text>,
     /// Key (PEM) of the TLS listener's certificate.
     #[arg(long, value_name = "FILE")]
-    tls_key_file: Option<String>,
+    tls_key_file: Option<Text>,
     /// CA bundle (PEM) client certificates must chain to.
     #[arg(long, value_name = "FILE")]
-    tls_ca_cert_file: Option<String>,
-    /// Whether TLS clients must present a certificate: yes, no or optional (as tls-auth-clients).
+    tls_ca_cert_file: Option<Text>,
+    /// Whether TLS clients must present a certificate: yes, no or optional (as tls-auth-clients) [default: yes].
     #[arg(long, value_name = "yes|no|optional")]
-    tls_auth_clients: Option<String>,
+    tls_auth_clients: Option<Text>,
     /// End-to-end ACKs: with K >= 1 the relay ACKs to its master only what K of its own replicas
-    /// have ACKed (so WAIT on the master counts replicas below the relay); 0 ACKs as the relay.
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    ack_replicas: usize,
+    /// have ACKed (so WAIT on the master counts replicas below the relay); 0 ACKs as the relay [default: 0].
+    #[arg(long, value_name = "K")]
+    ack_replicas: Option<Text>,
     /// Disconnect a pub/sub client holding more unsent messages than this: "<hard> <soft> <soft
-    /// seconds>", like client-output-buffer-limit pubsub.
-    #[arg(long, value_name = "LIMITS", default_value = "32mb 8mb 60")]
-    client_output_buffer_limit_pubsub: String,
+    /// seconds>", like client-output-buffer-limit pubsub [default: "32mb 8mb 60"].
+    #[arg(long, value_name = "LIMITS")]
+    client_output_buffer_limit_pubsub: Option<Text>,
     /// Hard cap on the log when retention keeps older segments for the cached snapshot (default
     /// twice --log-size).
     #[arg(long, value_name = "SIZE")]
-    log_max_size: Option<String>,
-    /// Where fresh snapshots come from, in order: replicas, master.
-    #[arg(long, value_name = "LIST", default_value = "replicas,master", value_delimiter = ',')]
+    log_max_size: Option<Size>,
+    /// Where fresh snapshots come from, in order: replicas, master [default: replicas,master].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
     snapshot_sources: Vec<String>,
     /// Replica addresses (IP:PORT as announced) never asked for a snapshot; repeatable or comma-separated.
     #[arg(long, value_name = "IP:PORT", value_delimiter = ',')]
@@ -140,18 +139,18 @@ struct Cli {
     /// Password for AUTH to a replica asked for a snapshot (default: the upstream password; or set
     /// REDIS_RELAY_SNAPSHOT_SOURCE_PASSWORD).
     #[arg(long, value_name = "P", env = "REDIS_RELAY_SNAPSHOT_SOURCE_PASSWORD", hide_env_values = true)]
-    snapshot_source_password: Option<String>,
-    /// Least time between two snapshot fetches from the master (each one a fork there).
-    #[arg(long, value_name = "DURATION", default_value = "15m")]
-    snapshot_min_interval: String,
+    snapshot_source_password: Option<Text>,
+    /// Least time between two snapshot fetches from the master (each one a fork there) [default: 15m].
+    #[arg(long, value_name = "DURATION")]
+    snapshot_min_interval: Option<Duration>,
     /// Clients (replicas included) served at once; more get "-ERR max number of clients reached".
-    /// RLIMIT_NOFILE is raised to fit, or maxclients lowered (see INFO clients maxclients).
-    #[arg(long, value_name = "N", default_value_t = redis_relay::limits::DEFAULT_MAXCLIENTS)]
-    maxclients: u64,
+    /// RLIMIT_NOFILE is raised to fit, or maxclients lowered (see INFO clients maxclients) [default: 10000].
+    #[arg(long, value_name = "N")]
+    maxclients: Option<Text>,
     /// Close a client idle for this long (like redis.conf timeout; replicas and subscribers are
-    /// exempt); 0 is off.
-    #[arg(long, value_name = "DURATION", default_value = "0")]
-    timeout: String,
+    /// exempt); 0 is off [default: 0].
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<Duration>,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -159,144 +158,67 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Validate a YAML configuration file and exit.
+    /// Validate a YAML configuration file (with the flags given before the subcommand merged over
+    /// it) and exit.
     CheckConfig { file: PathBuf },
 }
 
-fn config_from_flags(cli: &Cli) -> anyhow::Result<Config> {
-    let (Some(upstream), Some(listen), Some(dir)) = (&cli.upstream, &cli.listen, &cli.dir) else {
-        bail!("give --config FILE, or --upstream HOST:PORT --listen HOST:PORT --dir PATH");
+/// The command line as a layer over the file. With a file, values that came from `REDIS_RELAY_*`
+/// environment variables are left out: they describe the single relay of a file-less start (a
+/// file takes `${VAR}` instead), so an image's environment does not override a mounted file.
+fn overrides(cli: Cli, matches: &ArgMatches, with_file: bool) -> config::Overrides {
+    let keep = |id: &str, value: Option<Text>| {
+        value.filter(|_| !(with_file && matches.value_source(id) == Some(ValueSource::EnvVariable)))
     };
-    let size = |flag: &str, text: &str| {
-        config::parse_size(text).with_context(|| format!("{flag}: expected a size such as 64mb, got {text:?}"))
+    let list = |items: Vec<String>| (!items.is_empty()).then_some(List(items));
+    let upstream = config::UpstreamSettings {
+        addr: keep("upstream", cli.upstream),
+        user: cli.upstream_user,
+        password: keep("upstream_password", cli.upstream_password),
+        tls: cli.upstream_tls,
+        tls_ca_cert_file: cli.upstream_tls_ca_cert_file,
+        tls_cert_file: cli.upstream_tls_cert_file,
+        tls_key_file: cli.upstream_tls_key_file,
+        tls_server_name: cli.upstream_tls_server_name,
     };
-    let retention = size("--log-size", &cli.log_size)?;
-    if retention < 16 * 1024 {
-        bail!("--log-size: the log must hold at least 16kb, got {:?}", cli.log_size);
-    }
-    let max_size = match &cli.log_max_size {
-        Some(text) => size("--log-max-size", text)?,
-        None => retention.saturating_mul(2),
-    };
-    if max_size < retention {
-        bail!("--log-max-size: must be at least --log-size, got {:?}", cli.log_max_size.as_deref().unwrap_or(""));
-    }
-    let log = LogOptions {
-        retention,
-        max_size,
-        memory: size("--log-memory", &cli.log_memory)?.min(retention),
-        segment_size: size("--log-segment-size", &cli.log_segment_size)?.max(64 * 1024),
-        max_age: cli
-            .log_max_age
-            .as_deref()
-            .map(|text| {
-                config::parse_duration(text)
-                    .with_context(|| format!("--log-max-age: expected a duration such as 24h, got {text:?}"))
-            })
-            .transpose()?,
-        fsync: FsyncPolicy::parse(&cli.appendfsync)
-            .with_context(|| format!("--appendfsync: expected always, everysec or no, got {:?}", cli.appendfsync))?,
-    };
-    if cli.maxclients == 0 {
-        bail!("--maxclients: must be at least 1");
-    }
-    let repl_timeout = config::parse_duration(&cli.repl_timeout)
-        .with_context(|| format!("--repl-timeout: expected a duration such as 60s, got {:?}", cli.repl_timeout))?;
-    let downstream_eof_form = match cli.repl_diskless_sync.as_str() {
-        "yes" => true,
-        "no" => false,
-        other => bail!("--repl-diskless-sync: expected yes or no, got {other:?}"),
-    };
-    let history_reset = HistoryResetPolicy::parse(&cli.history_reset)
-        .with_context(|| format!("--history-reset: expected hold or follow, got {:?}", cli.history_reset))?;
-    let history_reset_min_key_ratio = config::parse_ratio(&cli.history_reset_min_key_ratio).with_context(|| {
-        format!(
-            "--history-reset-min-key-ratio: expected a fraction from 0 to 1, got {:?}",
-            cli.history_reset_min_key_ratio
-        )
-    })?;
-    let replicaof = ReplicaofPolicy::parse(&cli.replicaof)
-        .with_context(|| format!("--replicaof: expected allow or deny, got {:?}", cli.replicaof))?;
-    let upstream_ack = AckMode::parse(&cli.upstream_ack)
-        .with_context(|| format!("--upstream-ack: expected fack or durable, got {:?}", cli.upstream_ack))?;
-    let pubsub_output_limit = OutputBufferLimit::parse(&cli.client_output_buffer_limit_pubsub).with_context(|| {
-        format!(
-            "--client-output-buffer-limit-pubsub: expected <hard> <soft> <soft seconds> such as \"32mb 8mb 60\", got {:?}",
-            cli.client_output_buffer_limit_pubsub
-        )
-    })?;
-    let sources =
-        config::parse_sources(&cli.snapshot_sources).map_err(|m| anyhow::anyhow!("--snapshot-sources: {m}"))?;
-    for addr in &cli.snapshot_source_exclude {
-        config::check_upstream("--snapshot-source-exclude", addr)?;
-    }
-    let snapshot = config::SnapshotSourcing {
-        sources,
-        exclude: cli.snapshot_source_exclude.clone(),
-        password: cli.snapshot_source_password.clone(),
-        master_min_interval: config::parse_duration(&cli.snapshot_min_interval).with_context(|| {
-            format!("--snapshot-min-interval: expected a duration such as 15m, got {:?}", cli.snapshot_min_interval)
-        })?,
-    };
-    let metrics = match &cli.metrics {
-        Some(addr) => Some(config::parse_listen("--metrics", addr)?),
-        None => None,
-    };
-    let metrics_auth = match &cli.metrics_auth {
-        Some(text) => Some(
-            redis_relay::metrics::http::MetricsAuth::parse(text)
-                .context("--metrics-auth: expected bearer:TOKEN or basic:USER:PASSWORD")?,
-        ),
-        None => None,
-    };
-    let config = Config {
-        metrics,
-        metrics_auth,
-        relays: vec![RelayConfig {
-            upstream_tls: config::upstream_tls(
-                "--upstream-tls-",
-                &config::UpstreamTlsFields {
-                    tls: cli.upstream_tls.clone(),
-                    ca_cert_file: cli.upstream_tls_ca_cert_file.clone(),
-                    cert_file: cli.upstream_tls_cert_file.clone(),
-                    key_file: cli.upstream_tls_key_file.clone(),
-                    server_name: cli.upstream_tls_server_name.clone(),
-                },
-            )?,
-            tls: config::downstream_tls(
-                "--tls-",
-                &config::DownstreamTlsFields {
-                    listen: cli.tls_listen.clone(),
-                    cert_file: cli.tls_cert_file.clone(),
-                    key_file: cli.tls_key_file.clone(),
-                    ca_cert_file: cli.tls_ca_cert_file.clone(),
-                    auth_clients: cli.tls_auth_clients.clone(),
-                },
-            )?,
-            name: "default".into(),
-            upstream: config::check_upstream("--upstream", upstream)?,
-            upstream_user: cli.upstream_user.clone(),
-            upstream_password: cli.upstream_password.clone(),
-            listen: config::parse_listen("--listen", listen)?,
-            dir: dir.clone(),
-            log,
-            repl_timeout,
-            downstream_eof_form,
-            requirepass: cli.requirepass.clone(),
-            history_reset,
-            history_reset_min_key_ratio,
-            replicaof,
-            upstream_ack,
+    config::Overrides {
+        metrics: config::MetricsSettings {
+            listen: keep("metrics", cli.metrics),
+            auth: keep("metrics_auth", cli.metrics_auth),
+        },
+        relay: config::RelaySettings {
+            name: None,
+            upstream: Some(upstream),
+            listen: keep("listen", cli.listen),
+            dir: keep("dir", cli.dir),
+            requirepass: keep("requirepass", cli.requirepass),
+            tls_listen: cli.tls_listen,
+            tls_cert_file: cli.tls_cert_file,
+            tls_key_file: cli.tls_key_file,
+            tls_ca_cert_file: cli.tls_ca_cert_file,
+            tls_auth_clients: cli.tls_auth_clients,
+            snapshot_source_password: keep("snapshot_source_password", cli.snapshot_source_password),
+            log_size: cli.log_size,
+            log_memory: cli.log_memory,
+            log_segment_size: cli.log_segment_size,
+            log_max_size: cli.log_max_size,
+            log_max_age: cli.log_max_age,
+            appendfsync: cli.appendfsync,
+            repl_timeout: cli.repl_timeout,
+            repl_diskless_sync: cli.repl_diskless_sync,
+            history_reset: cli.history_reset,
+            history_reset_min_key_ratio: cli.history_reset_min_key_ratio,
+            replicaof: cli.replicaof,
+            upstream_ack: cli.upstream_ack,
             ack_replicas: cli.ack_replicas,
-            pubsub_output_limit,
-            snapshot,
+            client_output_buffer_limit_pubsub: cli.client_output_buffer_limit_pubsub,
+            snapshot_sources: list(cli.snapshot_sources),
+            snapshot_source_exclude: list(cli.snapshot_source_exclude),
+            snapshot_min_interval: cli.snapshot_min_interval,
             maxclients: cli.maxclients,
-            timeout: config::parse_duration(&cli.timeout)
-                .with_context(|| format!("--timeout: expected a duration such as 300s, or 0, got {:?}", cli.timeout))?,
-        }],
-    };
-    config.validate()?;
-    Ok(config)
+            timeout: cli.timeout,
+        },
+    }
 }
 
 /// Raises RLIMIT_NOFILE for every relay's maxclients plus the reserves, as redis-server does at
@@ -394,17 +316,19 @@ impl Supervisor {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if let Some(Command::CheckConfig { file }) = &cli.command {
-        let config = Config::from_file(file)?;
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    let check = cli.command.as_ref().map(|Command::CheckConfig { file }| file.clone());
+    let file = check.clone().or_else(|| cli.config.clone());
+    let log_format = cli.log_format.clone();
+    let overrides = overrides(cli, &matches, file.is_some());
+    if let Some(file) = check {
+        let config = Config::load(Some(&file), &overrides)?;
         println!("{}: OK, {} relay(s)", file.display(), config.relays.len());
         return Ok(());
     }
-    init_tracing(&cli.log_format)?;
-    let mut config = match &cli.config {
-        Some(file) => Config::from_file(file)?,
-        None => config_from_flags(&cli)?,
-    };
+    init_tracing(&log_format)?;
+    let mut config = Config::load(file.as_deref(), &overrides)?;
     if let Some(addr) = config.metrics {
         redis_relay::metrics::install(addr, config.metrics_auth.clone())?;
         tracing::info!(%addr, "metrics endpoint listening on /metrics");
@@ -421,11 +345,11 @@ async fn main() -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
             _ = hangup.recv() => {
                 supervisor.reload_tls().await;
-                let Some(file) = &cli.config else {
+                let Some(file) = &file else {
                     tracing::info!("SIGHUP: certificates reloaded; no --config file to reload");
                     continue;
                 };
-                match Config::from_file(file) {
+                match Config::load(Some(file), &overrides) {
                     Ok(new_config) => {
                         if new_config.metrics != config.metrics || new_config.metrics_auth != config.metrics_auth {
                             tracing::warn!("metrics.listen or metrics.auth changed: it takes effect at the next restart");
