@@ -83,6 +83,8 @@ pub struct RelayContext {
     pub started_unix: u64,
     /// Connected clients and replicas against `maxclients`.
     pub client_slots: Arc<crate::limits::ClientSlots>,
+    /// Whether the listeners are bound (their tasks write it).
+    pub listeners: crate::downstream::ListenerStatus,
 }
 
 impl RelayContext {
@@ -101,8 +103,6 @@ impl RelayContext {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("relay {name}: cannot listen on {addr}: {source}")]
-    Listen { name: String, addr: std::net::SocketAddr, source: std::io::Error },
     #[error("relay {name}: {source}")]
     Snapshot { name: String, source: SnapshotError },
     #[error("relay {name}: replication log: {source}")]
@@ -159,17 +159,12 @@ pub async fn start(
     shutdown: watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
 ) -> Result<Arc<RelayContext>, RelayError> {
-    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| RelayError::Listen {
-        name: config.name.clone(),
-        addr: config.listen,
-        source,
-    })?;
+    // A port that cannot be bound now is reported and retried by its listener task (see
+    // `downstream::listen`): the rest of this relay, and the other relays, run meanwhile.
+    let listeners = crate::downstream::ListenerStatus::default();
+    let listener = first_bind(&config, config.listen, &listeners).await;
     let tls_listener = match &config.tls {
-        Some(tls) => Some(tokio::net::TcpListener::bind(tls.listen).await.map_err(|source| RelayError::Listen {
-            name: config.name.clone(),
-            addr: tls.listen,
-            source,
-        })?),
+        Some(tls) => first_bind(&config, tls.listen, &listeners).await,
         None => None,
     };
     let (upstream_tls, tls_acceptor) = load_tls(&config).await?;
@@ -255,6 +250,7 @@ pub async fn start(
         log_recovery: recovery,
         tls_acceptor: tls_acceptor.clone(),
         master_version,
+        listeners,
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -274,11 +270,29 @@ pub async fn start(
     tasks.spawn(link.run(shutdown.clone()));
     tasks.spawn(fetcher_task.run(shutdown.clone()));
     tasks.spawn(version_task);
-    if let (Some(listener), Some(acceptor)) = (tls_listener, tls_acceptor) {
-        tasks.spawn(downstream::serve(listener, Some(acceptor), context.clone(), shutdown.clone()));
+    if let (Some(tls), Some(acceptor)) = (&context.config.tls, tls_acceptor) {
+        tasks.spawn(downstream::listen(tls_listener, tls.listen, Some(acceptor), context.clone(), shutdown.clone()));
     }
-    tasks.spawn(downstream::serve(listener, None, context.clone(), shutdown));
+    let listen = context.config.listen;
+    tasks.spawn(downstream::listen(listener, listen, None, context.clone(), shutdown));
     Ok(context)
+}
+
+/// The first attempt to bind a listener; a failure is an ERROR here and counted, and the listener
+/// task tries again.
+async fn first_bind(
+    config: &RelayConfig,
+    addr: std::net::SocketAddr,
+    status: &crate::downstream::ListenerStatus,
+) -> Option<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            status.bind_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(relay = %config.name, %addr, "cannot listen: {error}; retrying every second");
+            None
+        }
+    }
 }
 
 /// Reads the relay's certificates (off the runtime's workers): the link to the master's TLS

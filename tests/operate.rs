@@ -296,3 +296,48 @@ fn deploy_files_parse_and_use_only_live_metrics() {
     });
     assert!(used.len() > 10, "the files use the relay's metrics: {used:?}");
 }
+
+#[test]
+fn a_relay_whose_port_is_taken_is_retried_while_the_others_run() {
+    let master_a = RedisServer::start(&[]);
+    let master_b = RedisServer::start(&[]);
+    let (port_a, port_b, metrics_port) = (free_port(), free_port(), free_port());
+    // Someone else holds relay a's port when the process starts.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port_a)).expect("hold port a");
+    let work = tempfile::tempdir().unwrap();
+    let relays = ConfiguredRelays::start(&config_yaml(
+        &work.path().join("data"),
+        Some(metrics_port),
+        &[relay_entry("a", &master_a, port_a), relay_entry("b", &master_b, port_b)],
+    ));
+    wait_relay_up(port_b);
+    let relay_a = [("relay", "a"), ("listener", "plain")];
+    wait_for(SYNC_TIMEOUT, "relay a reported unbound and failing to bind", || {
+        let text = scrape(metrics_port);
+        let up = metric_value(&text, "redis_relay_listener_up", &relay_a);
+        let errors = metric_value(&text, "redis_relay_listen_errors_total", &[("relay", "a")]);
+        let link = metric_value(&text, "redis_relay_upstream_link_up", &[("relay", "a")]);
+        // Relay a's link to its master runs although nobody can reach it yet.
+        match (up, errors, link) {
+            (Some(up), Some(errors), Some(link)) if up == 0.0 && errors >= 1.0 && link == 1.0 => Ok(()),
+            other => Err(format!("listener_up, listen_errors_total, upstream_link_up: {other:?}")),
+        }
+    });
+    let up_b = metric_value(&scrape(metrics_port), "redis_relay_listener_up", &[("relay", "b"), ("listener", "plain")]);
+    assert_eq!(up_b, Some(1.0), "relay b is bound");
+    assert_eq!(field(port_b, "relay", "listeners_unbound").as_deref(), Some("0"));
+
+    // The port comes free: relay a binds it on a retry, without a restart.
+    drop(squatter);
+    wait_relay_up(port_a);
+    assert_eq!(field(port_a, "relay", "listeners_unbound").as_deref(), Some("0"));
+    let errors: u64 = field(port_a, "relay", "listen_errors").and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(errors >= 1, "the failed attempts stay counted: {errors}");
+    wait_for(SYNC_TIMEOUT, "relay a's listener reported up", || {
+        match metric_value(&scrape(metrics_port), "redis_relay_listener_up", &relay_a) {
+            Some(1.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    drop(relays);
+}

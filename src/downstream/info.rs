@@ -305,6 +305,8 @@ fn relay(context: &RelayContext, out: &mut String) {
     let last_error = upstream.last_error.as_deref().unwrap_or("").replace(['\r', '\n'], " ");
     line(out, "upstream_last_error", &last_error);
     line(out, "tls_port", context.config.tls.as_ref().map(|t| t.listen.port()).unwrap_or(0));
+    line(out, "listeners_unbound", context.listeners.unbound(&context.config));
+    line(out, "listen_errors", context.listeners.bind_errors.load(std::sync::atomic::Ordering::Relaxed));
     line(out, "rdb_fetches", upstream.rdb_fetches);
     line(out, "rdb_rejected", upstream.rdb_rejected);
     line(out, "snapshot_offset", snapshot.as_ref().map(|s| s.offset as i64).unwrap_or(-1));

@@ -14,7 +14,7 @@ pub mod replica;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -184,6 +184,70 @@ pub struct ReplicaHandshake {
 
 /// redis-server's reply to a connection over `maxclients`, written before closing it.
 const MAX_CLIENTS_REACHED: &[u8] = b"-ERR max number of clients reached\r\n";
+
+/// Whether the relay's listeners are bound, and how often binding failed. The listener tasks write
+/// it; INFO (`relay_listeners_unbound`) and the metrics (`redis_relay_listener_up`,
+/// `redis_relay_listen_errors_total`) read it.
+#[derive(Debug, Default)]
+pub struct ListenerStatus {
+    pub plain_bound: AtomicBool,
+    pub tls_bound: AtomicBool,
+    pub bind_errors: AtomicU64,
+}
+
+impl ListenerStatus {
+    /// Listeners configured but not bound.
+    pub fn unbound(&self, config: &crate::config::RelayConfig) -> u64 {
+        let plain = u64::from(!self.plain_bound.load(Ordering::Relaxed));
+        let tls = u64::from(config.tls.is_some() && !self.tls_bound.load(Ordering::Relaxed));
+        plain + tls
+    }
+}
+
+/// How often a listener that cannot bind tries again.
+const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Binds `addr` (or takes `bound`, the first attempt's listener) and serves it. A port that cannot
+/// be bound (still held by a process going away, or taken by mistake) is reported and tried again
+/// every second until shutdown: the relay's other tasks, and the process's other relays, run
+/// meanwhile.
+pub async fn listen(
+    bound: Option<TcpListener>,
+    addr: SocketAddr,
+    tls: Option<Arc<TlsAcceptor>>,
+    context: Arc<RelayContext>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let kind = if tls.is_some() { "tls" } else { "plain" };
+    let flag = if tls.is_some() { &context.listeners.tls_bound } else { &context.listeners.plain_bound };
+    let mut failures = 0u64;
+    let mut throttle = crate::limits::LogThrottle::new(std::time::Duration::from_secs(30));
+    let listener = match bound {
+        Some(listener) => listener,
+        None => loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(error) => {
+                    failures += 1;
+                    context.listeners.bind_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = throttle.ready() {
+                        tracing::error!(%addr, listener = kind, failures, suppressed, "cannot listen: {error}; retrying every second");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(BIND_RETRY) => {}
+                        _ = crate::relay::stopped(&mut shutdown) => return,
+                    }
+                }
+            }
+        },
+    };
+    if failures > 0 {
+        tracing::info!(%addr, listener = kind, failures, "listening after failed attempts");
+    }
+    flag.store(true, Ordering::Relaxed);
+    serve(listener, tls, context.clone(), shutdown).await;
+    flag.store(false, Ordering::Relaxed);
+}
 
 /// Accepts connections until shutdown; with `tls`, each one starts with a TLS handshake. A
 /// connection beyond `maxclients` (or beyond what the process's descriptor budget leaves after the

@@ -10,6 +10,7 @@
 pub mod http;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -41,6 +42,8 @@ pub struct MetricsError {
 /// use these names; a test checks that a live scrape has them all.
 pub const METRICS: &[(&str, Kind, &str)] = &[
     ("redis_relay_upstream_link_up", Kind::Gauge, "1 when the replication link to the master is up"),
+    ("redis_relay_listener_up", Kind::Gauge, "1 when the listener (plain/tls) is bound, 0 while its bind is retried"),
+    ("redis_relay_listen_errors_total", Kind::Counter, "Failed attempts to bind a listen address"),
     ("redis_relay_upstream_offset_bytes", Kind::Gauge, "Master offset read so far (slave_read_repl_offset)"),
     ("redis_relay_offset_bytes", Kind::Gauge, "The relay's applied offset (master_repl_offset)"),
     ("redis_relay_upstream_lag_bytes", Kind::Gauge, "Bytes read from the master but not yet applied"),
@@ -159,6 +162,16 @@ fn sample(context: &RelayContext) {
     let log = context.log.summary();
     let up = upstream.state == LinkState::Connected;
     gauge!("redis_relay_upstream_link_up", &labels).set(f64::from(u8::from(up)));
+    let listeners = &context.listeners;
+    let mut kinds = vec![("plain", &listeners.plain_bound)];
+    if context.config.tls.is_some() {
+        kinds.push(("tls", &listeners.tls_bound));
+    }
+    for (kind, bound) in kinds {
+        let labels = [("relay", relay.clone()), ("listener", kind.to_string())];
+        gauge!("redis_relay_listener_up", &labels).set(f64::from(u8::from(bound.load(Ordering::Relaxed))));
+    }
+    counter!("redis_relay_listen_errors_total", &labels).absolute(listeners.bind_errors.load(Ordering::Relaxed));
     let read_offset = if up { upstream.read_offset.max(log.end) } else { log.end };
     gauge!("redis_relay_upstream_offset_bytes", &labels).set(read_offset as f64);
     gauge!("redis_relay_offset_bytes", &labels).set(log.end as f64);
