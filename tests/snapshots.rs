@@ -308,6 +308,8 @@ enum Fault {
     OtherReplid,
     /// Sends half of the RDB and closes.
     DiesMidTransfer,
+    /// Sends the whole RDB with one payload byte flipped: its CRC-64 no longer holds.
+    CorruptRdb,
 }
 
 /// A fake replica of the relay: follows it as an online replica that ACKs `ack` (more than any real
@@ -409,12 +411,19 @@ impl FakeSource {
                         .unwrap_or(offset as i64);
                     let mut reply = match fault {
                         Fault::OtherReplid => format!("+FULLRESYNC {} {now}\r\n", "e".repeat(40)).into_bytes(),
-                        Fault::DiesMidTransfer => format!("+FULLRESYNC {replid} {now}\r\n").into_bytes(),
+                        Fault::DiesMidTransfer | Fault::CorruptRdb => {
+                            format!("+FULLRESYNC {replid} {now}\r\n").into_bytes()
+                        }
                     };
                     reply.extend_from_slice(format!("${}\r\n", rdb.len()).as_bytes());
                     match fault {
                         Fault::OtherReplid => reply.extend_from_slice(&rdb),
                         Fault::DiesMidTransfer => reply.extend_from_slice(&rdb[..rdb.len() / 2]),
+                        Fault::CorruptRdb => {
+                            let mut damaged = rdb.clone();
+                            damaged[rdb.len() / 2] ^= 0x20;
+                            reply.extend_from_slice(&damaged);
+                        }
                     }
                     let _ = side.write_all(&reply);
                     drop(side);
@@ -442,22 +451,45 @@ impl Drop for FakeSource {
 fn misbehaving_replica_sources_are_refused_with_their_reason_and_the_next_is_used() {
     let master = start_master();
     load_dataset(&mut master.conn(), 40);
-    let relay = Relay::start(&master);
+    let metrics_port = common::free_port();
+    let relay = Relay::builder(master.port()).arg("--metrics").arg(format!("127.0.0.1:{metrics_port}")).start();
     wait_in_sync(&master, &relay, DEADLINE);
     let replica = start_replica(relay.port());
     wait_digest_equal(&master, &replica, "the replica");
+    // Asked in this order (highest ACK first), each failing its own way, the real replica last.
     let other_replid = FakeSource::start(relay.port(), Fault::OtherReplid, u64::MAX / 2);
     let dies = FakeSource::start(relay.port(), Fault::DiesMidTransfer, u64::MAX / 4);
-    wait_until(DEADLINE, "three online replicas", || relay.info("replication").matches("state=online").count() == 3);
+    let corrupt = FakeSource::start(relay.port(), Fault::CorruptRdb, u64::MAX / 8);
+    wait_until(DEADLINE, "four online replicas", || relay.info("replication").matches("state=online").count() == 4);
     write_stream(&master, 512 << 10, "later");
     wait_digest_equal(&master, &replica, "the replica");
     wait_acked(&relay, replica.port());
+    let snapshot_before = relay_i64(&relay, "snapshot_offset");
 
     let loaded = rdb_through_cli(&relay, "--rdb");
     assert_eq!(loaded.digest(), master.digest(), "served from the real replica after the fakes failed");
-    assert_eq!((other_replid.requests(), dies.requests()), (1, 1), "each fake was asked once, highest ACK first");
+    assert_eq!(
+        (other_replid.requests(), dies.requests(), corrupt.requests()),
+        (1, 1, 1),
+        "each fake was asked once, highest ACK first"
+    );
     assert_eq!(relay_i64(&relay, "snapshot_refusals_replid"), 1, "{:?}", relay.info("relay"));
     assert_eq!(relay_i64(&relay, "snapshot_refusals_transfer"), 1, "{:?}", relay.info("relay"));
+    assert_eq!(relay_i64(&relay, "snapshot_refusals_corrupt"), 1, "{:?}", relay.info("relay"));
+    assert_eq!(relay_i64(&relay, "snapshot_refusals"), 3, "{:?}", relay.info("relay"));
+    let refusals = |reason: &str| {
+        common::metric_value(
+            &common::scrape(metrics_port),
+            "redis_relay_snapshot_refusals_total",
+            &[("relay", "default"), ("reason", reason)],
+        )
+    };
+    wait_until(DEADLINE, "the refusal metric to count each reason", || {
+        refusals("replid") == Some(1.0) && refusals("transfer") == Some(1.0) && refusals("corrupt") == Some(1.0)
+    });
+    assert_eq!(refusals("offset"), Some(0.0));
+    assert_eq!(relay_i64(&relay, "snapshot_refreshes_replica"), 1, "only the real replica's snapshot installed");
+    assert!(relay_i64(&relay, "snapshot_offset") > snapshot_before);
     assert_eq!(relay.info_field("relay", "snapshot_source"), Some(format!("replica 127.0.0.1:{}", replica.port())));
     assert_eq!(stat_of(&master, "sync_full"), 1);
     let leftovers: Vec<_> = std::fs::read_dir(relay.dir())
@@ -467,4 +499,30 @@ fn misbehaving_replica_sources_are_refused_with_their_reason_and_the_next_is_use
         .map(|e| e.file_name())
         .collect();
     assert!(leftovers.is_empty(), "nothing from the refused transfers is left: {leftovers:?}");
+}
+
+/// A corrupt RDB from the only source: refused, and the cached snapshot stays as it was.
+#[test]
+fn a_corrupt_rdb_from_the_only_source_installs_nothing() {
+    let master = start_master();
+    load_dataset(&mut master.conn(), 20);
+    let relay = Relay::builder(master.port()).args(["--snapshot-sources", "replicas"]).start();
+    wait_in_sync(&master, &relay, DEADLINE);
+    let cached = std::fs::read(relay.snapshot_path()).expect("the cached snapshot");
+    let (offset, source) = (relay_i64(&relay, "snapshot_offset"), relay.info_field("relay", "snapshot_source"));
+    let digest_at_snapshot = master.digest();
+    let corrupt = FakeSource::start(relay.port(), Fault::CorruptRdb, u64::MAX / 8);
+    wait_until(DEADLINE, "the fake replica online", || relay.info("replication").contains("state=online"));
+    write_stream(&master, 256 << 10, "later");
+    wait_in_sync(&master, &relay, DEADLINE);
+
+    // No source gave a current snapshot: the cache is served, and says so.
+    let loaded = rdb_through_cli(&relay, "--rdb");
+    assert_eq!(corrupt.requests(), 1);
+    assert_eq!(relay_i64(&relay, "snapshot_refusals_corrupt"), 1, "{:?}", relay.info("relay"));
+    assert_eq!(relay_i64(&relay, "rdb_only_served_cached"), 1);
+    assert_eq!(relay_i64(&relay, "snapshot_offset"), offset, "the snapshot did not move");
+    assert_eq!(relay.info_field("relay", "snapshot_source"), source);
+    assert_eq!(std::fs::read(relay.snapshot_path()).expect("the cached snapshot"), cached, "the file is untouched");
+    assert_eq!(loaded.digest(), digest_at_snapshot, "the cached snapshot, as it was");
 }
