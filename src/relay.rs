@@ -17,7 +17,7 @@ use crate::downstream::pubsub::PubSub;
 use crate::downstream::{self, ReplicaTable};
 use crate::log::{DropKind, FsyncPolicy, Recovery, ReplicationLog};
 use crate::snapshot::{SnapshotError, SnapshotStore};
-use crate::tls::{TlsAcceptor, TlsConnector};
+use crate::tls::{TlsAcceptor, TlsConnector, UpstreamTls};
 use crate::upstream::fetch::{FetchRequests, FetcherStatus};
 use crate::upstream::version::MasterVersion;
 use crate::upstream::{UpstreamConfig, UpstreamLink, UpstreamStatus};
@@ -77,6 +77,9 @@ pub struct RelayContext {
     pub log_recovery: Recovery,
     /// The TLS listener's certificates, reloaded on SIGHUP (the link's are in `upstream_config`).
     pub tls_acceptor: Option<Arc<TlsAcceptor>>,
+    /// The same certificates as a client, for snapshot requests to replicas that came in through
+    /// the TLS listener; reloaded with them.
+    pub replica_tls: Option<Arc<TlsConnector>>,
     /// The master's version, read after each connect (`redis_version` in INFO and HELLO).
     pub master_version: watch::Receiver<Option<MasterVersion>>,
     /// When the relay started, as a Unix time (`LASTSAVE` before any snapshot).
@@ -96,6 +99,9 @@ impl RelayContext {
         }
         if let Some(acceptor) = &self.tls_acceptor {
             acceptor.reload()?;
+        }
+        if let Some(connector) = &self.replica_tls {
+            connector.reload()?;
         }
         Ok(())
     }
@@ -167,7 +173,7 @@ pub async fn start(
         Some(tls) => first_bind(&config, tls.listen, &listeners).await,
         None => None,
     };
-    let (upstream_tls, tls_acceptor) = load_tls(&config).await?;
+    let LoadedTls { upstream: upstream_tls, acceptor: tls_acceptor, replicas: replica_tls } = load_tls(&config).await?;
     // The log first: it locks the directory, so a second relay on it stops before touching anything.
     let (log, recovery) = ReplicationLog::open(&config.dir.join("log"), config.log)
         .map_err(|source| RelayError::Log { name: config.name.clone(), source })?;
@@ -221,7 +227,8 @@ pub async fn start(
         replicas: replicas.clone(),
     };
     let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone());
-    let (fetcher_task, fetcher, fetcher_status) = link.fetcher(config.snapshot.clone(), replicas.clone());
+    let (fetcher_task, fetcher, fetcher_status) =
+        link.fetcher(config.snapshot.clone(), replicas.clone(), replica_tls.clone());
     let (master_version_sender, master_version) = watch::channel(None);
     let version_task = crate::upstream::version::follow(
         upstream_config.clone(),
@@ -249,6 +256,7 @@ pub async fn start(
         fetcher_status,
         log_recovery: recovery,
         tls_acceptor: tls_acceptor.clone(),
+        replica_tls,
         master_version,
         listeners,
         started_unix: std::time::SystemTime::now()
@@ -295,14 +303,39 @@ async fn first_bind(
     }
 }
 
-/// Reads the relay's certificates (off the runtime's workers): the link to the master's TLS
-/// configuration, and the TLS listener's.
-async fn load_tls(config: &RelayConfig) -> Result<(Option<Arc<TlsConnector>>, Option<Arc<TlsAcceptor>>), RelayError> {
+/// The relay's TLS configurations, read from their files.
+struct LoadedTls {
+    /// The link to the master.
+    upstream: Option<Arc<TlsConnector>>,
+    /// The TLS listener.
+    acceptor: Option<Arc<TlsAcceptor>>,
+    /// Snapshot requests to replicas that came in through the TLS listener: its CA verifies them,
+    /// its certificate is the client one (redis-server too presents its own certificate as a
+    /// client). Without a listener CA there is nothing to verify them with.
+    replicas: Option<Arc<TlsConnector>>,
+}
+
+/// Reads the relay's certificates (off the runtime's workers).
+async fn load_tls(config: &RelayConfig) -> Result<LoadedTls, RelayError> {
     let (upstream, downstream) = (config.upstream_tls.clone(), config.tls.clone());
     let loaded = tokio::task::spawn_blocking(move || {
         let connector = upstream.as_ref().map(TlsConnector::new).transpose()?.map(Arc::new);
         let acceptor = downstream.as_ref().map(TlsAcceptor::new).transpose()?.map(Arc::new);
-        Ok::<_, crate::tls::TlsError>((connector, acceptor))
+        let replicas = downstream
+            .as_ref()
+            .and_then(|tls| {
+                let ca_cert_file = tls.ca_cert_file.clone()?;
+                Some(UpstreamTls {
+                    ca_cert_file,
+                    cert_file: Some(tls.cert_file.clone()),
+                    key_file: Some(tls.key_file.clone()),
+                    server_name: None,
+                })
+            })
+            .map(|settings| TlsConnector::new(&settings))
+            .transpose()?
+            .map(Arc::new);
+        Ok::<_, crate::tls::TlsError>(LoadedTls { upstream: connector, acceptor, replicas })
     })
     .await;
     let name = config.name.clone();

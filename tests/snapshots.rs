@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    load_dataset, parse_info_field, run_with_deadline, stat_of, value_of, wait_for, wait_in_sync, wait_until,
+    load_dataset, parse_info_field, run_with_deadline, stat_of, wait_for, wait_in_sync, wait_until, write_stream,
     InfoSource, RedisServer, Relay, SYNC_TIMEOUT,
 };
 
@@ -25,21 +25,6 @@ fn start_master() -> RedisServer {
 /// requests) at once.
 fn start_replica(upstream: u16) -> RedisServer {
     RedisServer::builder().replica_of(upstream).diskless_sync(true).start()
-}
-
-/// Writes about `bytes` of stream to the master in pipelined bursts of 8 KB values.
-fn write_stream(master: &RedisServer, bytes: usize, tag: &str) {
-    const VALUE: usize = 8 * 1024;
-    let mut con = master.conn();
-    let count = bytes / VALUE + 1;
-    for burst in 0..count.div_ceil(128) {
-        let mut pipe = redis::pipe();
-        for i in burst * 128..((burst + 1) * 128).min(count) {
-            pipe.cmd("SET").arg(format!("{tag}:{}", i % 300)).arg(value_of(i as u64, VALUE)).ignore();
-        }
-        pipe.cmd("INCR").arg(format!("{tag}:bursts")).ignore();
-        pipe.query::<()>(&mut con).expect("write burst");
-    }
 }
 
 /// Waits until `replica` has the master's replid, offset and `DEBUG DIGEST`.

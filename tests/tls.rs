@@ -274,3 +274,65 @@ fn renewed_listener_certificates_are_loaded_on_sighup() {
     assert!(!pong("ca.crt"), "the old certificate is no longer presented");
     assert!(relay.ping(), "the relay kept running");
 }
+
+/// A redis-server replica over TLS below the relay: `tls-replication yes`, so it announces its TLS
+/// port as its listening port.
+/// Returns it with its TLS port.
+fn tls_replica(certs: &Certs, relay_tls_port: u16) -> (RedisServer, u16) {
+    let tls_port = free_port();
+    let mut args = certs.server_args(tls_port);
+    args.extend(["--replicaof".into(), "127.0.0.1".into(), relay_tls_port.to_string()]);
+    (RedisServer::builder().args(args).start(), tls_port)
+}
+
+#[test]
+fn a_late_joiner_is_served_from_a_tls_replica_snapshot_without_a_master_fork() {
+    let certs = Certs::new();
+    let (master, master_tls_port) = tls_master(&certs);
+    load_dataset(&mut master.conn(), 20);
+    let tls_port = free_port();
+    let mut builder = Relay::builder(master_tls_port)
+        .args(["--log-size", "4mb", "--log-segment-size", "512kb", "--log-memory", "1mb"])
+        .args(["--upstream-tls", "yes", "--upstream-tls-ca-cert-file", &certs.file("ca.crt")])
+        .args(["--upstream-tls-cert-file", &certs.file("leaf.crt"), "--upstream-tls-key-file", &certs.file("leaf.key")])
+        .args(["--tls-listen", &format!("127.0.0.1:{tls_port}")])
+        .args(["--tls-cert-file", &certs.file("leaf.crt"), "--tls-key-file", &certs.file("leaf.key")]);
+    builder = builder.args(["--tls-ca-cert-file", &certs.file("ca.crt")]);
+    let relay = builder.start();
+    wait_in_sync(&master, &relay, SYNC_TIMEOUT);
+    let first_snapshot = relay.info_i64("relay", "snapshot_offset");
+    let (online, online_tls_port) = tls_replica(&certs, tls_port);
+    wait_in_sync(&master, &online, SYNC_TIMEOUT);
+    let announced = format!("127.0.0.1:{online_tls_port}");
+    let replication = relay.info("replication");
+    assert!(replication.contains(&format!("ip=127.0.0.1,port={online_tls_port},")), "{replication}");
+
+    // Three times log_size of stream: the relay refreshes its snapshot from the TLS replica before
+    // retention drops the stream after the first one.
+    write_stream(&master, 12 << 20, "tls");
+    wait_in_sync(&master, &relay, SYNC_TIMEOUT);
+    wait_in_sync(&master, &online, SYNC_TIMEOUT);
+    assert!(
+        relay.info_i64("replication", "repl_backlog_first_byte_offset") > first_snapshot + 1,
+        "12 MB of stream should have passed the first snapshot"
+    );
+    wait_until(SYNC_TIMEOUT, "a snapshot refreshed from the TLS replica", || {
+        relay.info_i64("relay", "snapshot_refreshes_replica") >= 1
+    });
+    assert_eq!(relay.info_field("relay", "snapshot_source"), Some(format!("replica {announced}")));
+    assert_eq!(
+        relay.info_i64("relay", "snapshot_refusals"),
+        0,
+        "{:?}",
+        relay.info_field("relay", "snapshot_last_refusal")
+    );
+    // The request came in on the replica's TLS port: redis-server counts it as a full sync it served.
+    assert!(stat_of(&online, "sync_full") >= 1, "the TLS replica served the snapshot");
+
+    let (late, _) = tls_replica(&certs, tls_port);
+    wait_in_sync(&master, &late, SYNC_TIMEOUT);
+    assert_eq!(late.digest(), master.digest(), "the late joiner has the master's data");
+    assert_eq!(stat_of(&master, "sync_full"), 1, "master sync_full: only the relay's first sync");
+    assert_eq!(stat_of(&master, "total_forks"), 1, "master forks: only the relay's first sync");
+    assert_eq!(relay.info_i64("relay", "snapshot_refreshes_master"), 0);
+}

@@ -76,6 +76,10 @@ pub struct ReplicaEntry {
     /// Whether the replica ACKed on this link yet: a replica still loading its RDB does not, and
     /// cannot serve a snapshot either.
     pub acked: bool,
+    /// Whether the replica came in through the TLS listener. A redis-server replica with
+    /// `tls-replication yes` then announces its TLS port as its listening port, so a snapshot
+    /// request to it must speak TLS too.
+    pub tls: bool,
 }
 
 /// The replicas attached to a relay. Each row is written only by its replica's task.

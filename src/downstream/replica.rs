@@ -104,6 +104,7 @@ pub async fn serve(
                 ack_offset: position,
                 ack_time: Instant::now(),
                 acked: false,
+                tls: session.conn.stream.is_tls(),
             });
             let result = stream(session, &row, summary.epoch, position, false, &mut shutdown).await;
             log_drop(session, result);
@@ -122,6 +123,7 @@ pub async fn serve(
         ack_offset: 0,
         ack_time: Instant::now(),
         acked: false,
+        tls: session.conn.stream.is_tls(),
     });
     let result = full_sync(session, &row, is_psync, &mut shutdown).await;
     log_drop(session, result);

@@ -12,6 +12,11 @@
 //!   the one of a replica waiting for a full sync, and for a while those that just failed;
 //! - `master`: at most once per `snapshot_min_interval`.
 //!
+//! A replica that came in through the TLS listener is asked over TLS: a redis-server replica with
+//! `tls-replication yes` announces its TLS port as its listening port. The relay verifies it
+//! against `tls-ca-cert-file` and presents its listener certificate as the client one, as
+//! redis-server presents its own certificate to its master.
+//!
 //! A replica's RDB is accepted only when its replid is the log's current one and its offset lies in
 //! the log (checked before the transfer and again before installing), and only after the CRC-64 holds
 //! (the store verifies). Every refusal is counted by reason.
@@ -36,6 +41,7 @@ use crate::downstream::{ReplicaState, ReplicaTable};
 use crate::log::{LogSummary, ReplicationLog};
 use crate::protocol::encode_command;
 use crate::snapshot::{SnapshotMeta, SnapshotStore};
+use crate::tls::TlsConnector;
 
 /// How long a replica that failed as a source is not asked again.
 const SOURCE_PENALTY: Duration = Duration::from_secs(30);
@@ -106,15 +112,23 @@ impl FetchRequests {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Source {
     Master,
-    Replica(String),
+    /// A replica's announced `ip:port`, and whether it is a TLS port.
+    Replica {
+        addr: String,
+        tls: bool,
+    },
 }
 
 impl Source {
     fn describe(&self) -> String {
         match self {
             Source::Master => "master".to_string(),
-            Source::Replica(addr) => format!("replica {addr}"),
+            Source::Replica { addr, .. } => format!("replica {addr}"),
         }
+    }
+
+    fn is_replica(&self) -> bool {
+        matches!(self, Source::Replica { .. })
     }
 }
 
@@ -146,6 +160,8 @@ pub struct RdbFetcher {
     requests: mpsc::Receiver<()>,
     fresh: Arc<Mutex<Vec<FreshReply>>>,
     penalties: HashMap<String, Instant>,
+    /// TLS to replicas that came in through the TLS listener (`None` without a listener CA).
+    replica_tls: Option<Arc<TlsConnector>>,
 }
 
 impl RdbFetcher {
@@ -156,6 +172,7 @@ impl RdbFetcher {
         snapshots: Arc<SnapshotStore>,
         replicas: Arc<ReplicaTable>,
         status: watch::Sender<UpstreamStatus>,
+        replica_tls: Option<Arc<TlsConnector>>,
     ) -> (RdbFetcher, FetchRequests, watch::Receiver<FetcherStatus>) {
         let (wake, requests) = mpsc::channel(1);
         let fresh = Arc::new(Mutex::new(Vec::new()));
@@ -171,6 +188,7 @@ impl RdbFetcher {
             requests,
             fresh: fresh.clone(),
             penalties: HashMap::new(),
+            replica_tls,
         };
         (fetcher, FetchRequests { wake, fresh }, published_rx)
     }
@@ -246,7 +264,9 @@ impl RdbFetcher {
         let mut failures = Vec::new();
         for kind in self.sourcing.sources.clone() {
             let candidates = match kind {
-                SnapshotSource::Replicas => self.replica_candidates().into_iter().map(Source::Replica).collect(),
+                SnapshotSource::Replicas => {
+                    self.replica_candidates().into_iter().map(|(addr, tls)| Source::Replica { addr, tls }).collect()
+                }
                 SnapshotSource::Master if purpose == Purpose::Proactive => Vec::new(),
                 // While a history reset is held the master's RDB is of the other history: asking for
                 // it would only make the master fork in a loop.
@@ -289,14 +309,14 @@ impl RdbFetcher {
                         );
                         self.published.send_modify(|s| match source {
                             Source::Master => s.refreshes_master += 1,
-                            Source::Replica(_) => s.refreshes_replica += 1,
+                            Source::Replica { .. } => s.refreshes_replica += 1,
                         });
                         return Ok(meta);
                     }
                     Err(refusal) => {
                         let line = format!("{}: {}: {}", source.describe(), refusal.reason, refusal.detail);
                         tracing::warn!("snapshot source refused: {line}");
-                        if let Source::Replica(addr) = &source {
+                        if let Source::Replica { addr, .. } = &source {
                             self.penalties.insert(addr.clone(), Instant::now() + SOURCE_PENALTY);
                         }
                         self.published.send_modify(|s| {
@@ -321,9 +341,9 @@ impl RdbFetcher {
         (!wait.is_zero()).then_some(wait)
     }
 
-    /// Online replicas that may be asked, best first: highest acknowledged offset, then the most
-    /// recent ACK.
-    fn replica_candidates(&mut self) -> Vec<String> {
+    /// Online replicas that may be asked (`ip:port` and whether it is a TLS port), best first:
+    /// highest acknowledged offset, then the most recent ACK.
+    fn replica_candidates(&mut self) -> Vec<(String, bool)> {
         let now = Instant::now();
         self.penalties.retain(|_, until| *until > now);
         let rows = self.replicas.snapshot();
@@ -332,14 +352,14 @@ impl RdbFetcher {
         let mut online: Vec<_> = rows
             .iter()
             .filter(|r| r.state == ReplicaState::Online && r.acked && r.port != 0)
-            .map(|r| (format!("{}:{}", r.ip, r.port), r.ack_offset, r.ack_time))
-            .filter(|(addr, _, _)| {
+            .map(|r| (format!("{}:{}", r.ip, r.port), r.ack_offset, r.ack_time, r.tls))
+            .filter(|(addr, _, _, _)| {
                 !self.sourcing.exclude.contains(addr) && !syncing.contains(addr) && !self.penalties.contains_key(addr)
             })
             .collect();
         online.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)));
-        let mut addrs: Vec<String> = online.into_iter().map(|(addr, _, _)| addr).collect();
-        addrs.dedup();
+        let mut addrs: Vec<(String, bool)> = online.into_iter().map(|(addr, _, _, tls)| (addr, tls)).collect();
+        addrs.dedup_by(|a, b| a.0 == b.0);
         addrs
     }
 
@@ -347,14 +367,26 @@ impl RdbFetcher {
         let refuse = |reason: &'static str, detail: String| Refusal { reason, detail };
         let (addr, user, password) = match source {
             Source::Master => (self.config.addr(), self.config.user.clone(), self.config.password.clone()),
-            Source::Replica(addr) => {
+            Source::Replica { addr, .. } => {
                 (addr.clone(), None, self.sourcing.password.clone().or_else(|| self.config.password.clone()))
             }
         };
-        // TLS as to the master for the master; replicas are asked on their plain listening port.
+        // TLS as to the master for the master; a replica over TLS when it came in that way (its
+        // announced port is then its TLS port).
         let tls = match source {
             Source::Master => self.config.tls.as_deref(),
-            Source::Replica(_) => None,
+            Source::Replica { tls: false, .. } => None,
+            Source::Replica { tls: true, .. } => match self.replica_tls.as_deref() {
+                Some(connector) => Some(connector),
+                None => {
+                    return Err(refuse(
+                        "unreachable",
+                        "the replica came in over TLS and announced its TLS port, but tls-ca-cert-file is not set \
+                         to verify it"
+                            .into(),
+                    ))
+                }
+            },
         };
         let mut conn = MasterConnection::connect(&addr, self.config.repl_timeout, tls)
             .await
@@ -374,7 +406,7 @@ impl RdbFetcher {
         let (Some(replid), Some(offset)) = (parts.next(), parts.next().and_then(|o| o.parse::<u64>().ok())) else {
             return Err(refuse("refused", format!("PSYNC answered {reply:?}")));
         };
-        if matches!(source, Source::Replica(_)) {
+        if source.is_replica() {
             self.check_acceptable(replid, offset, purpose)?;
         }
         if *source == Source::Master {
@@ -400,7 +432,7 @@ impl RdbFetcher {
             other => refuse("transfer", other.to_string()),
         })?;
         // The history may have moved while the RDB came: check again before installing.
-        if matches!(source, Source::Replica(_)) {
+        if source.is_replica() {
             self.check_acceptable(replid, offset, purpose)?;
         }
         let result = self.snapshots.commit(writer).await;

@@ -227,11 +227,13 @@ impl UpstreamLink {
     }
 
     /// The side-connection RDB fetcher that shares this link's master, log, snapshots and status,
-    /// and asks the replicas in `replicas` first as `sourcing` says.
+    /// and asks the replicas in `replicas` first as `sourcing` says (over TLS with `replica_tls` to
+    /// those that came in through the TLS listener).
     pub fn fetcher(
         &self,
         sourcing: crate::config::SnapshotSourcing,
         replicas: Arc<crate::downstream::ReplicaTable>,
+        replica_tls: Option<Arc<crate::tls::TlsConnector>>,
     ) -> (fetch::RdbFetcher, fetch::FetchRequests, watch::Receiver<fetch::FetcherStatus>) {
         fetch::RdbFetcher::new(
             self.config.clone(),
@@ -240,6 +242,7 @@ impl UpstreamLink {
             self.snapshots.clone(),
             replicas,
             self.status.clone(),
+            replica_tls,
         )
     }
 

@@ -1164,6 +1164,21 @@ pub fn value_of(seed: u64, len: usize) -> String {
         .collect()
 }
 
+/// Writes about `bytes` of stream to the master in pipelined bursts of 8 KB values.
+pub fn write_stream(master: &RedisServer, bytes: usize, tag: &str) {
+    const VALUE: usize = 8 * 1024;
+    let mut con = master.conn();
+    let count = bytes / VALUE + 1;
+    for burst in 0..count.div_ceil(128) {
+        let mut pipe = redis::pipe();
+        for i in burst * 128..((burst + 1) * 128).min(count) {
+            pipe.cmd("SET").arg(format!("{tag}:{}", i % 300)).arg(value_of(i as u64, VALUE)).ignore();
+        }
+        pipe.cmd("INCR").arg(format!("{tag}:bursts")).ignore();
+        pipe.query::<()>(&mut con).expect("write burst");
+    }
+}
+
 /// The databases [`load_dataset`] fills.
 pub const DATASET_DBS: [i64; 4] = [0, 1, 5, 15];
 
