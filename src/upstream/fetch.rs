@@ -47,8 +47,14 @@ use crate::tls::TlsConnector;
 const SOURCE_PENALTY: Duration = Duration::from_secs(30);
 /// Least time between two refresh rounds (a waiting replica asks every second).
 const MIN_ROUND_INTERVAL: Duration = Duration::from_secs(1);
-/// Least time between two proactive refresh rounds that found no source.
+/// Least time between two proactive refresh rounds whose sources all refused. A round that found
+/// no source to ask (as right after a restart, before the replicas ACK) is tried again at the next
+/// tick: the stream may pass the whole log in seconds.
 const PROACTIVE_RETRY: Duration = Duration::from_secs(10);
+/// How long an online replica that has not ACKed yet (it just connected or continued) counts as a
+/// source about to be available: meanwhile a full sync waits for it rather than forking the master.
+/// redis-server replicas ACK every second.
+const FIRST_ACK_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a source's snapshot was refused: the `reason` label of the refusal counter.
 pub const REFUSAL_REASONS: [&str; 7] = ["replid", "offset", "older", "transfer", "corrupt", "refused", "unreachable"];
@@ -240,8 +246,8 @@ impl RdbFetcher {
                 }
             }
             last_round = Some(Instant::now());
-            let result = self.round(purpose).await;
-            if purpose == Purpose::Proactive && result.is_err() {
+            let (result, asked_any) = self.round(purpose).await;
+            if purpose == Purpose::Proactive && result.is_err() && asked_any {
                 next_proactive = Instant::now() + PROACTIVE_RETRY;
             }
             self.update_pin();
@@ -259,9 +265,11 @@ impl RdbFetcher {
         self.log.pin(pin);
     }
 
-    /// Asks the sources in order until one gives a snapshot; returns it, or why none did.
-    async fn round(&mut self, purpose: Purpose) -> Result<SnapshotMeta, String> {
+    /// Asks the sources in order until one gives a snapshot; returns it, or why none did, and
+    /// whether any source was asked.
+    async fn round(&mut self, purpose: Purpose) -> (Result<SnapshotMeta, String>, bool) {
         let mut failures = Vec::new();
+        let mut asked_any = false;
         for kind in self.sourcing.sources.clone() {
             let candidates = match kind {
                 SnapshotSource::Replicas => {
@@ -271,6 +279,17 @@ impl RdbFetcher {
                 // While a history reset is held the master's RDB is of the other history: asking for
                 // it would only make the master fork in a loop.
                 SnapshotSource::Master if self.status.borrow().history_held.is_some() => Vec::new(),
+                // A replica that will be a source in a moment (connected, first ACK pending) is
+                // worth the wait of a waiting replica; a master fork is not. rdb-only clients are
+                // answered now (from the cache if need be).
+                SnapshotSource::Master
+                    if purpose == Purpose::Stale
+                        && self.sourcing.sources.contains(&SnapshotSource::Replicas)
+                        && self.replica_source_pending() =>
+                {
+                    failures.push("master: not asked while a replica source is about to ACK".to_string());
+                    Vec::new()
+                }
                 SnapshotSource::Master => match self.master_wait() {
                     Some(wait) => {
                         self.published.send_modify(|s| s.master_rate_limited += 1);
@@ -295,6 +314,7 @@ impl RdbFetcher {
                     "fetching a fresh RDB on a side connection"
                 );
                 let started = Instant::now();
+                asked_any = true;
                 self.published.send_modify(|s| s.fetching_from = Some(source.describe()));
                 let result = self.fetch_from(&source, purpose).await;
                 self.published.send_modify(|s| s.fetching_from = None);
@@ -311,7 +331,7 @@ impl RdbFetcher {
                             Source::Master => s.refreshes_master += 1,
                             Source::Replica { .. } => s.refreshes_replica += 1,
                         });
-                        return Ok(meta);
+                        return (Ok(meta), true);
                     }
                     Err(refusal) => {
                         let line = format!("{}: {}: {}", source.describe(), refusal.reason, refusal.detail);
@@ -331,7 +351,19 @@ impl RdbFetcher {
         if failures.is_empty() {
             failures.push("no snapshot source is available".into());
         }
-        Err(failures.join("; "))
+        (Err(failures.join("; ")), asked_any)
+    }
+
+    /// Whether an online replica that could be asked has not ACKed yet but connected less than
+    /// [`FIRST_ACK_GRACE`] ago.
+    fn replica_source_pending(&self) -> bool {
+        self.replicas.snapshot().iter().any(|r| {
+            r.state == ReplicaState::Online
+                && !r.acked
+                && r.port != 0
+                && r.ack_time.elapsed() < FIRST_ACK_GRACE
+                && !self.sourcing.exclude.contains(&format!("{}:{}", r.ip, r.port))
+        })
     }
 
     /// How long until the master may be asked again; `None` when it may be now.
