@@ -511,3 +511,159 @@ fn a_corrupt_rdb_from_the_only_source_installs_nothing() {
     assert_eq!(std::fs::read(relay.snapshot_path()).expect("the cached snapshot"), cached, "the file is untouched");
     assert_eq!(loaded.digest(), digest_at_snapshot, "the cached snapshot, as it was");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Chaos: the master forks once, whatever happens below it.
+// ---------------------------------------------------------------------------------------------
+
+/// Writes to the master as fast as it takes them until dropped: pipelines of 100 `SET`s of 256-byte
+/// values over 20,000 keys (a bounded dataset, an unbounded stream) and a counter.
+struct UnthrottledWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl UnthrottledWriter {
+    fn start(master: &RedisServer) -> UnthrottledWriter {
+        let mut con = master.conn();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut batches = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut pipe = redis::pipe();
+                for i in 0..100u64 {
+                    let n = batches * 100 + i;
+                    pipe.cmd("SET").arg(format!("chaos:{}", n % 20_000)).arg(common::value_of(n, 256)).ignore();
+                }
+                pipe.cmd("INCR").arg("chaos:batches").ignore();
+                pipe.query::<()>(&mut con).expect("writer batch");
+                batches += 1;
+            }
+            batches
+        });
+        UnthrottledWriter { stop, thread: Some(thread) }
+    }
+
+    /// Stops the writer; returns how many batches it wrote.
+    fn stop(&mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().expect("writer thread")).unwrap_or(0)
+    }
+}
+
+impl Drop for UnthrottledWriter {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What one chaos round does.
+#[derive(Clone, Copy, Debug)]
+enum Blow {
+    /// `CLIENT KILL TYPE replica` on the master: the relay's link.
+    UpstreamLinkKill,
+    /// SIGKILL the relay and start it again on its directory.
+    RelayKill,
+    /// SIGKILL one replica and start it again without its data.
+    ReplicaRestart,
+    /// `CLIENT KILL TYPE replica` on the relay: every replica's link.
+    ReplicaLinksKill,
+}
+
+const BLOWS: [Blow; 4] = [Blow::UpstreamLinkKill, Blow::RelayKill, Blow::ReplicaRestart, Blow::ReplicaLinksKill];
+
+/// Chaos rounds in the test (each one blow, in turn).
+const CHAOS_ROUNDS: usize = 40;
+/// The relay's `log_size` in the chaos test: small enough that the unthrottled stream passes it
+/// several times, so snapshots must be refreshed from the replicas while the blows fall.
+const CHAOS_LOG_MB: i64 = 16;
+
+#[test]
+fn chaos_under_an_unthrottled_writer_the_master_forks_once() {
+    let master = RedisServer::builder().diskless_sync(true).args(["--repl-backlog-size", "64mb"]).start();
+    load_dataset(&mut master.conn(), 40);
+    let mut relay = Relay::builder(master.port())
+        .args(["--log-size", &format!("{CHAOS_LOG_MB}mb"), "--log-segment-size", "2mb", "--log-memory", "8mb"])
+        .start();
+    wait_in_sync(&master, &relay, DEADLINE);
+    let mut replicas: Vec<RedisServer> = (0..3).map(|_| start_replica(relay.port())).collect();
+    for replica in &replicas {
+        wait_in_sync(&master, replica, DEADLINE);
+    }
+    let forks_at_start = stat_of(&master, "total_forks");
+    assert_eq!((stat_of(&master, "sync_full"), forks_at_start), (1, 1), "the relay's first sync");
+
+    let mut writer = UnthrottledWriter::start(&master);
+    let started = std::time::Instant::now();
+    let offset_at_start = common::offset_of(&master);
+    // Snapshots the relay took from its replicas, by offset (its counters restart with it).
+    let mut replica_snapshots = std::collections::BTreeSet::new();
+    for round in 0..CHAOS_ROUNDS {
+        let blow = BLOWS[round % BLOWS.len()];
+        match blow {
+            Blow::UpstreamLinkKill => assert_eq!(master.kill_replica_links(), 1, "round {round}: the relay's link"),
+            Blow::RelayKill => relay.restart(),
+            Blow::ReplicaRestart => {
+                let which = (round / BLOWS.len()) % replicas.len();
+                replicas[which].restart_empty()
+            }
+            Blow::ReplicaLinksKill => {
+                let _: i64 = relay.query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"));
+            }
+        }
+        // Recovered: the relay's link is up again and every replica has reached, over a live link,
+        // an offset the master had after the blow (the stream flows end to end).
+        let target = common::offset_of(&master);
+        wait_for(DEADLINE, &format!("round {round} ({blow:?}): the stream to flow to every replica"), || {
+            let relay_offset = relay.info_i64("replication", "master_repl_offset");
+            if relay.info_field("replication", "master_link_status").as_deref() != Some("up") || relay_offset < target {
+                return Err(format!("relay link down or offset {relay_offset} < {target}"));
+            }
+            for (i, replica) in replicas.iter().enumerate() {
+                let info = replica.info("replication");
+                let offset: i64 =
+                    parse_info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+                let link = parse_info_field(&info, "master_link_status").unwrap_or_default();
+                if link != "up" || offset < target {
+                    return Err(format!("replica {i}: link {link}, offset {offset} < {target}"));
+                }
+            }
+            Ok(())
+        });
+        if relay.info_field("relay", "snapshot_source").is_some_and(|s| s.starts_with("replica ")) {
+            replica_snapshots.insert(relay.info_i64("relay", "snapshot_offset"));
+        }
+        let (sync_full, forks) = (stat_of(&master, "sync_full"), stat_of(&master, "total_forks"));
+        assert_eq!(
+            (sync_full, forks),
+            (1, forks_at_start),
+            "round {round} ({blow:?}): master sync_full and total_forks beyond the first sync; relay: {:?}",
+            relay.info_field("relay", "snapshot_last_refusal")
+        );
+    }
+    let batches = writer.stop();
+    let elapsed = started.elapsed();
+    wait_in_sync(&master, &relay, DEADLINE);
+    for (i, replica) in replicas.iter().enumerate() {
+        wait_digest_equal(&master, replica, &format!("replica {i}"));
+    }
+    assert_eq!(stat_of(&master, "sync_full"), 1, "master sync_full: only the relay's first sync");
+    assert_eq!(stat_of(&master, "total_forks"), forks_at_start, "master forks: only the relay's first sync");
+    let stream_mb = (common::offset_of(&master) - offset_at_start) >> 20;
+    eprintln!(
+        "chaos: {CHAOS_ROUNDS} rounds in {:.1} s; {batches} writer batches, {stream_mb} MB of stream; master \
+         total_forks {}, sync_full {}, sync_partial_ok {}; snapshots taken from replicas (seen): {}; relay since \
+         its last start: full syncs served {}, partial refused {}",
+        elapsed.as_secs_f64(),
+        stat_of(&master, "total_forks"),
+        stat_of(&master, "sync_full"),
+        stat_of(&master, "sync_partial_ok"),
+        replica_snapshots.len(),
+        relay.info_i64("stats", "sync_full"),
+        relay.info_i64("stats", "sync_partial_err"),
+    );
+    // The stream passed the log several times: the snapshot had to be refreshed from the replicas.
+    assert!(stream_mb >= 3 * CHAOS_LOG_MB, "only {stream_mb} MB of stream for a {CHAOS_LOG_MB} MB log");
+    assert!(!replica_snapshots.is_empty(), "no snapshot was taken from a replica");
+}
