@@ -49,6 +49,9 @@ pub struct Defaults {
     pub snapshot_min_interval: std::time::Duration,
     pub maxclients: u64,
     pub timeout: std::time::Duration,
+    /// redis-server's is 0 (off); README "Security" says why the relay's is not.
+    pub maxmemory_clients: u64,
+    pub client_query_buffer_limit: u64,
     /// `tls_auth_clients`: redis-server's `tls-auth-clients yes`.
     pub tls_auth_clients: ClientAuth,
     /// The relay name when the flags describe the only relay.
@@ -72,9 +75,14 @@ pub const DEFAULTS: Defaults = Defaults {
     snapshot_min_interval: std::time::Duration::from_secs(15 * 60),
     maxclients: crate::limits::DEFAULT_MAXCLIENTS,
     timeout: std::time::Duration::ZERO,
+    maxmemory_clients: crate::downstream::memory::DEFAULT_MAXMEMORY_CLIENTS,
+    client_query_buffer_limit: crate::downstream::memory::DEFAULT_QUERY_BUFFER_LIMIT,
     tls_auth_clients: ClientAuth::Yes,
     name: "default",
 };
+
+/// redis-server refuses a `client-query-buffer-limit` under 1mb.
+pub const MIN_QUERY_BUFFER_LIMIT: u64 = 1 << 20;
 
 /// The smallest log the relay runs with, and the smallest segment file.
 const MIN_LOG_SIZE: u64 = 16 * 1024;
@@ -232,6 +240,11 @@ pub struct RelayConfig {
     pub maxclients: u64,
     /// Idle normal clients are closed after this (redis.conf `timeout`); zero is off.
     pub timeout: std::time::Duration,
+    /// Total memory of the clients' buffers (redis.conf `maxmemory-clients`); past it the biggest
+    /// clients are evicted. Zero is off.
+    pub maxmemory_clients: u64,
+    /// One client's query buffer plus MULTI queue (redis.conf `client-query-buffer-limit`).
+    pub client_query_buffer_limit: u64,
 }
 
 /// The `upstream` block of one layer. The flags spell these `--upstream` (the address),
@@ -284,6 +297,8 @@ pub struct RelaySettings {
     pub snapshot_min_interval: Option<Duration>,
     pub maxclients: Option<Text>,
     pub timeout: Option<Duration>,
+    pub maxmemory_clients: Option<Size>,
+    pub client_query_buffer_limit: Option<Size>,
 }
 
 /// The top-level `metrics` block (`--metrics`, `--metrics-auth`).
@@ -545,6 +560,20 @@ fn resolve_relay(layers: &Layers, data_dir: Option<&Sourced<String>>) -> Result<
         "expected a number of clients, at least 1",
     )?;
 
+    let maxmemory_clients =
+        size("maxmemory_clients", |s| s.maxmemory_clients.as_ref()).map_or(DEFAULTS.maxmemory_clients, |s| s.value.0);
+    let client_query_buffer_limit = match size("client_query_buffer_limit", |s| s.client_query_buffer_limit.as_ref()) {
+        None => DEFAULTS.client_query_buffer_limit,
+        Some(Sourced { value, field }) if value.0 < MIN_QUERY_BUFFER_LIMIT => {
+            return Err(field_error(
+                &field,
+                &value.to_string(),
+                "client_query_buffer_limit must be at least 1mb, as in redis-server",
+            ))
+        }
+        Some(s) => s.value.0,
+    };
+
     let mut snapshot = SnapshotSourcing::default();
     if let Some(Sourced { value, field }) = layers.pick("snapshot_sources", |s| s.snapshot_sources.as_ref()) {
         snapshot.sources = parse_sources(&value.0).map_err(|m| field_error(&field, &value.0.join(","), &m))?;
@@ -622,6 +651,8 @@ fn resolve_relay(layers: &Layers, data_dir: Option<&Sourced<String>>) -> Result<
         snapshot,
         maxclients,
         timeout: layers.pick("timeout", |s| s.timeout.as_ref()).map_or(DEFAULTS.timeout, |s| s.value.0),
+        maxmemory_clients,
+        client_query_buffer_limit,
     };
     Ok(Resolved { relay, name_field: name.field, listen_field, tls_listen_field, dir_field })
 }
@@ -982,6 +1013,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("ack_replicas"), "{err}");
+    }
+
+    #[test]
+    fn client_memory_limits_are_inherited_and_checked() {
+        let yaml = |own: &str| {
+            format!(
+                "data_dir: /d\ndefaults: {{maxmemory_clients: 0}}\nrelays:\n  - {{name: a, upstream: {{addr: 'h:1'}}, listen: '127.0.0.1:1'{own}}}\n"
+            )
+        };
+        let config = Config::from_yaml(&yaml("")).unwrap();
+        assert_eq!(config.relays[0].maxmemory_clients, 0);
+        assert_eq!(config.relays[0].client_query_buffer_limit, DEFAULTS.client_query_buffer_limit);
+        let config = Config::from_yaml(&yaml(", maxmemory_clients: 128mb, client_query_buffer_limit: 16mb")).unwrap();
+        assert_eq!(
+            (config.relays[0].maxmemory_clients, config.relays[0].client_query_buffer_limit),
+            (128 << 20, 16 << 20)
+        );
+        let err = Config::from_yaml(&yaml(", client_query_buffer_limit: 1kb")).unwrap_err().to_string();
+        assert!(err.contains("relays[0].client_query_buffer_limit") && err.contains("1kb"), "{err}");
+        let err = Config::from_yaml(&yaml(", maxmemory_clients: lots")).unwrap_err().to_string();
+        assert!(err.contains("maxmemory_clients") && err.contains("lots"), "{err}");
+        let defaults = Config::from_yaml(&yaml("").replace("{maxmemory_clients: 0}", "{}")).unwrap();
+        assert_eq!(defaults.relays[0].maxmemory_clients, 64 << 20);
     }
 
     #[test]

@@ -151,6 +151,14 @@ struct Cli {
     /// exempt); 0 is off [default: 0].
     #[arg(long, value_name = "DURATION")]
     timeout: Option<Duration>,
+    /// Total memory of the clients' query and output buffers (redis.conf maxmemory-clients; the
+    /// MULTI queues included); past it the biggest clients are evicted. 0 is off [default: 64mb].
+    #[arg(long, value_name = "SIZE")]
+    maxmemory_clients: Option<Size>,
+    /// One client's query buffer plus MULTI queue (redis.conf client-query-buffer-limit); a client
+    /// past it is closed; at least 1mb [default: 1gb].
+    #[arg(long, value_name = "SIZE")]
+    client_query_buffer_limit: Option<Size>,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -217,6 +225,8 @@ fn overrides(cli: Cli, matches: &ArgMatches, with_file: bool) -> config::Overrid
             snapshot_min_interval: cli.snapshot_min_interval,
             maxclients: cli.maxclients,
             timeout: cli.timeout,
+            maxmemory_clients: cli.maxmemory_clients,
+            client_query_buffer_limit: cli.client_query_buffer_limit,
         },
     }
 }
@@ -316,6 +326,7 @@ impl Supervisor {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    redis_relay::limits::return_large_buffers_to_the_system();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
     let check = cli.command.as_ref().map(|Command::CheckConfig { file }| file.clone());

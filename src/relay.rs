@@ -88,6 +88,8 @@ pub struct RelayContext {
     pub client_slots: Arc<crate::limits::ClientSlots>,
     /// Whether the listeners are bound (their tasks write it).
     pub listeners: crate::downstream::ListenerStatus,
+    /// The clients' buffers against `maxmemory-clients` and `client-query-buffer-limit`.
+    pub client_memory: Arc<crate::downstream::memory::ClientMemoryBudget>,
 }
 
 impl RelayContext {
@@ -209,6 +211,9 @@ pub async fn start(
             .map_err(|source| RelayError::Snapshot { name: config.name.clone(), source })?,
     );
     let config_maxclients = config.maxclients;
+    let (config_maxmemory_clients, config_query_buffer_limit) =
+        (config.maxmemory_clients, config.client_query_buffer_limit);
+    let clients = Arc::new(ClientTable::default());
     let (upstream_target, target) = watch::channel(config.upstream.clone());
     let (history_accept, accepted) = watch::channel(None);
     let replicas = Arc::new(ReplicaTable::default());
@@ -249,7 +254,12 @@ pub async fn start(
         started: Instant::now(),
         stats: ServedStats::default(),
         replicas,
-        clients: Arc::new(ClientTable::default()),
+        clients: clients.clone(),
+        client_memory: crate::downstream::memory::ClientMemoryBudget::new(
+            config_maxmemory_clients,
+            config_query_buffer_limit,
+            clients,
+        ),
         pubsub,
         client_slots: crate::limits::ClientSlots::new(config_maxclients),
         fetcher,

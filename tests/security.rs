@@ -480,3 +480,144 @@ fn idle_clients_are_closed_after_timeout() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// What one flooding client does after it authenticated.
+#[derive(Clone, Copy, Debug)]
+enum Flood {
+    /// `SET k <512 MB bulk>`, streamed in 1 MiB chunks.
+    HugeBulk,
+    /// `MULTI`, then `SET k <64 KiB>` queued again and again.
+    MultiQueue,
+}
+
+/// Authenticates (when `password` is given), then floods with `flood` until the relay closes the
+/// connection or `cap` bytes are sent; returns the bytes sent.
+fn flood_until_closed(port: u16, password: Option<&str>, flood: Flood, cap: usize) -> usize {
+    let mut client = RawClient::connect(port);
+    if let Some(password) = password {
+        client.send(&command(&[b"AUTH", password.as_bytes()])).unwrap();
+        assert_eq!(client.line().as_deref(), Some("+OK"));
+    }
+    let (opening, chunk) = match flood {
+        Flood::HugeBulk => (b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$536870912\r\n".to_vec(), vec![b'a'; 1 << 20]),
+        Flood::MultiQueue => (command(&[b"MULTI"]), command(&[b"SET", b"k", &[b'v'; 64 * 1024]])),
+    };
+    // The replies (+OK, +QUEUED, ...) are read by a thread, so the relay never waits on us.
+    let mut reader = client.reader.get_ref().try_clone().unwrap();
+    let drain = std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let mut sent = 0usize;
+    if client.send(&opening).is_ok() {
+        while sent < cap && client.send(&chunk).is_ok() {
+            sent += chunk.len();
+        }
+    }
+    let _ = client.reader.get_ref().shutdown(Shutdown::Both);
+    let _ = drain.join();
+    sent
+}
+
+/// An authenticated client is bounded by `client-query-buffer-limit` (here 16mb, default 1gb):
+/// its query buffer and its MULTI queue together. A 64 MiB bulk and a 64 MiB MULTI queue are each
+/// cut off near 16 MiB, counted in INFO `client_query_buffer_limit_disconnections`, and the
+/// relay's peak RSS grows by less than 48 MiB (with maxmemory-clients off, so only the per-client
+/// limit acts). A bulk announced over `proto-max-bulk-len` (512mb) is refused on its header.
+#[test]
+fn query_buffer_and_multi_queue_are_bounded_after_auth() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::builder(master.port())
+        .requirepass(PASSWORD)
+        .arg("--client-query-buffer-limit")
+        .arg("16mb")
+        .arg("--maxmemory-clients")
+        .arg("0")
+        .start();
+    wait_link_up(&relay, SYNC_TIMEOUT);
+    let pid = relay.pid().unwrap();
+    let (peak_before, _) = memory_kib(pid);
+    for flood in [Flood::HugeBulk, Flood::MultiQueue] {
+        let sent = flood_until_closed(relay.port(), Some(PASSWORD), flood, 64 << 20);
+        eprintln!("{flood:?}: closed after {} KiB sent", sent / 1024);
+        assert!(sent < 32 << 20, "{flood:?}: {sent} bytes sent before the relay closed the client");
+    }
+    let (peak_after, _) = memory_kib(pid);
+    let growth = peak_after.saturating_sub(peak_before);
+    eprintln!("query-buffer floods: VmHWM {peak_before} -> {peak_after} KiB (growth {growth} KiB)");
+    assert!(growth < 48 * 1024, "peak RSS grew by {growth} KiB");
+    let stats = relay.info("stats");
+    assert_eq!(parse_info_field(&stats, "client_query_buffer_limit_disconnections").as_deref(), Some("2"));
+    assert_eq!(parse_info_field(&stats, "evicted_clients").as_deref(), Some("0"));
+    // Over proto-max-bulk-len: refused at once, the connection closed.
+    let mut client = RawClient::connect(relay.port());
+    client.send(&command(&[b"AUTH", PASSWORD.as_bytes()])).unwrap();
+    assert_eq!(client.line().as_deref(), Some("+OK"));
+    client.send(b"*2\r\n$4\r\nECHO\r\n$536870913\r\n").unwrap();
+    assert!(client.line().is_some_and(|l| l.starts_with("-ERR Protocol error")));
+    assert!(client.closed_by_peer());
+    let config: Vec<String> = relay.query(redis::cmd("CONFIG").arg("GET").arg("client-query-buffer-limit"));
+    assert_eq!(config, ["client-query-buffer-limit", &(16u64 << 20).to_string()]);
+}
+
+/// Bound on the relay's peak RSS growth while 8 clients flood it under the default
+/// maxmemory-clients (64 MiB): the cap, plus what evicted clients hold until their task ends.
+const CLIENT_FLOOD_RSS_GROWTH_KIB: u64 = 160 * 1024;
+
+/// The default `maxmemory-clients` (64mb) bounds all clients together: 8 authenticated clients,
+/// 4 streaming 512 MB bulks and 4 queueing 64 KiB SETs after MULTI, each up to 256 MiB. The relay
+/// evicts the biggest as the total crosses 64 MiB: every flooder is closed (INFO `evicted_clients`
+/// 8), its peak RSS grows by less than 160 MiB (the probe in issue 11 reached 1.87 GB with one
+/// MULTI), a replica attached all along is exempt and stays in sync, and INFO reports the buffers.
+#[test]
+fn maxmemory_clients_evicts_the_biggest_clients() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::builder(master.port()).requirepass(PASSWORD).start();
+    wait_link_up(&relay, SYNC_TIMEOUT);
+    let replica = RedisServer::builder().arg("--masterauth").arg(PASSWORD).replica_of(relay.port()).start();
+    wait_in_sync(&relay, &replica, SYNC_TIMEOUT);
+    let config: Vec<String> = relay.query(redis::cmd("CONFIG").arg("GET").arg("maxmemory-clients"));
+    assert_eq!(config, ["maxmemory-clients", &(64u64 << 20).to_string()]);
+    let pid = relay.pid().unwrap();
+    let (peak_before, _) = memory_kib(pid);
+    let flooders: Vec<_> = (0..8)
+        .map(|i| {
+            let port = relay.port();
+            let flood = if i % 2 == 0 { Flood::HugeBulk } else { Flood::MultiQueue };
+            std::thread::spawn(move || (flood, flood_until_closed(port, Some(PASSWORD), flood, 256 << 20)))
+        })
+        .collect();
+    let mut con = master.conn();
+    for i in 0..500 {
+        redis::cmd("SET").arg(format!("key:{i}")).arg(value_of(i, 1024)).query::<()>(&mut con).unwrap();
+    }
+    for flooder in flooders {
+        let (flood, sent) = flooder.join().unwrap();
+        eprintln!("{flood:?}: evicted after {} KiB sent", sent / 1024);
+        assert!(sent < 256 << 20, "{flood:?}: never evicted");
+    }
+    let (peak_after, _) = memory_kib(pid);
+    let growth = peak_after.saturating_sub(peak_before);
+    eprintln!("8 flooders: VmHWM {peak_before} -> {peak_after} KiB (growth {growth} KiB)");
+    assert!(growth < CLIENT_FLOOD_RSS_GROWTH_KIB, "peak RSS grew by {growth} KiB");
+    let stats = relay.info("stats");
+    assert_eq!(parse_info_field(&stats, "evicted_clients").as_deref(), Some("8"));
+    assert_eq!(parse_info_field(&stats, "client_query_buffer_limit_disconnections").as_deref(), Some("0"));
+    let recent_input: u64 = relay.info_field("clients", "client_recent_max_input_buffer").unwrap().parse().unwrap();
+    assert!(recent_input >= 32 << 20, "client_recent_max_input_buffer {recent_input}");
+    wait_until(SYNC_TIMEOUT, "the flooders' memory is freed", || {
+        relay
+            .info_field("memory", "mem_clients_normal")
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|v| v < 1 << 20)
+    });
+    wait_until(SYNC_TIMEOUT, "the replica is in sync", || {
+        master.info_field("replication", "master_repl_offset") == replica.info_field("replication", "slave_repl_offset")
+    });
+    assert_eq!(master.digest(), replica.digest());
+    assert_eq!(stat_of(&relay, "sync_full"), 1, "the replica was never dropped");
+    // The buffers go back to the system (the probe saw 2.2 GB retained after a burst).
+    let mut rss_after = 0;
+    wait_until(SYNC_TIMEOUT, "RSS comes back near where it was", || {
+        rss_after = memory_kib(pid).1;
+        rss_after < peak_before + 16 * 1024
+    });
+    eprintln!("after the flood: VmRSS {rss_after} KiB");
+}

@@ -170,6 +170,11 @@ impl ClientTable {
         self.rows().values().filter(|r| r.kind != ClientType::Replica).count()
     }
 
+    /// Whether `maxmemory-clients` must spare this session: replicas and `CLIENT NO-EVICT on`.
+    pub(crate) fn eviction_exempt(&self, id: u64) -> bool {
+        self.rows().get(&id).is_none_or(|row| row.kind == ClientType::Replica || row.no_evict)
+    }
+
     /// Signals every matching session to end; returns how many.
     pub fn kill(&self, filter: &KillFilter) -> usize {
         let rows = self.rows();

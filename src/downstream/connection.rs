@@ -4,11 +4,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use std::io::IoSlice;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::memory::{ClientMemory, DEFAULT_QUERY_BUFFER_LIMIT};
 use crate::protocol::{parse_command_within, ClientCommand, CommandLimits, ProtocolError, Reply};
 use crate::tls::Stream;
 
-/// Redis's default `client-query-buffer-limit`: one client cannot make the process buffer more.
-const MAX_QUERY_BUFFER: usize = 1 << 30;
+/// An empty query buffer or a written output buffer larger than this is given back (a burst must
+/// not keep its peak allocated, as redis-server's `clientsCronResizeQueryBuffer`).
+const SHRINK_ABOVE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -18,6 +20,9 @@ pub enum ClientError {
     Protocol(#[from] ProtocolError),
     #[error("connection closed")]
     Closed,
+    /// redis-server closes such a client without a reply.
+    #[error("query buffer of {len} bytes (MULTI queue included) over client-query-buffer-limit {limit}")]
+    QueryBufferLimit { len: usize, limit: usize },
 }
 
 pub struct ClientConnection {
@@ -25,27 +30,68 @@ pub struct ClientConnection {
     /// Bytes read and not yet parsed into commands.
     pub buf: BytesMut,
     out: BytesMut,
+    /// This client's account in the relay's `maxmemory-clients` budget.
+    memory: Option<ClientMemory>,
+    /// Bytes of commands queued since `MULTI`: they count as query input.
+    pub queued_input: usize,
+    query_buffer_limit: usize,
 }
 
 impl ClientConnection {
     pub fn new(stream: Stream) -> ClientConnection {
-        ClientConnection { stream, buf: BytesMut::with_capacity(1024), out: BytesMut::new() }
+        ClientConnection {
+            stream,
+            buf: BytesMut::with_capacity(1024),
+            out: BytesMut::new(),
+            memory: None,
+            queued_input: 0,
+            query_buffer_limit: DEFAULT_QUERY_BUFFER_LIMIT as usize,
+        }
     }
 
-    /// Returns the next command within `limits`, reading as needed. Cancel-safe.
+    /// Accounts this connection's buffers in `memory`, whose budget also sets the query-buffer limit.
+    pub fn with_memory(mut self, memory: ClientMemory) -> ClientConnection {
+        self.query_buffer_limit = usize::try_from(memory.budget().query_buffer_limit).unwrap_or(usize::MAX);
+        self.memory = Some(memory);
+        self
+    }
+
+    /// A replica's buffers are not client memory (they are exempt from `maxmemory-clients`).
+    pub fn set_memory_exempt(&mut self, exempt: bool) {
+        if let Some(memory) = self.memory.as_mut() {
+            memory.set_exempt(exempt);
+        }
+        self.report_memory();
+    }
+
+    /// Tells the budget what this connection holds now: query buffer and MULTI queue as input,
+    /// unwritten replies as output.
+    pub fn report_memory(&mut self) {
+        if let Some(memory) = self.memory.as_mut() {
+            memory.report(self.buf.capacity() + self.queued_input, self.out.capacity());
+        }
+    }
+
+    /// Returns the next command within `limits`, reading as needed. Cancel-safe. The query buffer
+    /// and the MULTI queue together stay within `client-query-buffer-limit`.
     pub async fn next_command(&mut self, limits: CommandLimits) -> Result<ClientCommand, ClientError> {
         loop {
             if let Some(command) = parse_command_within(&mut self.buf, limits)? {
                 return Ok(command);
             }
-            if self.buf.len() > MAX_QUERY_BUFFER {
-                return Err(ClientError::Protocol(ProtocolError::TooLong {
-                    what: "query buffer",
-                    len: self.buf.len(),
-                    limit: MAX_QUERY_BUFFER,
-                }));
+            let held = self.buf.len() + self.queued_input;
+            if held > self.query_buffer_limit {
+                if let Some(memory) = &self.memory {
+                    memory.budget().count_query_buffer_disconnection();
+                }
+                return Err(ClientError::QueryBufferLimit { len: held, limit: self.query_buffer_limit });
             }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
+            if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
+                self.buf = BytesMut::with_capacity(1024);
+            }
+            let read = self.stream.read_buf(&mut self.buf).await?;
+            self.report_memory();
+            if read == 0 {
                 return Err(ClientError::Closed);
             }
         }
@@ -71,10 +117,17 @@ impl ClientConnection {
 
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         if !self.out.is_empty() {
+            // A client that does not read is evicted at maxmemory-clients while this write waits.
+            self.report_memory();
             self.stream.write_all(&self.out).await?;
             // Hands TLS records to the socket; nothing to do on plain TCP.
             self.stream.flush().await?;
-            self.out.clear();
+            if self.out.capacity() > SHRINK_ABOVE {
+                self.out = BytesMut::new();
+            } else {
+                self.out.clear();
+            }
+            self.report_memory();
         }
         Ok(())
     }

@@ -84,6 +84,9 @@ fn clients(context: &RelayContext, out: &mut String) {
     line(out, "cluster_connections", 0);
     // In force after the descriptor limit was applied (lower than configured if it could not be raised).
     line(out, "maxclients", context.client_slots.effective_max());
+    let (max_input, max_output) = context.client_memory.recent_max();
+    line(out, "client_recent_max_input_buffer", max_input);
+    line(out, "client_recent_max_output_buffer", max_output);
     // The relay has no blocking commands, no client tracking and no command timeouts.
     line(out, "blocked_clients", 0);
     line(out, "tracking_clients", 0);
@@ -103,6 +106,9 @@ fn memory(context: &RelayContext, out: &mut String) {
     line(out, "used_memory_peak_human", bytes_to_human(process.peak_rss));
     // The log's in-memory tail, the relay's replication backlog in memory.
     line(out, "mem_replication_backlog", context.log.summary().memory_bytes);
+    // The buffers `maxmemory-clients` bounds (normal and pub/sub clients; replicas are exempt).
+    line(out, "mem_clients_normal", context.client_memory.total());
+    line(out, "maxmemory_clients", context.client_memory.limit());
     line(out, "maxmemory", 0);
     line(out, "maxmemory_human", "0B");
     line(out, "maxmemory_policy", "noeviction");
@@ -278,6 +284,7 @@ fn stats(context: &RelayContext, out: &mut String) {
     line(out, "total_connections_received", ServedStats::get(&s.connections));
     line(out, "total_commands_processed", ServedStats::get(&s.commands));
     line(out, "rejected_connections", ServedStats::get(&s.rejected_connections));
+    line(out, "evicted_clients", context.client_memory.evicted());
     line(out, "sync_full", ServedStats::get(&s.sync_full));
     line(out, "sync_partial_ok", ServedStats::get(&s.sync_partial_ok));
     line(out, "sync_partial_err", ServedStats::get(&s.sync_partial_err));
@@ -287,6 +294,7 @@ fn stats(context: &RelayContext, out: &mut String) {
     line(out, "pubsub_channels", channels);
     line(out, "pubsub_patterns", patterns);
     // Redis 7.2's name for clients dropped at client-output-buffer-limit (here: pub/sub clients).
+    line(out, "client_query_buffer_limit_disconnections", context.client_memory.query_buffer_disconnections());
     line(out, "client_output_buffer_limit_disconnections", context.pubsub.limit_disconnections());
 }
 

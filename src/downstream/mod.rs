@@ -9,6 +9,7 @@ pub mod clients;
 mod commands;
 mod connection;
 pub mod info;
+pub mod memory;
 pub mod pubsub;
 pub mod replica;
 
@@ -302,8 +303,9 @@ pub async fn serve(
                         };
                         let authenticated = context.config.requirepass.is_none();
                         let (client, mut killed) = context.clients.register(peer, laddr, fd);
+                        let memory = context.client_memory.register(client.id(), client.killer());
                         let mut session = Session {
-                            conn: ClientConnection::new(stream),
+                            conn: ClientConnection::new(stream).with_memory(memory),
                             peer,
                             context,
                             handshake: ReplicaHandshake::default(),
@@ -467,15 +469,20 @@ impl Session {
                 Next::BecomeReplica => {
                     self.flush().await?;
                     self.client.set_type(ClientType::Replica);
+                    self.conn.set_memory_exempt(true);
                     match replica::serve(self, &command, shutdown.clone()).await {
                         Ok(replica::Outcome::Refused) => {
                             self.client.set_type(ClientType::Normal);
+                            self.conn.set_memory_exempt(false);
                             continue;
                         }
                         Ok(replica::Outcome::Done) => return Ok(()),
                         Err(error) => return Err(error),
                     }
                 }
+            }
+            if self.transaction.is_none() {
+                self.conn.queued_input = 0;
             }
             if self.close_after_reply {
                 return self.flush().await;
@@ -722,7 +729,12 @@ impl Session {
                 Next::Reply(Reply::Array(replies))
             }
             (_, true) if !command.args.is_empty() => {
+                // Copied out of the read buffer, so a queued command pins only its own bytes (and
+                // the accounting below is what it holds).
+                let command = ClientCommand { args: command.args.iter().map(|a| Bytes::copy_from_slice(a)).collect() };
                 if let Some(queue) = self.transaction.as_mut() {
+                    // The queue counts against client-query-buffer-limit and maxmemory-clients.
+                    self.conn.queued_input += queued_size(&command);
                     queue.push(command);
                 }
                 Next::Reply(Reply::Simple("QUEUED".into()))
@@ -943,6 +955,12 @@ async fn check_replicaof_target(host: &str, port: &str) -> Result<String, String
         Err(_) => return Err(format!("ERR master host {host} did not resolve within {RESOLVE_TIMEOUT:?}")),
     }
     Ok(format!("{host}:{port}"))
+}
+
+/// What a queued command holds: its arguments and their handles.
+fn queued_size(command: &ClientCommand) -> usize {
+    const PER_ARG: usize = std::mem::size_of::<Bytes>();
+    std::mem::size_of::<ClientCommand>() + command.args.iter().map(|arg| arg.len() + PER_ARG).sum::<usize>()
 }
 
 fn wrong_arity(name: &str) -> Reply {

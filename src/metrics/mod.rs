@@ -95,6 +95,14 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("redis_relay_replica_lag_bytes", Kind::Gauge, "Relay offset minus the replica's acknowledged offset"),
     ("redis_relay_replica_lag_seconds", Kind::Gauge, "Seconds since the replica's last ACK"),
     ("redis_relay_downstream_sent_bytes_total", Kind::Counter, "Bytes sent to replicas (RDB and stream)"),
+    ("redis_relay_clients_memory_bytes", Kind::Gauge, "Memory of the clients' buffers (mem_clients_normal)"),
+    ("redis_relay_evicted_clients_total", Kind::Counter, "Clients evicted at maxmemory-clients"),
+    (
+        "redis_relay_query_buffer_limit_disconnections_total",
+        Kind::Counter,
+        "Clients closed at client-query-buffer-limit",
+    ),
+    ("redis_relay_rejected_connections_total", Kind::Counter, "Connections refused at maxclients"),
     (
         "redis_relay_pubsub_limit_disconnections_total",
         Kind::Counter,
@@ -225,6 +233,11 @@ fn sample(context: &RelayContext) {
     }
     counter!("redis_relay_downstream_sent_bytes_total", &labels).absolute(ServedStats::get(&stats.repl_output_bytes));
     counter!("redis_relay_pubsub_limit_disconnections_total", &labels).absolute(context.pubsub.limit_disconnections());
+    gauge!("redis_relay_clients_memory_bytes", &labels).set(context.client_memory.total() as f64);
+    counter!("redis_relay_evicted_clients_total", &labels).absolute(context.client_memory.evicted());
+    counter!("redis_relay_query_buffer_limit_disconnections_total", &labels)
+        .absolute(context.client_memory.query_buffer_disconnections());
+    counter!("redis_relay_rejected_connections_total", &labels).absolute(ServedStats::get(&stats.rejected_connections));
 
     let replicas = context.replicas.snapshot();
     for state in [ReplicaState::WaitBgsave, ReplicaState::SendBulk, ReplicaState::Online] {
