@@ -39,6 +39,8 @@ pub struct ServedStats {
     pub rdb_only_last_cached_age: AtomicU64,
     /// Connections refused because of `maxclients` (INFO `rejected_connections`).
     pub rejected_connections: AtomicU64,
+    /// Accepts on the listen port that failed (EMFILE and the like; INFO `accept_errors`).
+    pub accept_errors: AtomicU64,
 }
 
 impl ServedStats {

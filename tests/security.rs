@@ -362,7 +362,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// With the process out of descriptors (its limit lowered under it with `prlimit`), connections
 /// to the metrics port and the listen port cannot be accepted: the accept loops back off instead
-/// of spinning. Over 3 s the relay logs at most 8 lines (once a second per listener) and uses
+/// of spinning. The measurement starts once INFO `accept_errors` and `metrics_accept_errors` (read
+/// on a connection opened before) show both listeners failing; over 3 s each retries 5 to 40 times
+/// (one per 100 ms backoff), the relay logs at most 8 lines (once a second per listener) and uses
 /// less than 0.5 s of CPU; once descriptors are back, scrapes work again.
 #[test]
 fn metrics_port_under_descriptor_exhaustion_does_not_spin() {
@@ -371,7 +373,6 @@ fn metrics_port_under_descriptor_exhaustion_does_not_spin() {
     let relay = Relay::builder(master.port()).arg("--metrics").arg(format!("127.0.0.1:{metrics_port}")).start();
     wait_link_up(&relay, SYNC_TIMEOUT);
     let pid = relay.pid().unwrap();
-    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
     let prlimit = |limit: usize| {
         let status = std::process::Command::new("prlimit")
             .arg(format!("--pid={pid}"))
@@ -380,13 +381,26 @@ fn metrics_port_under_descriptor_exhaustion_does_not_spin() {
             .expect("run prlimit");
         assert!(status.success(), "prlimit failed");
     };
+    // A connection made before the exhaustion still answers INFO (it needs no new descriptor).
+    let mut observer = relay.conn();
+    let accept_errors = |observer: &mut redis::Connection| {
+        let stats: String = redis::cmd("INFO").arg("stats").query(observer).unwrap();
+        let field = |name: &str| parse_info_field(&stats, name).and_then(|v| v.parse::<u64>().ok()).unwrap();
+        (field("accept_errors"), field("metrics_accept_errors"))
+    };
+    assert_eq!(accept_errors(&mut observer), (0, 0));
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
     prlimit(open_fds);
     // Connections the kernel completes but the relay cannot accept.
     let pending: Vec<TcpStream> = (0..20)
         .map(|i| TcpStream::connect(("127.0.0.1", if i % 2 == 0 { metrics_port } else { relay.port() })).unwrap())
         .collect();
-    // The measurement starts once the relay has met the exhaustion (the test must cause it).
-    wait_until(SYNC_TIMEOUT, "an accept fails for lack of descriptors", || relay.stderr_count("accept failed") >= 1);
+    // The measurement starts once both listeners have met the exhaustion (the test must cause it).
+    wait_until(SYNC_TIMEOUT, "accepts fail on both listeners for lack of descriptors", || {
+        let (listen, metrics) = accept_errors(&mut observer);
+        listen >= 1 && metrics >= 1
+    });
+    let errors_before = accept_errors(&mut observer);
     let lines_before = relay.stderr().lines().count();
     let cpu_before = cpu_seconds(pid);
     let window = Duration::from_secs(3);
@@ -394,8 +408,14 @@ fn metrics_port_under_descriptor_exhaustion_does_not_spin() {
     let lines = relay.stderr().lines().count() - lines_before;
     let cpu = cpu_seconds(pid) - cpu_before;
     eprintln!("under EMFILE for {window:?}: {lines} log lines, {cpu:.2} s CPU");
+    let errors = accept_errors(&mut observer);
+    let retries = (errors.0 - errors_before.0, errors.1 - errors_before.1);
+    eprintln!("accept retries in {window:?}: listen port {}, metrics port {}", retries.0, retries.1);
     assert!(lines <= 8, "{lines} log lines in {window:?}");
     assert!(cpu < 0.5, "{cpu:.2} s of CPU in {window:?}: the accept loop spins");
+    // One retry per 100 ms backoff: about 30 each in 3 s, never thousands.
+    assert!(retries.0 >= 5 && retries.0 <= 40, "listen port: {} failed accepts in {window:?}", retries.0);
+    assert!(retries.1 >= 5 && retries.1 <= 40, "metrics port: {} failed accepts in {window:?}", retries.1);
     prlimit(20000);
     drop(pending);
     wait_until(SYNC_TIMEOUT, "scrapes work again", || http(metrics_port, "GET /metrics HTTP/1.0\r\n\r\n").0 == 200);

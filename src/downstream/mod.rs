@@ -333,6 +333,7 @@ pub async fn serve(
                     });
                 }
                 Err(error) => {
+                    ServedStats::add(&context.stats.accept_errors, 1);
                     if let Some(suppressed) = accept_errors.ready() {
                         tracing::warn!(suppressed, "accept failed: {error}");
                     }

@@ -96,6 +96,14 @@ fn base64_encode(bytes: &[u8]) -> String {
     out
 }
 
+/// Accepts that failed on the metrics listener (EMFILE and the like), for INFO
+/// `metrics_accept_errors` and `redis_relay_metrics_accept_errors_total`.
+static ACCEPT_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn accept_errors() -> u64 {
+    ACCEPT_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Serves `/metrics` on `listener` for the life of the process.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, auth: Option<MetricsAuth>, max_connections: usize) {
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -115,6 +123,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, auth: Option
                 });
             }
             Err(error) => {
+                ACCEPT_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Some(suppressed) = accept_errors.ready() {
                     tracing::warn!(suppressed, "metrics endpoint: accept failed: {error}");
                 }

@@ -103,6 +103,12 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Clients closed at client-query-buffer-limit",
     ),
     ("redis_relay_rejected_connections_total", Kind::Counter, "Connections refused at maxclients"),
+    ("redis_relay_accept_errors_total", Kind::Counter, "Failed accepts on the listen port (EMFILE and the like)"),
+    (
+        "redis_relay_metrics_accept_errors_total",
+        Kind::Counter,
+        "Failed accepts on the metrics endpoint (process-wide, same value under every relay)",
+    ),
     (
         "redis_relay_pubsub_limit_disconnections_total",
         Kind::Counter,
@@ -238,6 +244,8 @@ fn sample(context: &RelayContext) {
     counter!("redis_relay_query_buffer_limit_disconnections_total", &labels)
         .absolute(context.client_memory.query_buffer_disconnections());
     counter!("redis_relay_rejected_connections_total", &labels).absolute(ServedStats::get(&stats.rejected_connections));
+    counter!("redis_relay_accept_errors_total", &labels).absolute(ServedStats::get(&stats.accept_errors));
+    counter!("redis_relay_metrics_accept_errors_total", &labels).absolute(http::accept_errors());
 
     let replicas = context.replicas.snapshot();
     for state in [ReplicaState::WaitBgsave, ReplicaState::SendBulk, ReplicaState::Online] {
