@@ -45,6 +45,17 @@ impl RawClient {
         }
     }
 
+    /// Sends `INFO section` and returns the bulk reply (for a relay that refuses new connections).
+    fn info(&mut self, section: &str) -> String {
+        self.send(&command(&[b"INFO", section.as_bytes()])).unwrap();
+        let mut header = String::new();
+        self.reader.read_line(&mut header).unwrap();
+        let len: usize = header.trim_end().strip_prefix('$').and_then(|n| n.parse().ok()).expect("INFO bulk header");
+        let mut payload = vec![0; len + 2];
+        self.reader.read_exact(&mut payload).unwrap();
+        String::from_utf8_lossy(&payload[..len]).into_owned()
+    }
+
     /// True once the peer has closed (end of stream or reset), within the read timeout.
     fn closed_by_peer(&mut self) -> bool {
         let mut rest = Vec::new();
@@ -640,4 +651,126 @@ fn maxmemory_clients_evicts_the_biggest_clients() {
         rss_after < peak_before + 16 * 1024
     });
     eprintln!("after the flood: VmRSS {rss_after} KiB");
+}
+
+/// Raises this test process's `RLIMIT_NOFILE` to at least `wanted` (raising the hard limit too if
+/// it may, as root can); the relays it starts inherit it. `Err` says why it cannot.
+fn raise_open_files_limit(wanted: u64) -> Result<(), String> {
+    let mut rlim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) } != 0 {
+        return Err(format!("getrlimit: {}", std::io::Error::last_os_error()));
+    }
+    if rlim.rlim_cur >= wanted {
+        return Ok(());
+    }
+    let raised = libc::rlimit { rlim_cur: wanted, rlim_max: rlim.rlim_max.max(wanted) };
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(format!(
+            "setrlimit(RLIMIT_NOFILE, {wanted}) failed with soft {} and hard {}: {}",
+            rlim.rlim_cur,
+            rlim.rlim_max,
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Start offsets of the log's segment files.
+fn segment_starts(relay: &Relay) -> Vec<u64> {
+    let mut starts: Vec<u64> = std::fs::read_dir(relay.dir().join("log"))
+        .expect("read the relay's log directory")
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".seg")?.parse().ok()
+        })
+        .collect();
+    starts.sort_unstable();
+    starts
+}
+
+/// The probe at the default `maxclients` (10000): 11,000 connections while a replica is
+/// attached. 9,999 get `+PONG` (the replica holds the last slot), the 1,001 others redis-server's
+/// `-ERR max number of clients reached` and are closed. Under writes (2 MB, 64 KiB log segments)
+/// the upstream link stays up (no reconnect) and the log keeps rotating into new segments; a
+/// replica killed with `CLIENT KILL TYPE replica` gets its slot back and continues with a partial
+/// resync; the master never forks again (`total_forks` unchanged). Needs 11,500 descriptors: the
+/// test raises its own limit and skips, saying why, only when it cannot.
+#[test]
+fn eleven_thousand_connections_at_the_default_maxclients() {
+    const CONNECTIONS: usize = 11_000;
+    if let Err(reason) = raise_open_files_limit(CONNECTIONS as u64 + 500) {
+        eprintln!("SKIPPED eleven_thousand_connections_at_the_default_maxclients: {reason}");
+        return;
+    }
+    let master = RedisServer::start(&[]);
+    let relay = Relay::builder(master.port()).arg("--log-segment-size").arg("64kb").start();
+    wait_link_up(&relay, SYNC_TIMEOUT);
+    let replica = RedisServer::builder().replica_of(relay.port()).start();
+    wait_in_sync(&relay, &replica, SYNC_TIMEOUT);
+    assert_eq!(relay.info_field("clients", "maxclients").as_deref(), Some("10000"));
+    let mut con = master.conn();
+    for i in 0..200 {
+        redis::cmd("SET").arg(format!("before:{i}")).arg(value_of(i, 1024)).query::<()>(&mut con).unwrap();
+    }
+    wait_in_sync(&relay, &replica, SYNC_TIMEOUT);
+    let forks_before = stat_of(&master, "total_forks");
+    let started = std::time::Instant::now();
+    // In batches, so the listener's backlog never overflows into SYN retries.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    while held.len() + refused < CONNECTIONS {
+        let batch = (CONNECTIONS - held.len() - refused).min(500);
+        let (mut batch_held, batch_refused) = hold_connections(relay.port(), batch);
+        held.append(&mut batch_held);
+        refused += batch_refused;
+    }
+    let (_, rss) = memory_kib(relay.pid().unwrap());
+    eprintln!("{CONNECTIONS} connections in {:?}; relay VmRSS {rss} KiB holding 10,000", started.elapsed());
+    assert_eq!((held.len(), refused), (9_999, 1_001));
+    let observer = held.last_mut().unwrap();
+    let stats = observer.info("stats");
+    assert_eq!(parse_info_field(&stats, "rejected_connections").as_deref(), Some("1001"));
+    assert_eq!(parse_info_field(&observer.info("clients"), "connected_clients").as_deref(), Some("9999"));
+
+    let segments_before = segment_starts(&relay);
+    for i in 0..2000 {
+        redis::cmd("SET").arg(format!("key:{i}")).arg(value_of(i, 1024)).query::<()>(&mut con).unwrap();
+    }
+    let master_offset = || master.info_field("replication", "master_repl_offset");
+    wait_until(SYNC_TIMEOUT, "the relay and its replica follow the master", || {
+        let offset = master_offset();
+        parse_info_field(&held.last_mut().unwrap().info("replication"), "master_repl_offset") == offset
+            && replica.info_field("replication", "slave_repl_offset") == offset
+    });
+    let segments_after = segment_starts(&relay);
+    eprintln!("log segments: {} before the writes, {} after", segments_before.len(), segments_after.len());
+    assert!(
+        segments_after.len() >= segments_before.len() + 20 && segments_after.last() > segments_before.last(),
+        "the log did not rotate: {segments_before:?} -> {segments_after:?}"
+    );
+    let observer = held.last_mut().unwrap();
+    assert_eq!(parse_info_field(&observer.info("relay"), "upstream_reconnects").as_deref(), Some("0"));
+
+    // The replica's slot is freed and taken again by the replica (no other client competes).
+    let partial_before: u64 = parse_info_field(&observer.info("stats"), "sync_partial_ok").unwrap().parse().unwrap();
+    observer.send(&command(&[b"CLIENT", b"KILL", b"TYPE", b"replica"])).unwrap();
+    assert_eq!(observer.line().as_deref(), Some(":1"));
+    wait_until(SYNC_TIMEOUT, "the replica reconnects with a partial resync", || {
+        let stats = held.last_mut().unwrap().info("stats");
+        parse_info_field(&stats, "sync_partial_ok").and_then(|v| v.parse::<u64>().ok()) > Some(partial_before)
+    });
+    for i in 0..100 {
+        redis::cmd("SET").arg(format!("after:{i}")).arg(i).query::<()>(&mut con).unwrap();
+    }
+    wait_until(SYNC_TIMEOUT, "the replica is in sync again", || {
+        replica.info_field("replication", "slave_repl_offset") == master_offset()
+    });
+    assert_eq!(master.digest(), replica.digest());
+    let stats = held.last_mut().unwrap().info("stats");
+    assert_eq!(parse_info_field(&stats, "sync_full").as_deref(), Some("1"), "the replica never full-synced again");
+    assert_eq!(stat_of(&master, "total_forks"), forks_before, "the master must not fork");
+    assert_eq!(stat_of(&master, "sync_full"), 1);
+    drop(held);
+    eprintln!("whole test body in {:?}", started.elapsed());
 }
