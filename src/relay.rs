@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::RelayConfig;
 use crate::downstream::clients::ClientTable;
@@ -140,14 +141,19 @@ impl RunningRelay {
     pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         let (shutdown, receiver) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let context = start(config.clone(), receiver, &mut tasks).await?;
+        let span = relay_span(&config.name);
+        let context = start(config.clone(), receiver, &mut tasks, span.clone()).instrument(span).await?;
         Ok(RunningRelay { config, context, shutdown, tasks })
     }
 
     /// Stops every task of this relay and waits until its connections are closed, so that its listen
     /// address and data directory are free again.
-    pub async fn stop(mut self) {
-        let name = self.config.name.clone();
+    pub async fn stop(self) {
+        let span = relay_span(&self.config.name);
+        self.drain().instrument(span).await
+    }
+
+    async fn drain(mut self) {
         self.shutdown.send_replace(true);
         let drain = async {
             while self.tasks.join_next().await.is_some() {}
@@ -157,24 +163,30 @@ impl RunningRelay {
             }
         };
         if tokio::time::timeout(std::time::Duration::from_secs(10), drain).await.is_err() {
-            tracing::warn!(relay = %name, "relay did not stop within 10 s");
+            tracing::warn!("relay did not stop within 10 s");
         }
-        tracing::info!(relay = %name, "relay stopped");
+        tracing::info!("relay stopped");
     }
 }
 
-/// Starts one relay's tasks on `tasks`; they stop when `shutdown` flips to true.
+/// The span every task of the relay runs in, so that each of their log lines carries `relay=`.
+fn relay_span(name: &str) -> tracing::Span {
+    tracing::info_span!("relay", relay = %name)
+}
+
+/// Starts one relay's tasks on `tasks`, each in `span`; they stop when `shutdown` flips to true.
 pub async fn start(
     config: RelayConfig,
     shutdown: watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
+    span: tracing::Span,
 ) -> Result<Arc<RelayContext>, RelayError> {
     // A port that cannot be bound now is reported and retried by its listener task (see
     // `downstream::listen`): the rest of this relay, and the other relays, run meanwhile.
     let listeners = crate::downstream::ListenerStatus::default();
-    let listener = first_bind(&config, config.listen, &listeners).await;
+    let listener = first_bind(config.listen, &listeners).await;
     let tls_listener = match &config.tls {
-        Some(tls) => first_bind(&config, tls.listen, &listeners).await,
+        Some(tls) => first_bind(tls.listen, &listeners).await,
         None => None,
     };
     let LoadedTls { upstream: upstream_tls, acceptor: tls_acceptor, replicas: replica_tls } = load_tls(&config).await?;
@@ -183,23 +195,16 @@ pub async fn start(
         .map_err(|source| RelayError::Log { name: config.name.clone(), source })?;
     match &recovery.dropped {
         // An append the stop interrupted: never served nor acknowledged.
-        Some(dropped) if dropped.kind == DropKind::TornTail => tracing::info!(
-            relay = %config.name,
-            bytes = dropped.bytes,
-            "log recovery cut an unfinished append: {}",
-            dropped.reason
-        ),
-        Some(dropped) => tracing::warn!(
-            relay = %config.name,
-            bytes = dropped.bytes,
-            "log recovery dropped data after a bad record: {}",
-            dropped.reason
-        ),
+        Some(dropped) if dropped.kind == DropKind::TornTail => {
+            tracing::info!(bytes = dropped.bytes, "log recovery cut an unfinished append: {}", dropped.reason)
+        }
+        Some(dropped) => {
+            tracing::warn!(bytes = dropped.bytes, "log recovery dropped data after a bad record: {}", dropped.reason)
+        }
         None => {}
     }
     if let Some(history) = &recovery.history {
         tracing::info!(
-            relay = %config.name,
             replid = %history.replid,
             first_byte_offset = recovery.start + 1,
             offset = recovery.end,
@@ -277,31 +282,32 @@ pub async fn start(
             .unwrap_or(0),
     });
     tracing::info!(
-        relay = %context.config.name,
         listen = %context.config.listen,
         upstream = %context.config.upstream,
         dir = %context.config.dir.display(),
         "relay starting"
     );
     if context.config.log.fsync == FsyncPolicy::EverySec {
-        tasks.spawn(sync_every_second(context.log.clone(), shutdown.clone()));
+        tasks.spawn(sync_every_second(context.log.clone(), shutdown.clone()).instrument(span.clone()));
     }
-    tasks.spawn(crate::metrics::collect(context.clone(), shutdown.clone()));
-    tasks.spawn(link.run(shutdown.clone()));
-    tasks.spawn(fetcher_task.run(shutdown.clone()));
-    tasks.spawn(version_task);
+    tasks.spawn(crate::metrics::collect(context.clone(), shutdown.clone()).instrument(span.clone()));
+    tasks.spawn(link.run(shutdown.clone()).instrument(span.clone()));
+    tasks.spawn(fetcher_task.run(shutdown.clone()).instrument(span.clone()));
+    tasks.spawn(version_task.instrument(span.clone()));
     if let (Some(tls), Some(acceptor)) = (&context.config.tls, tls_acceptor) {
-        tasks.spawn(downstream::listen(tls_listener, tls.listen, Some(acceptor), context.clone(), shutdown.clone()));
+        tasks.spawn(
+            downstream::listen(tls_listener, tls.listen, Some(acceptor), context.clone(), shutdown.clone())
+                .instrument(span.clone()),
+        );
     }
     let listen = context.config.listen;
-    tasks.spawn(downstream::listen(listener, listen, None, context.clone(), shutdown));
+    tasks.spawn(downstream::listen(listener, listen, None, context.clone(), shutdown).instrument(span.clone()));
     Ok(context)
 }
 
 /// The first attempt to bind a listener; a failure is an ERROR here and counted, and the listener
 /// task tries again.
 async fn first_bind(
-    config: &RelayConfig,
     addr: std::net::SocketAddr,
     status: &crate::downstream::ListenerStatus,
 ) -> Option<tokio::net::TcpListener> {
@@ -309,7 +315,7 @@ async fn first_bind(
         Ok(listener) => Some(listener),
         Err(error) => {
             status.bind_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(relay = %config.name, %addr, "cannot listen: {error}; retrying every second");
+            tracing::error!(%addr, "cannot listen: {error}; retrying every second");
             None
         }
     }

@@ -21,6 +21,10 @@ struct ConfiguredRelays {
 
 impl ConfiguredRelays {
     fn start(yaml: &str) -> ConfiguredRelays {
+        ConfiguredRelays::start_with(yaml, &[])
+    }
+
+    fn start_with(yaml: &str, args: &[&str]) -> ConfiguredRelays {
         let work = tempfile::tempdir().expect("temp dir");
         let config_path = work.path().join("relay.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
@@ -29,6 +33,7 @@ impl ConfiguredRelays {
         let child = Command::new(relay_bin())
             .arg("--config")
             .arg(&config_path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -340,4 +345,51 @@ fn a_relay_whose_port_is_taken_is_retried_while_the_others_run() {
         }
     });
     drop(relays);
+}
+
+#[test]
+fn log_lines_of_a_relay_carry_its_name_and_replicas_their_listening_port() {
+    let master = RedisServer::start(&[]);
+    let port = free_port();
+    let work = tempfile::tempdir().unwrap();
+    let relays = ConfiguredRelays::start_with(
+        &config_yaml(&work.path().join("data"), None, &[relay_entry("shard-x", &master, port)]),
+        &["--log-format", "json"],
+    );
+    wait_relay_up(port);
+    write_keys(&master, "k", 100);
+    let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &port.to_string()]);
+    wait_digest_equal(&master, &replica);
+    let replica_name = format!("127.0.0.1:{}", replica.port());
+    let lines: Vec<serde_yaml_ng::Value> = relays
+        .stderr()
+        .lines()
+        .map(|line| serde_yaml_ng::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}")))
+        .collect();
+    let text = |value: &serde_yaml_ng::Value, key: &str| value.get(key).and_then(|v| v.as_str()).map(str::to_string);
+    let of_tasks: Vec<&serde_yaml_ng::Value> = lines
+        .iter()
+        .filter(|line| {
+            text(line, "target").is_some_and(|t| {
+                ["upstream", "downstream", "log", "snapshot"]
+                    .iter()
+                    .any(|m| t.starts_with(&format!("redis_relay::{m}")))
+            })
+        })
+        .collect();
+    assert!(of_tasks.len() >= 3, "the upstream and downstream tasks logged: {lines:?}");
+    let mut replica_lines = 0;
+    for line in of_tasks {
+        let span = line.get("span").unwrap_or_else(|| panic!("no span on {line:?}"));
+        let spans = line.get("spans").and_then(|s| s.as_sequence()).cloned().unwrap_or_default();
+        let relay = spans.iter().find_map(|s| text(s, "relay"));
+        assert_eq!(relay.as_deref(), Some("shard-x"), "relay= on {line:?}");
+        if text(span, "name").as_deref() == Some("replica") {
+            replica_lines += 1;
+            assert_eq!(text(span, "replica"), Some(replica_name.clone()), "replica named ip:listening-port: {line:?}");
+            let addr = text(span, "addr").expect("the connection's address as addr");
+            assert_ne!(addr, replica_name, "addr is the connection's own (ephemeral) source address");
+        }
+    }
+    assert!(replica_lines >= 1, "the replica's session logged in its span");
 }

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::protocol::{ClientCommand, CommandLimits, Reply};
 use crate::relay::{RelayContext, ServedStats};
@@ -291,11 +292,11 @@ pub async fn serve(
                                 match tokio::time::timeout(context.config.repl_timeout, tls.accept(tcp)).await {
                                     Ok(Ok(stream)) => stream,
                                     Ok(Err(error)) => {
-                                        tracing::info!(%peer, "TLS handshake failed: {error}");
+                                        tracing::info!(addr = %peer, "TLS handshake failed: {error}");
                                         return;
                                     }
                                     Err(_) => {
-                                        tracing::info!(%peer, "TLS handshake timed out");
+                                        tracing::info!(addr = %peer, "TLS handshake timed out");
                                         return;
                                     }
                                 }
@@ -323,14 +324,14 @@ pub async fn serve(
                         // free for a restart and a stuck client costs nothing more.
                         tokio::select! {
                             result = session.run(shutdown) => if let Err(error) = result {
-                                tracing::debug!(%peer, "client connection ended: {error}");
+                                tracing::debug!(addr = %peer, "client connection ended: {error}");
                             },
                             _ = crate::relay::stopped(&mut stop) => {}
                             _ = crate::relay::stopped(&mut killed) => {
-                                tracing::debug!(%peer, "client connection killed");
+                                tracing::debug!(addr = %peer, "client connection killed");
                             }
                         }
-                    });
+                    }.in_current_span());
                 }
                 Err(error) => {
                     ServedStats::add(&context.stats.accept_errors, 1);
@@ -654,7 +655,7 @@ impl Session {
             if filter.id.is_some() || filter.addr.is_some() {
                 return Reply::Integer(0);
             }
-            tracing::info!(peer = %self.peer, "CLIENT KILL TYPE master: restarting the upstream link");
+            tracing::info!(addr = %self.peer, "CLIENT KILL TYPE master: restarting the upstream link");
             self.context.upstream_target.send_modify(|_| {});
             return Reply::Integer(1);
         }
@@ -773,7 +774,7 @@ impl Session {
         if *self.context.upstream_target.borrow() == target {
             return Reply::Simple("OK Already connected to specified master".into());
         }
-        tracing::info!(peer = %self.peer, master = %target, "REPLICAOF: repointing the upstream link");
+        tracing::info!(addr = %self.peer, master = %target, "REPLICAOF: repointing the upstream link");
         self.context.upstream_target.send_replace(target);
         Reply::ok()
     }

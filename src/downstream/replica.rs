@@ -11,6 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
+use tracing::Instrument;
 
 use super::connection::{read_more, write_all_vectored};
 use super::{ClientError, ReplicaEntry, ReplicaRow, ReplicaState, Session};
@@ -63,7 +64,7 @@ enum Disconnect {
 pub async fn serve(
     session: &mut Session,
     command: &ClientCommand,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<Outcome, ClientError> {
     let context = session.context.clone();
     let is_psync = command.name() == "PSYNC";
@@ -80,6 +81,25 @@ pub async fn serve(
     let peer_ip = session.peer.ip().to_string();
     let ip = session.handshake.ip_address.clone().unwrap_or(peer_ip);
     let port = session.handshake.listening_port;
+    // A replica is named as INFO lists it, by its announced address and listening port; the
+    // connection's own (ephemeral) source address is the separate `addr`.
+    let span = tracing::info_span!("replica", replica = %format_args!("{ip}:{port}"), addr = %session.peer);
+    replicate(session, command, is_psync, ip, port, summary, ids, shutdown).instrument(span).await
+}
+
+/// The replica's sync and stream, inside its span.
+#[allow(clippy::too_many_arguments)]
+async fn replicate(
+    session: &mut Session,
+    command: &ClientCommand,
+    is_psync: bool,
+    ip: String,
+    port: u16,
+    summary: LogSummary,
+    ids: crate::log::ReplIds,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Outcome, ClientError> {
+    let context = session.context.clone();
     if is_psync {
         let requested_id = command.arg_str(1);
         let Ok(offset) = command.arg_str(2).parse::<i64>() else {
@@ -96,7 +116,7 @@ pub async fn serve(
             session.conn.queue_raw(line.as_bytes());
             session.conn.flush().await?;
             let position = offset as u64 - 1;
-            tracing::info!(replica = %session.peer, position, "partial resynchronization accepted");
+            tracing::info!(position, "partial resynchronization accepted");
             let row = context.replicas.register(ReplicaEntry {
                 ip,
                 port,
@@ -107,12 +127,12 @@ pub async fn serve(
                 tls: session.conn.stream.is_tls(),
             });
             let result = stream(session, &row, summary.epoch, position, false, &mut shutdown).await;
-            log_drop(session, result);
+            log_drop(result);
             return Ok(Outcome::Done);
         }
         if requested_id != "?" {
             ServedStats::add(&context.stats.sync_partial_err, 1);
-            tracing::info!(replica = %session.peer, requested_id, offset, "partial resynchronization refused");
+            tracing::info!(requested_id, offset, "partial resynchronization refused");
         }
     }
     ServedStats::add(&context.stats.sync_full, 1);
@@ -126,7 +146,7 @@ pub async fn serve(
         tls: session.conn.stream.is_tls(),
     });
     let result = full_sync(session, &row, is_psync, &mut shutdown).await;
-    log_drop(session, result);
+    log_drop(result);
     Ok(Outcome::Done)
 }
 
@@ -146,18 +166,24 @@ async fn wait_if_ahead(context: &RelayContext, replid: &str, offset: i64, summar
     context.log.summary()
 }
 
+/// `ip:listening-port`, as INFO and the metrics name the replica.
+fn replica_name(session: &Session) -> String {
+    let ip = session.handshake.ip_address.clone().unwrap_or_else(|| session.peer.ip().to_string());
+    format!("{ip}:{}", session.handshake.listening_port)
+}
+
 async fn refuse(session: &mut Session, message: &str) -> Result<Outcome, ClientError> {
     session.conn.queue(&Reply::error(message));
     session.conn.flush().await?;
     Ok(Outcome::Refused)
 }
 
-fn log_drop(session: &Session, result: Result<(), Disconnect>) {
+fn log_drop(result: Result<(), Disconnect>) {
     match result {
         Ok(()) | Err(Disconnect::Shutdown) | Err(Disconnect::Client(ClientError::Closed)) => {
-            tracing::info!(replica = %session.peer, "replica connection closed")
+            tracing::info!("replica connection closed")
         }
-        Err(reason) => tracing::warn!(replica = %session.peer, "disconnecting replica: {reason}"),
+        Err(reason) => tracing::warn!("disconnecting replica: {reason}"),
     }
 }
 
@@ -189,7 +215,7 @@ async fn full_sync(
         match fresh_snapshot(session, &mut keepalive, shutdown).await? {
             Ok(meta) => {
                 ServedStats::add(&context.stats.rdb_only_fresh, 1);
-                tracing::info!(replica = %session.peer, offset = meta.offset, source = %meta.source, "rdb-only request: a snapshot taken for it");
+                tracing::info!(offset = meta.offset, source = %meta.source, "rdb-only request: a snapshot taken for it");
             }
             Err(reason) => cached_fallback = Some(reason),
         }
@@ -202,7 +228,6 @@ async fn full_sync(
             ServedStats::add(&context.stats.rdb_only_cached, 1);
             context.stats.rdb_only_last_cached_age.store(age, Ordering::Relaxed);
             tracing::warn!(
-                replica = %session.peer,
                 age_seconds = age,
                 offset = snapshot.offset,
                 relay_offset = context.log.summary().end,
@@ -252,7 +277,6 @@ async fn full_sync(
     row.update(|r| r.state = ReplicaState::SendBulk);
     let eof_form = context.config.downstream_eof_form && session.handshake.capa_eof;
     tracing::info!(
-        replica = %session.peer,
         offset = snapshot.offset,
         bytes = snapshot.size,
         form = if eof_form { "eof" } else { "length" },
@@ -316,17 +340,18 @@ async fn send_rdb(
         if eof_form {
             write_timed(stream, mark.as_bytes(), repl_timeout).await?;
         }
-        tracing::info!(replica = %session.peer, bytes = filtered.len(), functions = filter.functions, "sent a filtered RDB (rdb-filter-only)");
+        tracing::info!(bytes = filtered.len(), functions = filter.functions, "sent a filtered RDB (rdb-filter-only)");
         ServedStats::add(&session.context.stats.repl_output_bytes, filtered.len() as u64);
         return Ok(());
     }
+    let name = replica_name(session);
     let stream = &mut session.conn.stream;
     let mark = random_hex_id();
     let header = if eof_form { format!("$EOF:{mark}\r\n") } else { format!("${}\r\n", snapshot.size) };
     write_timed(stream, header.as_bytes(), repl_timeout).await?;
     let mut buf = vec![0u8; RDB_CHUNK];
     let mut sent = 0u64;
-    let mut progress = TransferProgress::new("full sync to a replica", session.peer.to_string());
+    let mut progress = TransferProgress::new("full sync to a replica", name);
     while sent < snapshot.size {
         let n = file.read(&mut buf).await?;
         if n == 0 {
