@@ -17,6 +17,10 @@ redis-server replicas or lightweight sink replicas (examples/bench_sink.rs). Sce
   restart     middle node restarted (SIGTERM, same dir) under write load: master forks and full
               syncs, replica full syncs, time until every replica is back at the master's offset
   memory      middle node RSS with 1, 100 and 1000 idle sink replicas; RSS with a large dataset
+  longrun     a stream of several times the relay's log_size in bursts, a late joiner or a replica
+              restarted without data after each burst: forks on the master, on the middle node and on
+              the replicas (the relay's snapshot sources), with the relay taking snapshots from its
+              replicas and with the relay taking them from the master only
 
 Not part of the test suite. Every process it starts is in its own process group and is killed at
 the end, on errors and on Ctrl-C; data directories are temporary directories under /tmp.
@@ -591,6 +595,9 @@ class Cluster:
                 self.middle = RedisNode("chained", replicaof=self.master.port, extra=self.middle_extra)
             elif self.mode == "relay":
                 self.middle = RelayNode(self.opts.relay_bin, self.master.port, extra=self.middle_extra)
+            elif self.mode == "relay-master-src":
+                extra = ["--snapshot-sources", "master", "--snapshot-min-interval", "1s"] + list(self.middle_extra)
+                self.middle = RelayNode(self.opts.relay_bin, self.master.port, extra=extra)
             elif self.mode == "relay-1gb":
                 extra = ["--log-memory", "1gb"] + list(self.middle_extra)
                 self.middle = RelayNode(self.opts.relay_bin, self.master.port, extra=extra)
@@ -625,11 +632,11 @@ MODES = ["direct", "chained", "relay"]
 # ---------------------------------------------------------------------------------------------
 
 
-def run_burst(opts, port, n):
-    """redis-benchmark SET burst; returns (t0, t1) in unix ns."""
+def run_burst(opts, port, n, keyspace=100000):
+    """redis-benchmark SET burst over `keyspace` keys; returns (t0, t1) in unix ns."""
     cmd = [
         "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set", "-d", str(opts.value_size),
-        "-n", str(n), "-P", "16", "-r", "100000", "-q",
+        "-n", str(n), "-P", "16", "-r", str(keyspace), "-q",
     ]
     t0 = time.time_ns()
     proc = REG.spawn(cmd, stdout=subprocess.PIPE)
@@ -947,6 +954,90 @@ def restart_case(opts, mode):
         return result
 
 
+LONGRUN_MODES = ["chained", "relay", "relay-master-src"]
+
+
+def longrun_case(opts, mode):
+    """Bursts of `longrun_phase_mb` of stream; after each, a new empty replica joins (even phases) or the
+    oldest replica is killed and started again without its data (odd phases). Counts forks everywhere."""
+    extra = ["--log-size", f"{opts.longrun_log_mb}mb"] if mode.startswith("relay") else []
+    with Cluster(opts, mode, populate=(opts.longrun_keys, opts.longrun_value), middle_extra=extra) as cl:
+        replicas = ReplicaSet(cl.upstream, 1)
+        cl.others.append(replicas.stop)
+        replicas.wait_online(600)
+        load = Tool(
+            opts.sink_bin,
+            ["write", "--addr", f"127.0.0.1:{cl.master.port}", "--rate", "500", "--prefix", "longrun:",
+             "--keyspace", "10000", "--value-size", "100"],
+            "longrun-load",
+        )
+        cl.others.append(load.finish)
+        m0 = cl.master.info("stats")
+        mid0 = cl.middle.info("stats")
+        off0 = cl.master.offset()
+        # Replica forks are counted per process (a restarted one starts from 0 again).
+        replica_forks = 0
+        burst_n = opts.longrun_phase_mb * MB // (opts.value_size + 60)
+        events = []
+        t0 = time.time()
+        for phase in range(opts.longrun_phases):
+            run_burst(opts, cl.master.port, burst_n, keyspace=10000)
+            if phase % 2 == 0:
+                node = replicas.add()
+                what = "late joiner"
+            else:
+                node = replicas.nodes[0]
+                replica_forks += int(node.info("stats")["total_forks"])
+                node.stop(signal.SIGKILL)
+                for name in os.listdir(node.dir):
+                    if name.endswith(".rdb"):
+                        os.remove(os.path.join(node.dir, name))
+                node.start()
+                what = "restarted without data"
+            target = cl.master.offset()
+
+            def caught_up():
+                if not node.synced():
+                    return False
+                return all(int(n.info("replication")["master_repl_offset"]) >= target for n in replicas.nodes)
+
+            ts = time.time()
+            wait_until(f"{mode} phase {phase}: every replica at the master's offset", caught_up, 600, interval=0.05)
+            m = cl.master.info("stats")
+            events.append({"phase": phase, "event": what, "stream_bytes": cl.master.offset() - off0,
+                           "sync_s": time.time() - ts,
+                           "master_forks": int(m["total_forks"]) - int(m0["total_forks"])})
+            log(f"longrun {mode:16} phase {phase}: {what}, {(cl.master.offset() - off0) / MB:.0f} MB of stream, "
+                f"master forks so far {events[-1]['master_forks']}")
+        elapsed = time.time() - t0
+        load.finish()
+        cl.others.remove(load.finish)
+        m1 = cl.master.info("stats")
+        mid1 = cl.middle.info("stats")
+        replica_forks += sum(int(n.info("stats")["total_forks"]) for n in replicas.nodes)
+        relay = cl.middle.info("relay") if mode.startswith("relay") else {}
+        result = {
+            "mode": mode, "phases": opts.longrun_phases, "seconds": elapsed,
+            "stream_bytes": cl.master.offset() - off0,
+            "log_size": opts.longrun_log_mb * MB if mode.startswith("relay") else None,
+            "master_forks": int(m1["total_forks"]) - int(m0["total_forks"]),
+            "master_sync_full": int(m1["sync_full"]) - int(m0["sync_full"]),
+            "middle_forks": int(mid1.get("total_forks", 0)) - int(mid0.get("total_forks", 0)),
+            "middle_sync_full": int(mid1["sync_full"]) - int(mid0["sync_full"]),
+            "replica_forks": replica_forks,
+            "refreshes_replica": int(relay["snapshot_refreshes_replica"]) if relay else None,
+            "refreshes_master": int(relay["snapshot_refreshes_master"]) if relay else None,
+            "rate_limited": int(relay["snapshot_master_rate_limited"]) if relay else None,
+            "events": events,
+        }
+        log(
+            f"longrun {mode:16}: {result['stream_bytes'] / MB:.0f} MB in {elapsed:.0f}s, master forks "
+            f"{result['master_forks']}, middle forks {result['middle_forks']}, replica forks {replica_forks}, "
+            f"full syncs served by the middle {result['middle_sync_full']}"
+        )
+        return result
+
+
 def memory_case(opts, mode, populate, counts):
     with Cluster(opts, mode, populate=populate) as cl:
         node = cl.middle or cl.master
@@ -1191,7 +1282,7 @@ def plots(results, outdir, rel):
 
 REPORT_OPTS = ("quick", "command", "value_size", "burst", "repeat", "lat_seconds", "lat_rate", "lat_load_rate",
                "storm_keys", "storm_value", "storm_replicas", "restart_replicas", "restart_rate", "mem_small_keys",
-               "settle")
+               "settle", "longrun_phases", "longrun_phase_mb", "longrun_log_mb", "longrun_keys", "longrun_value")
 
 
 def report(opts, results, machine, busy, started, finished, out_md):
@@ -1518,6 +1609,74 @@ def report(opts, results, machine, busy, started, finished, out_md):
                             f"{small1 / MB:.1f} MiB with {relay_small['keys']} keys vs {large1 / MB:.1f} MiB with "
                             f"{relay_large['keys']} keys (1 replica)"))
 
+    lr = results.get("longrun", [])
+    if lr:
+        r0 = lr[0]
+        relay_log = next((r["log_size"] for r in lr if r.get("log_size")), None)
+        w("## 6. Forks over a long run")
+        w("")
+        w(f"Dataset `DEBUG POPULATE {opts.longrun_keys} key {opts.longrun_value}` on the master and 500 SETs/s of "
+          f"background writes; {r0['phases']} bursts of {opts.longrun_phase_mb} MB of stream (redis-benchmark, "
+          f"{opts.value_size}-byte values over 10,000 keys)"
+          + (f", {relay_log / MB:.0f} MB `--log-size` on the relay" if relay_log else "")
+          + ". One redis-server replica below the middle node from the start; after each burst a new empty "
+          "replica joins (even bursts) or the oldest replica is killed and started again without its data (odd "
+          "bursts), and the next burst starts when every replica has the master's offset. Every such replica "
+          "needs a full sync. *relay*: snapshots from its replicas first (the default); *relay-master-src*: "
+          "`--snapshot-sources master --snapshot-min-interval 1s`, the relay before snapshot sources. Forks are "
+          "counted from after the middle node's own first sync (INFO `total_forks`); replica forks are summed "
+          "over every replica process.")
+        w("")
+        w("| middle | stream MB | seconds | full syncs below | master forks | master sync_full | middle forks | "
+          "replica forks | relay snapshots from replicas / master |")
+        w("|---|---|---|---|---|---|---|---|---|")
+        for r in lr:
+            w(f"| {r['mode']} | {r['stream_bytes'] / MB:.0f} | {r['seconds']:.0f} | {r['middle_sync_full']} | "
+              f"{r['master_forks']} | {r['master_sync_full']} | {r['middle_forks']} | {r['replica_forks']} | "
+              + (f"{r['refreshes_replica']} / {r['refreshes_master']}" if r.get("refreshes_replica") is not None
+                 else "–") + " |")
+        extra = [r for r in lr if r["mode"].startswith("relay") and r["middle_sync_full"] > r["phases"]]
+        if extra:
+            w("")
+            w("Full syncs below beyond one per burst (" + ", ".join(f"{r['mode']}: {r['middle_sync_full']}" for r in extra)
+              + "): a replica still loading its RDB when the next burst passed the relay's log (the bursts run at "
+              f"tens of MB/s against a {relay_log / MB:.0f} MB log) fell off it and full-synced again, from a snapshot "
+              "like the others.")
+        w("")
+        day_gib = 86400 / 1024  # GiB of stream a day at 1 MB/s
+        w(f"Per day at 1 MB/s of stream ({day_gib:.0f} GiB) with F full syncs below. Forks that follow the "
+          "stream (a snapshot outdated every so many bytes) are scaled from the measured forks per GiB of stream, "
+          "for this run's `--log-size` and for the default 1 GiB (they scale inversely with it); forks that "
+          "follow the full syncs below are counted per full sync. Without a middle node every full sync below "
+          "is a BGSAVE on the master: F master forks a day.")
+        w("")
+        w("| middle | master forks / day | forks elsewhere / day |")
+        w("|---|---|---|")
+        for r in lr:
+            gib = r["stream_bytes"] / (1024 * MB)
+            scale_1g = (r["log_size"] or MB) / (1024 * MB)
+            if r["mode"] == "chained":
+                w(f"| chained | {r['master_forks'] / gib * day_gib:.0f} (one per full sync of the chained replica "
+                  f"itself) | F on the chained replica ({r['middle_forks']} for {r['middle_sync_full']} full syncs "
+                  "here) |")
+            elif r["mode"] == "relay":
+                per_day = r["replica_forks"] / gib * day_gib
+                w(f"| relay | {r['master_forks'] / gib * day_gib:.0f} | about {per_day:.0f} on the replicas "
+                  f"({r['log_size'] / MB:.0f} MB log; {per_day * scale_1g:.0f} with 1 GiB), whatever F; "
+                  f"{r['replica_forks']} here |")
+            else:
+                per_day = r["master_forks"] / gib * day_gib
+                w(f"| {r['mode']} | min(F, {per_day:.0f}) ({r['log_size'] / MB:.0f} MB log; {per_day * scale_1g:.0f} "
+                  f"with 1 GiB); {r['master_forks']} here | 0 |")
+        w("")
+        relay_lr = next((r for r in lr if r["mode"] == "relay"), None)
+        if relay_lr:
+            targets.append(("master forks 0 beyond the first over a long run with late joiners and restarts",
+                            relay_lr["master_forks"] == 0,
+                            f"{relay_lr['master_forks']} master forks over {relay_lr['stream_bytes'] / MB:.0f} MB and "
+                            f"{relay_lr['middle_sync_full']} full syncs below; {relay_lr['refreshes_replica']} "
+                            "snapshots from replicas"))
+
     w("## Notes")
     w("")
     w("- Every process shares the same 2 CPUs: at N = 32 and 64 the sink process alone needs several CPU-seconds "
@@ -1593,7 +1752,7 @@ def main():
     global opts_global
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small bursts, N up to 16, fewer replicas (a few minutes)")
-    p.add_argument("--only", default="throughput,latency,storm,restart,memory",
+    p.add_argument("--only", default="throughput,latency,storm,restart,memory,longrun",
                    help="comma-separated scenarios to run")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated middle modes")
     p.add_argument("--out", help="markdown report (default docs/benchmarks.md, --quick: target/bench-quick/benchmarks.md)")
@@ -1619,6 +1778,7 @@ def main():
         opts.restart_replicas, opts.restart_rate = 2, 2000
         opts.mem_counts = [1, 100, 1000]
         opts.settle = 1.0
+        opts.longrun_phases, opts.longrun_phase_mb, opts.longrun_log_mb = 4, 32, 16
     else:
         opts.burst = 200000
         opts.real_ns = [1, 4]
@@ -1629,12 +1789,14 @@ def main():
         opts.restart_replicas, opts.restart_rate = 4, 2000
         opts.mem_counts = [1, 100, 1000]
         opts.settle = 3.0
+        opts.longrun_phases, opts.longrun_phase_mb, opts.longrun_log_mb = 8, 64, 64
     if opts.sink_ns_arg:
         opts.sink_ns = [int(x) for x in opts.sink_ns_arg.split(",")]
     if opts.burst_arg:
         opts.burst = opts.burst_arg
     opts.repeat = opts.repeat_arg or (1 if opts.quick else 3)
     opts.mem_small_keys = 1000
+    opts.longrun_keys, opts.longrun_value = 200000, 100
     opts.deliver_timeout = 600
     out_md = opts.out or os.path.join(ROOT, "target/bench-quick/benchmarks.md" if opts.quick else "docs/benchmarks.md")
     if opts.report_from:
@@ -1732,6 +1894,10 @@ def main():
             for mode in modes:
                 if mode != "direct":
                     attempt("memory", memory_case, opts, mode, (opts.storm_keys, opts.storm_value), [1])
+        if "longrun" in scenarios:
+            for mode in LONGRUN_MODES:
+                if mode in modes or (mode == "relay-master-src" and "relay" in modes):
+                    attempt("longrun", longrun_case, opts, mode)
     except KeyboardInterrupt:
         log("interrupted: stopping every process")
         REG.cleanup()
