@@ -170,7 +170,7 @@ fn read_header(
         return Ok(None);
     };
     let digits = &buf[pos + 1..pos + line_end];
-    let value = parse_decimal(digits)
+    let value = string2ll(digits)
         .filter(|v| *v >= 0)
         .ok_or_else(|| ProtocolError::BadLength { what, line: lossy(&buf[pos..pos + line_end]) })?
         as usize;
@@ -185,24 +185,47 @@ pub fn find_crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
 }
 
-/// Parses an optionally negative ASCII decimal with no other characters (on the hot path: every
-/// header of every command).
-pub fn parse_decimal(digits: &[u8]) -> Option<i64> {
-    let (negative, digits) = match digits.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, digits),
-    };
-    if digits.is_empty() || digits.len() > 18 {
+/// The longest decimal redis-server parses as a number (`LONG_STR_SIZE` - 1: `-9223372036854775808`).
+const MAX_DECIMAL_LEN: usize = 20;
+
+/// A decimal exactly as redis-server's `string2ll` reads one, the one parser of every number a peer
+/// sends (RESP lengths, `PSYNC` offsets, `REPLCONF` ports and ACKs, command arguments): an optional
+/// `-`, then `0` alone or a first digit 1-9 and more digits, nothing else (no `+`, no spaces, no
+/// leading zeros, no `-0`), and within `i64`. A strict form means every accepted text is the
+/// canonical spelling of its value.
+pub fn string2ll(text: &[u8]) -> Option<i64> {
+    if text.is_empty() || text.len() > MAX_DECIMAL_LEN {
         return None;
     }
+    if text == b"0" {
+        return Some(0);
+    }
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    match digits.first() {
+        Some(b'1'..=b'9') => {}
+        _ => return None,
+    }
+    // Accumulated negatively, so `i64::MIN` (whose magnitude `i64` cannot hold) fits.
     let mut value: i64 = 0;
     for &digit in digits {
         if !digit.is_ascii_digit() {
             return None;
         }
-        value = value * 10 + i64::from(digit - b'0');
+        value = value.checked_mul(10)?.checked_sub(i64::from(digit - b'0'))?;
     }
-    Some(if negative { -value } else { value })
+    if negative {
+        Some(value)
+    } else {
+        value.checked_neg()
+    }
+}
+
+/// [`string2ll`] of a command argument, for callers holding text.
+pub fn string2ll_str(text: &str) -> Option<i64> {
+    string2ll(text.as_bytes())
 }
 
 fn lossy(bytes: &[u8]) -> String {
@@ -502,12 +525,29 @@ mod tests {
     }
 
     #[test]
-    fn decimals_parse_strictly() {
-        assert_eq!(parse_decimal(b"0"), Some(0));
-        assert_eq!(parse_decimal(b"1234"), Some(1234));
-        assert_eq!(parse_decimal(b"-1"), Some(-1));
-        for bad in [&b""[..], b"-", b"12a", b"+3", b" 1", b"1234567890123456789"] {
-            assert_eq!(parse_decimal(bad), None, "{:?}", String::from_utf8_lossy(bad));
+    fn decimals_parse_as_string2ll() {
+        assert_eq!(string2ll(b"0"), Some(0));
+        assert_eq!(string2ll(b"1234"), Some(1234));
+        assert_eq!(string2ll(b"-1"), Some(-1));
+        assert_eq!(string2ll(b"9223372036854775807"), Some(i64::MAX));
+        assert_eq!(string2ll(b"-9223372036854775808"), Some(i64::MIN));
+        for bad in [
+            &b""[..],
+            b"-",
+            b"12a",
+            b"+3",
+            b" 1",
+            b"1 ",
+            b"01",
+            b"-0",
+            b"-01",
+            b"00",
+            b"9223372036854775808",
+            b"-9223372036854775809",
+            b"18446744073709551616",
+            b"100000000000000000000",
+        ] {
+            assert_eq!(string2ll(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }
 

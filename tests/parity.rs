@@ -287,3 +287,72 @@ fn client_reply_off_and_skip_drop_replies() {
     socket.read_exact(&mut next).expect("PING e");
     assert_eq!(&next, b"$1\r\ne\r\n");
 }
+
+/// Numbers in `PSYNC`, `REPLCONF`, `SELECT` and `HELLO` are read as redis-server reads them
+/// (`string2ll`: no `+`, no leading zeros, no `-0`, no spaces, within 64 bits), with its replies:
+/// each input goes to a real redis-server and to the relay, and the replies must be the same. A
+/// refused `PSYNC` leaves the connection an ordinary client, as on redis-server.
+#[test]
+fn numeric_arguments_are_refused_exactly_as_redis_server_refuses_them() {
+    let master = RedisServer::builder().start();
+    let relay = Relay::start(&master);
+    wait_for(SYNC_TIMEOUT, "the relay's master link", || {
+        match relay.info_field("replication", "master_link_status").as_deref() {
+            Some("up") => Ok(()),
+            other => Err(format!("master_link_status {other:?}")),
+        }
+    });
+    let cases: &[&[&str]] = &[
+        &["PSYNC", "?", "+100"],
+        &["PSYNC", "?", "0100"],
+        &["PSYNC", "?", "-0"],
+        &["PSYNC", "?", " 1"],
+        &["PSYNC", "?", "1 "],
+        &["PSYNC", "?", ""],
+        &["PSYNC", "?", "9223372036854775808"],
+        &["PSYNC", "?", "-9223372036854775809"],
+        &["PSYNC", "?", "1e3"],
+        &["REPLCONF", "listening-port", "+6380"],
+        &["REPLCONF", "listening-port", "06380"],
+        &["REPLCONF", "listening-port", "-0"],
+        &["REPLCONF", "listening-port", "99999999999999999999"],
+        &["REPLCONF", "listening-port", "6380"],
+        &["REPLCONF", "listening-port", "70000"],
+        &["REPLCONF", "rdb-only", "2"],
+        &["REPLCONF", "rdb-only", "-1"],
+        &["REPLCONF", "rdb-only", "+1"],
+        &["REPLCONF", "rdb-only", "0"],
+        &["SELECT", "+1"],
+        &["SELECT", "01"],
+        &["SELECT", "-0"],
+        &["SELECT", "16"],
+        &["SELECT", "-1"],
+        &["SELECT", "4294967296"],
+        &["SELECT", "1"],
+        &["HELLO", "+3"],
+        &["HELLO", "03"],
+        &["HELLO", "4"],
+    ];
+    let mut on_redis = master.conn();
+    let mut on_relay = relay.conn();
+    for args in cases {
+        let reply = |conn: &mut redis::Connection| -> String {
+            let mut cmd = redis::cmd(args[0]);
+            for arg in &args[1..] {
+                cmd.arg(*arg);
+            }
+            match cmd.query::<redis::Value>(conn) {
+                Ok(value) => format!("{value:?}"),
+                Err(error) => format!("{:?} {}", error.code(), error.detail().unwrap_or_default()),
+            }
+        };
+        let expected = reply(&mut on_redis);
+        let got = reply(&mut on_relay);
+        assert_eq!(got, expected, "{args:?}");
+    }
+    // Both connections are still ordinary clients after the refused PSYNCs.
+    let pong: String = redis::cmd("PING").query(&mut on_relay).expect("PING after refused PSYNCs");
+    assert_eq!(pong, "PONG");
+    let port: String = relay.info_field("replication", "connected_slaves").unwrap_or_default();
+    assert_eq!(port, "0", "a refused PSYNC registers no replica");
+}

@@ -1,13 +1,13 @@
 //! Property tests of everything that parses a peer's bytes: client commands (multibulk and inline),
 //! the replication stream's command scanner, and the RDB checks (header, EOF opcode, CRC-64, key
-//! count). Random inputs from fixed seeds, so a failure names its seed and repeats; each property
+//! count), and the one number parser (`string2ll`, redis-server's). Random inputs from fixed seeds, so a failure names its seed and repeats; each property
 //! runs a few thousand cases in `cargo test`. For longer, coverage-guided runs see `fuzz/README.md`.
 
 use bytes::BytesMut;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use redis_relay::protocol::{encode_command, parse_command, scan_command, scan_command_from, ClientCommand};
+use redis_relay::protocol::{encode_command, parse_command, scan_command, scan_command_from, string2ll, ClientCommand};
 use redis_relay::snapshot::format::RdbVerifier;
 
 const CASES: u64 = 2000;
@@ -232,5 +232,57 @@ fn garbage_never_panics_the_rdb_checks() {
             bytes.extend((0..rng.random_range(0..300)).map(|_| rng.random::<u8>()));
         }
         let _ = verify_in_pieces(&mut rng, &bytes);
+    }
+}
+
+/// The reference for `string2ll`: redis-server documents it as accepting exactly the texts that are
+/// the canonical spelling of an `i64` (what `%lld` prints), so parse leniently and print back.
+fn string2ll_model(text: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(text).ok()?;
+    let value: i64 = text.parse().ok()?;
+    (value.to_string() == text).then_some(value)
+}
+
+/// Texts near the edges of the grammar: signs, zeros, spaces, the `i64` limits and one past them.
+fn random_decimal_text(rng: &mut StdRng) -> Vec<u8> {
+    match rng.random_range(0..4) {
+        0 => rng.random::<i64>().to_string().into_bytes(),
+        1 => {
+            let edges = [i64::MIN, i64::MAX, 0, 1, -1, i64::MIN + 1, i64::MAX - 1];
+            let mut text = edges[rng.random_range(0..edges.len())].to_string().into_bytes();
+            // One digit changed, added or dropped: just past a limit, or a leading zero.
+            match rng.random_range(0..4) {
+                0 => text.push(rng.random_range(b'0'..=b'9')),
+                1 => text.insert(0, rng.random_range(b'0'..=b'9')),
+                2 if !text.is_empty() => {
+                    let at = rng.random_range(0..text.len());
+                    text[at] = rng.random_range(b'0'..=b'9');
+                }
+                _ => {}
+            }
+            text
+        }
+        _ => {
+            const ALPHABET: &[u8] = b"0123456789000--+ \t\r\nx.e";
+            let len = rng.random_range(0..23);
+            (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())]).collect()
+        }
+    }
+}
+
+#[test]
+fn string2ll_accepts_exactly_the_canonical_i64_texts() {
+    for seed in 0..CASES * 10 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let text = random_decimal_text(&mut rng);
+        assert_eq!(string2ll(&text), string2ll_model(&text), "seed {seed}: {:?}", String::from_utf8_lossy(&text));
+    }
+    for text in ["+100", "0100", "-0", " 1", "1 ", "", "-", "9223372036854775808", "-9223372036854775809"] {
+        assert_eq!(string2ll(text.as_bytes()), None, "{text:?}");
+    }
+    assert_eq!(string2ll(b"-9223372036854775808"), Some(i64::MIN));
+    // The RESP headers go through it too: redis-server answers "invalid multibulk/bulk length".
+    for bad in [&b"*01\r\n$4\r\nPING\r\n"[..], b"*+1\r\n$4\r\nPING\r\n", b"*1\r\n$04\r\nPING\r\n"] {
+        assert!(parse_command(&mut BytesMut::from(bad)).is_err(), "{:?}", String::from_utf8_lossy(bad));
     }
 }

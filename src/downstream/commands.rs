@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::clients::{ClientType, ReplyMode};
 use super::{wrong_arity, Session};
-use crate::protocol::{ClientCommand, Reply};
+use crate::protocol::{string2ll, ClientCommand, Reply};
 use crate::relay::RelayContext;
 
 /// `databases`: SELECT takes 0 to 15, like a default redis-server (every database is empty).
@@ -189,13 +189,15 @@ impl Session {
             "CONFIG" => config_command(&self.context, command, self.resp()),
             "CLIENT" => self.client_command(command),
             "SELECT" if argc != 2 => wrong_arity("select"),
-            "SELECT" => match command.arg_str(1).parse::<i64>() {
-                Ok(db) if (0..i64::from(DATABASES)).contains(&db) => {
+            // `getIntFromObjectOrReply`, then the range of `databases`.
+            "SELECT" => match string2ll(&command.args[1]) {
+                Some(db) if (0..i64::from(DATABASES)).contains(&db) => {
                     self.client.update(|row| row.db = db as u32);
                     Reply::ok()
                 }
-                Ok(_) => Reply::error("ERR DB index is out of range"),
-                Err(_) => Reply::error("ERR value is not an integer or out of range"),
+                Some(db) if i32::try_from(db).is_ok() => Reply::error("ERR DB index is out of range"),
+                Some(_) => Reply::error("ERR value is out of range, value must between -2147483648 and 2147483647"),
+                None => Reply::error("ERR value is not an integer or out of range"),
             },
             "DBSIZE" if argc == 1 => Reply::Integer(0),
             "DBSIZE" => wrong_arity("dbsize"),
@@ -219,10 +221,10 @@ impl Session {
         let mut resp = None;
         let mut next = 1;
         if command.args.len() > 1 {
-            match command.arg_str(1).parse::<i64>() {
-                Ok(version @ 2..=3) => resp = Some(version as u8),
-                Ok(_) => return Reply::error("NOPROTO unsupported protocol version"),
-                Err(_) => return Reply::error("ERR Protocol version is not an integer or out of range"),
+            match string2ll(&command.args[1]) {
+                Some(version @ 2..=3) => resp = Some(version as u8),
+                Some(_) => return Reply::error("NOPROTO unsupported protocol version"),
+                None => return Reply::error("ERR Protocol version is not an integer or out of range"),
             }
             next = 2;
         }

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::protocol::{ClientCommand, CommandLimits, Reply};
+use crate::protocol::{string2ll_str, ClientCommand, CommandLimits, Reply};
 use crate::relay::{RelayContext, ServedStats};
 use crate::tls::{Stream, TlsAcceptor};
 use clients::{ClientHandle, ClientType, KillFilter, KillType};
@@ -71,7 +71,8 @@ impl ReplicaState {
 #[derive(Debug, Clone)]
 pub struct ReplicaEntry {
     pub ip: String,
-    pub port: u16,
+    /// As announced (`REPLCONF listening-port`): redis-server keeps any integer, in a C `int`.
+    pub port: i32,
     pub state: ReplicaState,
     pub ack_offset: u64,
     pub ack_time: Instant,
@@ -177,7 +178,7 @@ impl Drop for ReplicaRow {
 /// What a replica announced during its handshake (`REPLCONF`).
 #[derive(Debug, Clone, Default)]
 pub struct ReplicaHandshake {
-    pub listening_port: u16,
+    pub listening_port: i32,
     pub ip_address: Option<String>,
     pub capa_eof: bool,
     pub capa_psync2: bool,
@@ -893,9 +894,11 @@ impl Session {
             let option = String::from_utf8_lossy(&pair[0]).to_ascii_lowercase();
             let value = String::from_utf8_lossy(&pair[1]).into_owned();
             match option.as_str() {
-                "listening-port" => match value.parse::<u16>() {
-                    Ok(port) => self.handshake.listening_port = port,
-                    Err(_) => return Next::Reply(Reply::error("ERR value is not an integer or out of range")),
+                // `getLongFromObjectOrReply` into redis-server's `int slave_listening_port`: no
+                // range check, the value is truncated to 32 bits as C's conversion does.
+                "listening-port" => match string2ll_str(&value) {
+                    Some(port) => self.handshake.listening_port = port as i32,
+                    None => return Next::Reply(Reply::error("ERR value is not an integer or out of range")),
                 },
                 "ip-address" => {
                     if value.len() >= 256 {
@@ -919,9 +922,12 @@ impl Session {
                         return Next::Reply(Reply::error(format!("ERR Unsupported rdb-filter-only option: {name}")))
                     }
                 },
-                "rdb-only" => match value.as_str() {
-                    "0" | "1" => self.handshake.rdb_only = value == "1",
-                    _ => return Next::Reply(Reply::error("ERR value is not an integer or out of range")),
+                "rdb-only" => match string2ll_str(&value) {
+                    Some(flag @ 0..=1) => self.handshake.rdb_only = flag == 1,
+                    Some(_) => {
+                        return Next::Reply(Reply::error("ERR value is out of range, value must between 0 and 1"))
+                    }
+                    None => return Next::Reply(Reply::error("ERR value is not an integer or out of range")),
                 },
                 _ => return Next::Reply(Reply::error(format!("ERR Unrecognized REPLCONF option: {option}"))),
             }

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::connection::{read_more, write_all_vectored};
 use super::{ClientError, ReplicaEntry, ReplicaRow, ReplicaState, Session};
 use crate::log::{LogSummary, ReadError};
-use crate::protocol::{parse_command, ClientCommand, CommandLimits, Reply};
+use crate::protocol::{parse_command, string2ll, ClientCommand, CommandLimits, Reply};
 use crate::relay::{random_hex_id, RelayContext, ServedStats, TransferProgress};
 use crate::snapshot::SnapshotMeta;
 use crate::tls::Stream;
@@ -94,7 +94,7 @@ async fn replicate(
     command: &ClientCommand,
     is_psync: bool,
     ip: String,
-    port: u16,
+    port: i32,
     summary: LogSummary,
     ids: crate::log::ReplIds,
     mut shutdown: watch::Receiver<bool>,
@@ -102,7 +102,7 @@ async fn replicate(
     let context = session.context.clone();
     if is_psync {
         let requested_id = command.arg_str(1);
-        let Ok(offset) = command.arg_str(2).parse::<i64>() else {
+        let Some(offset) = string2ll(&command.args[2]) else {
             return refuse(session, "ERR value is not an integer or out of range").await;
         };
         let summary = wait_if_ahead(&context, &requested_id, offset, summary).await;
@@ -425,8 +425,10 @@ fn classify(command: &ClientCommand) -> FromReplica {
     if command.name() == "REPLCONF" {
         let option = command.arg_str(1).to_ascii_lowercase();
         if option == "ack" {
-            if let Ok(offset) = command.arg_str(2).parse::<u64>() {
-                return FromReplica::Ack(offset);
+            // redis-server: an unparsable offset is ignored, a negative one still counts as an
+            // ACK (it refreshes the ACK time) but cannot lower the acknowledged offset.
+            if let Some(offset) = command.args.get(2).and_then(|arg| string2ll(arg)) {
+                return FromReplica::Ack(offset.max(0) as u64);
             }
         }
         if option == "getack" || option == "ack" {

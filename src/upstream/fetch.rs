@@ -39,7 +39,7 @@ use super::{handshake, rdb, LinkError, UpstreamConfig, UpstreamStatus};
 use crate::config::{SnapshotSource, SnapshotSourcing};
 use crate::downstream::{ReplicaState, ReplicaTable};
 use crate::log::{LogSummary, ReplicationLog};
-use crate::protocol::encode_command;
+use crate::protocol::{encode_command, string2ll_str};
 use crate::snapshot::{SnapshotMeta, SnapshotStore};
 use crate::tls::TlsConnector;
 
@@ -383,7 +383,7 @@ impl RdbFetcher {
             rows.iter().filter(|r| r.state != ReplicaState::Online).map(|r| format!("{}:{}", r.ip, r.port)).collect();
         let mut online: Vec<_> = rows
             .iter()
-            .filter(|r| r.state == ReplicaState::Online && r.acked && r.port != 0)
+            .filter(|r| r.state == ReplicaState::Online && r.acked && (1..=i32::from(u16::MAX)).contains(&r.port))
             .map(|r| (format!("{}:{}", r.ip, r.port), r.ack_offset, r.ack_time, r.tls))
             .filter(|(addr, _, _, _)| {
                 !self.sourcing.exclude.contains(addr) && !syncing.contains(addr) && !self.penalties.contains_key(addr)
@@ -435,7 +435,9 @@ impl RdbFetcher {
             .await
             .map_err(|e| refuse("unreachable", e.to_string()))?;
         let mut parts = reply.strip_prefix("+FULLRESYNC").unwrap_or("").split_whitespace();
-        let (Some(replid), Some(offset)) = (parts.next(), parts.next().and_then(|o| o.parse::<u64>().ok())) else {
+        let (Some(replid), Some(offset)) =
+            (parts.next(), parts.next().and_then(string2ll_str).and_then(|o| u64::try_from(o).ok()))
+        else {
             return Err(refuse("refused", format!("PSYNC answered {reply:?}")));
         };
         if source.is_replica() {

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::log::ReplicationLog;
-use crate::protocol::{encode_command, ProtocolError};
+use crate::protocol::{encode_command, string2ll_str, ProtocolError};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use connection::MasterConnection;
 use history::{HeldHistory, HistoryResetPolicy};
@@ -356,7 +356,9 @@ impl UpstreamLink {
         let reply = conn.read_reply("waiting for the PSYNC reply").await?;
         let mut applied = if let Some(rest) = reply.strip_prefix("+FULLRESYNC") {
             let mut parts = rest.split_whitespace();
-            let (Some(replid), Some(offset)) = (parts.next(), parts.next().and_then(|o| o.parse::<u64>().ok())) else {
+            let (Some(replid), Some(offset)) =
+                (parts.next(), parts.next().and_then(string2ll_str).and_then(|o| u64::try_from(o).ok()))
+            else {
                 return Err(LinkError::BadPsyncReply(reply));
             };
             if replid.len() != 40 {

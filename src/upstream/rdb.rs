@@ -3,6 +3,7 @@
 
 use super::connection::MasterConnection;
 use super::LinkError;
+use crate::protocol::string2ll_str;
 use crate::snapshot::SnapshotWriter;
 
 /// Length of the random mark that frames an EOF-form payload.
@@ -38,10 +39,10 @@ async fn read_header(conn: &mut MasterConnection) -> Result<Header, LinkError> {
             }
             return Ok(Header::EofMark(mark.as_bytes().to_vec()));
         }
-        return spec
-            .parse::<u64>()
+        return string2ll_str(spec)
+            .and_then(|len| u64::try_from(len).ok())
             .map(Header::Length)
-            .map_err(|_| LinkError::BadPayload(format!("bad payload length {line:?}")));
+            .ok_or_else(|| LinkError::BadPayload(format!("bad payload length {line:?}")));
     }
 }
 
