@@ -54,6 +54,10 @@ pub struct Defaults {
     pub client_query_buffer_limit: u64,
     /// `tls_auth_clients`: redis-server's `tls-auth-clients yes`.
     pub tls_auth_clients: ClientAuth,
+    /// The RDB version guard's backoff for a replica caught in a full-sync loop, doubling up to
+    /// the max (no redis-server setting: the relay's own).
+    pub replica_resync_backoff: std::time::Duration,
+    pub replica_resync_backoff_max: std::time::Duration,
     /// The relay name when the flags describe the only relay.
     pub name: &'static str,
 }
@@ -78,6 +82,8 @@ pub const DEFAULTS: Defaults = Defaults {
     maxmemory_clients: crate::downstream::memory::DEFAULT_MAXMEMORY_CLIENTS,
     client_query_buffer_limit: crate::downstream::memory::DEFAULT_QUERY_BUFFER_LIMIT,
     tls_auth_clients: ClientAuth::Yes,
+    replica_resync_backoff: std::time::Duration::from_secs(30),
+    replica_resync_backoff_max: std::time::Duration::from_secs(30 * 60),
     name: "default",
 };
 
@@ -245,6 +251,14 @@ pub struct RelayConfig {
     pub maxmemory_clients: u64,
     /// One client's query buffer plus MULTI queue (redis.conf `client-query-buffer-limit`).
     pub client_query_buffer_limit: u64,
+    /// `REPLCONF version <v>` sent to the master (`upstream.announce_version`), so a Valkey 9 master
+    /// writes the RDB format the relay's replicas load; `None` sends nothing.
+    pub upstream_announce_version: Option<String>,
+    /// The RDB version guard's backoff for a replica caught in a full-sync loop
+    /// (`replica_resync_backoff`, doubling up to `replica_resync_backoff_max`); zero turns the loop
+    /// detection off.
+    pub replica_resync_backoff: std::time::Duration,
+    pub replica_resync_backoff_max: std::time::Duration,
 }
 
 /// The `upstream` block of one layer. The flags spell these `--upstream` (the address),
@@ -260,6 +274,8 @@ pub struct UpstreamSettings {
     pub tls_cert_file: Option<Text>,
     pub tls_key_file: Option<Text>,
     pub tls_server_name: Option<Text>,
+    /// `REPLCONF version` to announce (`x.y.z`).
+    pub announce_version: Option<Text>,
 }
 
 /// One layer of a relay's settings: the file's `defaults`, one entry of `relays`, or the command
@@ -299,6 +315,8 @@ pub struct RelaySettings {
     pub timeout: Option<Duration>,
     pub maxmemory_clients: Option<Size>,
     pub client_query_buffer_limit: Option<Size>,
+    pub replica_resync_backoff: Option<Duration>,
+    pub replica_resync_backoff_max: Option<Duration>,
 }
 
 /// The top-level `metrics` block (`--metrics`, `--metrics-auth`).
@@ -592,6 +610,10 @@ fn resolve_relay(layers: &Layers, data_dir: Option<&Sourced<String>>) -> Result<
     snapshot.password =
         layers.text("snapshot_source_password", |s| s.snapshot_source_password.as_ref()).map(|s| s.value);
 
+    let replica_resync_backoff = layers
+        .pick("replica_resync_backoff", |s| s.replica_resync_backoff.as_ref())
+        .map_or(DEFAULTS.replica_resync_backoff, |s| s.value.0);
+
     let upstream_tls = upstream_tls(layers)?;
     let tls_listen_field = layers.own_field("tls_listen");
     let tls = downstream_tls(layers)?;
@@ -653,6 +675,19 @@ fn resolve_relay(layers: &Layers, data_dir: Option<&Sourced<String>>) -> Result<
         timeout: layers.pick("timeout", |s| s.timeout.as_ref()).map_or(DEFAULTS.timeout, |s| s.value.0),
         maxmemory_clients,
         client_query_buffer_limit,
+        upstream_announce_version: parse_with(
+            layers
+                .upstream_text("announce_version", |u| u.announce_version.as_ref())
+                .map(|s| Sourced { value: s.value.trim().to_string(), field: s.field }),
+            None,
+            |text| crate::upstream::version::version_number(text).map(|_| Some(text.to_string())),
+            "expected a version x.y.z (each part 0 to 255), such as 9.0.0",
+        )?,
+        replica_resync_backoff,
+        replica_resync_backoff_max: layers
+            .pick("replica_resync_backoff_max", |s| s.replica_resync_backoff_max.as_ref())
+            .map_or(DEFAULTS.replica_resync_backoff_max, |s| s.value.0)
+            .max(replica_resync_backoff),
     };
     Ok(Resolved { relay, name_field: name.field, listen_field, tls_listen_field, dir_field })
 }
@@ -1213,6 +1248,40 @@ mod tests {
         let relay = RelaySettings { repl_timeout: Some("0s".parse().unwrap()), ..one_relay_flags() };
         let message = Config::load(None, &flags(relay)).unwrap_err().to_string();
         assert!(message.starts_with("--repl-timeout: "), "{message}");
+    }
+
+    #[test]
+    fn version_settings_parse_and_errors_name_the_field() {
+        let config = Config::from_yaml(
+            "data_dir: /d\ndefaults: {replica_resync_backoff: 5s}\nrelays:\n  - {name: a, upstream: {addr: 'h:1', announce_version: 8.0.2}, listen: '127.0.0.1:1', replica_resync_backoff_max: 1m}\n  - {name: b, upstream: {addr: 'h:2'}, listen: '127.0.0.1:2'}\n",
+        )
+        .unwrap();
+        let (a, b) = (&config.relays[0], &config.relays[1]);
+        assert_eq!(a.upstream_announce_version.as_deref(), Some("8.0.2"));
+        assert_eq!(a.replica_resync_backoff, std::time::Duration::from_secs(5));
+        assert_eq!(a.replica_resync_backoff_max, std::time::Duration::from_secs(60));
+        assert_eq!(b.upstream_announce_version, None);
+        assert_eq!(b.replica_resync_backoff_max, DEFAULTS.replica_resync_backoff_max);
+        for (yaml, needles) in [
+            ("upstream: {addr: 'h:1', announce_version: '8.0'}", ["relays[0].upstream.announce_version", "8.0"]),
+            ("upstream: {addr: 'h:1', announce_version: 8.256.0}", ["relays[0].upstream.announce_version", "8.256.0"]),
+            ("upstream: {addr: 'h:1'}, replica_resync_backoff: soon", ["relays[0].replica_resync_backoff", "soon"]),
+        ] {
+            let err = error_of(&format!("relays:\n  - {{name: a, listen: '127.0.0.1:1', dir: /d/a, {yaml}}}\n"));
+            for needle in needles {
+                assert!(err.contains(needle), "{err} lacks {needle}");
+            }
+        }
+        let relay = RelaySettings {
+            upstream: Some(UpstreamSettings {
+                addr: text("h:1"),
+                announce_version: text("nine"),
+                ..Default::default()
+            }),
+            ..one_relay_flags()
+        };
+        let message = Config::load(None, &flags(relay)).unwrap_err().to_string();
+        assert!(message.starts_with("--upstream-announce-version: ") && message.contains("nine"), "{message}");
     }
 
     #[test]

@@ -159,6 +159,18 @@ struct Cli {
     /// past it is closed; at least 1mb [default: 1gb].
     #[arg(long, value_name = "SIZE")]
     client_query_buffer_limit: Option<Size>,
+    /// Announce this version to the master with REPLCONF version (x.y.z), as Valkey 8+ replicas
+    /// do: a Valkey 9 master then writes the RDB format replicas of that version load.
+    #[arg(long, value_name = "X.Y.Z")]
+    upstream_announce_version: Option<Text>,
+    /// Refuse a replica caught in a full-sync loop (it asks again within seconds of each of two
+    /// unacknowledged full syncs) for this long, doubling each time; 0 turns the loop detection off
+    /// [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    replica_resync_backoff: Option<Duration>,
+    /// The longest backoff of a looping replica [default: 30m].
+    #[arg(long, value_name = "DURATION")]
+    replica_resync_backoff_max: Option<Duration>,
     /// Log format: text or json. Filter with RUST_LOG.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
@@ -188,6 +200,7 @@ fn overrides(cli: Cli, matches: &ArgMatches, with_file: bool) -> config::Overrid
         tls_cert_file: cli.upstream_tls_cert_file,
         tls_key_file: cli.upstream_tls_key_file,
         tls_server_name: cli.upstream_tls_server_name,
+        announce_version: cli.upstream_announce_version,
     };
     config::Overrides {
         metrics: config::MetricsSettings {
@@ -227,6 +240,8 @@ fn overrides(cli: Cli, matches: &ArgMatches, with_file: bool) -> config::Overrid
             timeout: cli.timeout,
             maxmemory_clients: cli.maxmemory_clients,
             client_query_buffer_limit: cli.client_query_buffer_limit,
+            replica_resync_backoff: cli.replica_resync_backoff,
+            replica_resync_backoff_max: cli.replica_resync_backoff_max,
         },
     }
 }

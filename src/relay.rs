@@ -229,6 +229,7 @@ pub async fn start(
         user: config.upstream_user.clone(),
         password: config.upstream_password.clone(),
         listening_port: config.listen.port(),
+        announce_version: config.upstream_announce_version.clone(),
         repl_timeout: config.repl_timeout,
         history_reset: config.history_reset,
         history_reset_min_key_ratio: config.history_reset_min_key_ratio,

@@ -187,6 +187,8 @@ pub struct ReplicaHandshake {
     pub capa_relay_snapshot: bool,
     /// `REPLCONF rdb-filter-only`: what the RDB keeps (redis-cli --functions-rdb).
     pub rdb_filter: Option<crate::snapshot::RdbFilter>,
+    /// `REPLCONF version x.y.z` (Valkey 8+ replicas), as given and as `version2num` reads it.
+    pub version: Option<(String, u32)>,
 }
 
 /// redis-server's reply to a connection over `maxclients`, written before closing it.
@@ -921,6 +923,11 @@ impl Session {
                     Err(name) => {
                         return Next::Reply(Reply::error(format!("ERR Unsupported rdb-filter-only option: {name}")))
                     }
+                },
+                // Valkey's `replconfCommand`: a version `version2num` reads, or an error.
+                "version" => match crate::upstream::version::version_number(&value) {
+                    Some(number) => self.handshake.version = Some((value, number)),
+                    None => return Next::Reply(Reply::error(format!("ERR Unrecognized version format: {value}"))),
                 },
                 "rdb-only" => match string2ll_str(&value) {
                     Some(flag @ 0..=1) => self.handshake.rdb_only = flag == 1,

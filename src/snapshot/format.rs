@@ -1,4 +1,5 @@
-//! The RDB facts the relay checks, apart from any I/O: the `REDIS%04d` header, the `0xFF` EOF opcode,
+//! The RDB facts the relay checks, apart from any I/O: the header (`REDIS%04d` as Redis and Valkey up
+//! to 8.x write it, `VALKEY%03d` as Valkey 9 writes RDB 80 and later), the `0xFF` EOF opcode,
 //! and the CRC-64 trailer (Jones polynomial, `CRC_64_REDIS`, stored little-endian; zero means the
 //! master runs with `rdbchecksum no` and loaders skip the check). Also the snapshot metadata file.
 
@@ -9,7 +10,15 @@ use serde::{Deserialize, Serialize};
 
 static CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_REDIS);
 
-const MAGIC: &[u8] = b"REDIS";
+const REDIS_MAGIC: &[u8] = b"REDIS";
+const VALKEY_MAGIC: &[u8] = b"VALKEY";
+/// The newest RDB version under the `REDIS` magic: 12, Redis 7.4 and 8.x (`rdb.h`). Valkey reserves
+/// 12 to 79 for such formats and never writes them.
+pub const NEWEST_REDIS_RDB_VERSION: u32 = 12;
+/// Valkey writes its own versions from 80 (9.0) under the `VALKEY` magic (`rdbUseValkeyMagic`:
+/// above its foreign range 12..=79); 81 is 9.2's.
+pub const FIRST_VALKEY_RDB_VERSION: u32 = 80;
+pub const NEWEST_VALKEY_RDB_VERSION: u32 = 81;
 const HEADER_LEN: usize = 9;
 const EOF_OPCODE: u8 = 0xFF;
 const TRAILER_LEN: usize = 9;
@@ -19,8 +28,14 @@ const TRAILER_LEN: usize = 9;
 pub enum RdbError {
     #[error("payload of {0} bytes is too short to be an RDB")]
     TooShort(u64),
-    #[error("bad signature {0:?} (expected REDIS<version>)")]
+    #[error("bad signature {0:?} (expected REDIS<4 digits> or VALKEY<3 digits>)")]
     BadMagic(String),
+    #[error(
+        "RDB version {version} under the {magic} signature is not one the relay knows (REDIS 1 to \
+         {NEWEST_REDIS_RDB_VERSION}, VALKEY {FIRST_VALKEY_RDB_VERSION} to {NEWEST_VALKEY_RDB_VERSION}): \
+         it cannot check it"
+    )]
+    UnknownVersion { magic: &'static str, version: u32 },
     #[error("RDB does not end with the EOF opcode 0xFF (found 0x{0:02x})")]
     MissingEof(u8),
     #[error("CRC-64 mismatch: trailer says {stored:016x}, content gives {computed:016x}")]
@@ -241,12 +256,35 @@ impl RdbVerifier {
     }
 }
 
-fn parse_header(header: &[u8]) -> Result<u32, RdbError> {
+/// The RDB version of a 9-byte header: `REDIS` and four digits, or `VALKEY` and three (both fixed
+/// width, as `snprintf` writes them), within the versions the relay knows for that signature.
+pub fn parse_header(header: &[u8]) -> Result<u32, RdbError> {
     let bad = || RdbError::BadMagic(String::from_utf8_lossy(header).into_owned());
-    if header.len() < HEADER_LEN || &header[..MAGIC.len()] != MAGIC {
+    let header = header.get(..HEADER_LEN).ok_or_else(bad)?;
+    let (magic, known, digits) = if let Some(digits) = header.strip_prefix(VALKEY_MAGIC) {
+        ("VALKEY", FIRST_VALKEY_RDB_VERSION..=NEWEST_VALKEY_RDB_VERSION, digits)
+    } else if let Some(digits) = header.strip_prefix(REDIS_MAGIC) {
+        ("REDIS", 1..=NEWEST_REDIS_RDB_VERSION, digits)
+    } else {
+        return Err(bad());
+    };
+    if !digits.iter().all(u8::is_ascii_digit) {
         return Err(bad());
     }
-    std::str::from_utf8(&header[MAGIC.len()..]).ok().and_then(|v| v.parse::<u32>().ok()).ok_or_else(bad)
+    let version = digits.iter().fold(0u32, |v, d| v * 10 + u32::from(d - b'0'));
+    if !known.contains(&version) {
+        return Err(RdbError::UnknownVersion { magic, version });
+    }
+    Ok(version)
+}
+
+/// The header a master of this RDB version writes (`REDIS0011`, `VALKEY080`).
+pub fn header_for(version: u32) -> String {
+    if version >= FIRST_VALKEY_RDB_VERSION {
+        format!("VALKEY{version:03}")
+    } else {
+        format!("REDIS{version:04}")
+    }
 }
 
 /// How many keys an RDB holds, as read while it streams by.
@@ -701,6 +739,51 @@ pub(crate) mod tests {
             let facts = verify_in_pieces(&rdb, piece).unwrap();
             assert_eq!(facts.version, 10);
             assert_eq!(facts.size, rdb.len() as u64);
+        }
+    }
+
+    #[test]
+    fn headers_of_redis_and_valkey_within_known_versions() {
+        for (header, version) in [
+            (&b"REDIS0001"[..], 1),
+            (b"REDIS0010", 10),
+            (b"REDIS0011", 11),
+            (b"REDIS0012", 12),
+            (b"VALKEY080", 80),
+            (b"VALKEY081", 81),
+        ] {
+            assert_eq!(parse_header(header), Ok(version), "{}", String::from_utf8_lossy(header));
+            assert_eq!(header_for(version).as_bytes(), header);
+        }
+        for (header, magic, version) in [
+            (&b"REDIS0013"[..], "REDIS", 13),
+            (b"REDIS0080", "REDIS", 80),
+            (b"VALKEY011", "VALKEY", 11),
+            (b"VALKEY082", "VALKEY", 82),
+        ] {
+            assert_eq!(parse_header(header), Err(RdbError::UnknownVersion { magic, version }));
+        }
+        for bad in
+            [&b"REDIS001"[..], b"REDIS 011", b"REDIS+011", b"VALKEY80 ", b"VALKEY8.0", b"KEYDB0011", b"valkey080"]
+        {
+            let short_or_bad = parse_header(bad);
+            assert!(
+                matches!(short_or_bad, Err(RdbError::BadMagic(_))),
+                "{}: {short_or_bad:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn a_valkey_rdb_verifies() {
+        let mut rdb = sample_rdb();
+        rdb[..9].copy_from_slice(b"VALKEY080");
+        let body = rdb.len() - 8;
+        let crc = CRC64.checksum(&rdb[..body]);
+        rdb[body..].copy_from_slice(&crc.to_le_bytes());
+        for piece in [1, 4, 9, rdb.len()] {
+            assert_eq!(verify_in_pieces(&rdb, piece).map(|f| f.version), Ok(80));
         }
     }
 

@@ -423,8 +423,10 @@ impl RdbFetcher {
         let mut conn = MasterConnection::connect(&addr, self.config.repl_timeout, tls)
             .await
             .map_err(|e| refuse("unreachable", e.to_string()))?;
+        let announce = self.config.announce_version.as_deref();
         let handshake_result =
-            handshake(&mut conn, user.as_deref(), password.as_deref(), self.config.listening_port, true).await;
+            handshake(&mut conn, user.as_deref(), password.as_deref(), self.config.listening_port, announce, true)
+                .await;
         handshake_result.map_err(|e| match e {
             LinkError::Io(_) | LinkError::Timeout(_) | LinkError::Closed => refuse("unreachable", e.to_string()),
             other => refuse("refused", other.to_string()),

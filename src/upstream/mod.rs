@@ -39,6 +39,8 @@ pub struct UpstreamConfig {
     pub password: Option<String>,
     /// The port we announce with `REPLCONF listening-port` (our listen port).
     pub listening_port: u16,
+    /// The version announced with `REPLCONF version` (`upstream.announce_version`), if any.
+    pub announce_version: Option<String>,
     pub repl_timeout: Duration,
     /// What to do when the master presents another history with far fewer keys.
     pub history_reset: HistoryResetPolicy,
@@ -343,7 +345,8 @@ impl UpstreamLink {
                 .await?;
         self.set_state(LinkState::Handshake);
         let (user, password) = (self.config.user.as_deref(), self.config.password.as_deref());
-        handshake(&mut conn, user, password, self.config.listening_port, false).await?;
+        let announce = self.config.announce_version.as_deref();
+        handshake(&mut conn, user, password, self.config.listening_port, announce, false).await?;
         let summary = self.log.summary();
         let psync = match &summary.ids {
             Some(ids) => {
@@ -588,7 +591,10 @@ impl UpstreamLink {
 }
 
 /// PING, then the pipelined AUTH and REPLCONFs, one reply read per command sent. With `rdb_only` the
-/// master is asked for an RDB and no stream (`REPLCONF rdb-only 1`, Redis 7.0+).
+/// master is asked for an RDB and no stream (`REPLCONF rdb-only 1`, Redis 7.0+). With
+/// `announce_version`, `REPLCONF version <v>` after the capabilities, as a Valkey 8+ replica sends
+/// it: a Valkey 9 master picks the RDB format for that version; other masters answer `-ERR
+/// Unrecognized REPLCONF option`, which is not critical (Valkey's replica ignores it too).
 /// The same handshake serves a replica asked for a snapshot (then `user`/`password` are the snapshot
 /// source's): a replica answers a sub-replica's `PSYNC` like a master.
 async fn handshake(
@@ -596,6 +602,7 @@ async fn handshake(
     user: Option<&str>,
     password: Option<&str>,
     listening_port: u16,
+    announce_version: Option<&str>,
     rdb_only: bool,
 ) -> Result<(), LinkError> {
     conn.send(&encode_command(&[b"PING"])).await?;
@@ -639,6 +646,10 @@ async fn handshake(
         pipeline.extend_from_slice(&encode_command(&[b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"]));
     }
     let mut replconfs = vec!["listening-port", "capa"];
+    if let Some(version) = announce_version {
+        pipeline.extend_from_slice(&encode_command(&[b"REPLCONF", b"version", version.as_bytes()]));
+        replconfs.push("version");
+    }
     if rdb_only {
         pipeline.extend_from_slice(&encode_command(&[b"REPLCONF", b"rdb-only", b"1"]));
         replconfs.push("rdb-only");

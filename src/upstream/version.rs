@@ -15,6 +15,35 @@ pub const FALLBACK_REDIS_VERSION: &str = "7.0.0";
 /// The longest `INFO server` reply the relay reads (a master's is about 1 KiB).
 const MAX_INFO_REPLY: usize = 64 * 1024;
 
+/// A version `x.y.z` as one number, `0x00XXYYZZ`, read as Valkey's `version2num` reads
+/// `REPLCONF version`: digits and exactly two dots, each part at most 255 (an empty part is 0).
+pub fn version_number(text: &str) -> Option<u32> {
+    let (mut value, mut part, mut dots) = (0u32, 0u32, 0);
+    if text.is_empty() {
+        return None;
+    }
+    for byte in text.bytes() {
+        match byte {
+            b'0'..=b'9' => {
+                part = part * 10 + u32::from(byte - b'0');
+                if part > 255 {
+                    return None;
+                }
+            }
+            b'.' => {
+                dots += 1;
+                if dots > 2 {
+                    return None;
+                }
+                value = (value << 8) | part;
+                part = 0;
+            }
+            _ => return None,
+        }
+    }
+    (dots == 2).then_some((value << 8) | part)
+}
+
 /// The version fields of the master's `INFO server`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MasterVersion {
@@ -105,6 +134,17 @@ async fn read_version(config: &UpstreamConfig) -> Result<MasterVersion, LinkErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_numbers_read_as_valkey_reads_them() {
+        assert_eq!(version_number("7.2.0"), Some(0x070200));
+        assert_eq!(version_number("9.0.1"), Some(0x090001));
+        assert_eq!(version_number("255.255.255"), Some(0xffffff));
+        assert_eq!(version_number(".."), Some(0));
+        for bad in ["", "8", "8.0", "8.0.0.1", "8.256.0", "8.0.0-rc1", " 8.0.0", "v8.0.0"] {
+            assert_eq!(version_number(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_redis_and_valkey_versions() {
