@@ -21,7 +21,9 @@
 //!   and the streaming key count.
 //! - [`downstream`]: the listener: client commands (`INFO`, `ROLE`, ...; the node commands tools
 //!   send, `HELLO`, `COMMAND`, `CONFIG`, `CLIENT`, ..., in `downstream::commands` over the client
-//!   table of `downstream::clients`) and replicas served from the snapshot and the log.
+//!   table of `downstream::clients`) and replicas served from the snapshot and the log;
+//!   [`downstream::guard`] is the RDB version guard (full syncs refused to replicas that cannot load
+//!   the snapshot's RDB version, announced or caught in a failure loop).
 //! - [`tls`]: TLS both ways (rustls): certificates from PEM files, the one `Stream` type of plain
 //!   and TLS connections.
 //! - [`relay`]: wires one relay together and stops it; [`config`]: CLI and YAML (many relays per

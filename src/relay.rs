@@ -93,6 +93,8 @@ pub struct RelayContext {
     pub listeners: crate::downstream::ListenerStatus,
     /// The clients' buffers against `maxmemory-clients` and `client-query-buffer-limit`.
     pub client_memory: Arc<crate::downstream::memory::ClientMemoryBudget>,
+    /// The RDB version guard: full syncs refused to replicas that cannot load the snapshot.
+    pub sync_guard: crate::downstream::guard::SyncGuard,
 }
 
 impl RelayContext {
@@ -221,6 +223,8 @@ pub async fn start(
     let (config_maxmemory_clients, config_query_buffer_limit) =
         (config.maxmemory_clients, config.client_query_buffer_limit);
     let clients = Arc::new(ClientTable::default());
+    let sync_guard =
+        crate::downstream::guard::SyncGuard::new(config.replica_resync_backoff, config.replica_resync_backoff_max);
     let (upstream_target, target) = watch::channel(config.upstream.clone());
     let (history_accept, accepted) = watch::channel(None);
     let replicas = Arc::new(ReplicaTable::default());
@@ -270,6 +274,7 @@ pub async fn start(
         ),
         pubsub,
         client_slots: crate::limits::ClientSlots::new(config_maxclients),
+        sync_guard,
         fetcher,
         fetcher_status,
         log_recovery: recovery,

@@ -8,16 +8,13 @@
 //! header rewritten and its CRC-64 recomputed), and a fake replica plays the replica that
 //! announces a version or fails to load and asks again.
 
-// The RDB version guard's tests (next) use the rest of the fakes.
-#![allow(dead_code, unused_imports)]
-
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -254,10 +251,6 @@ impl FakeReplica {
         self.reader.read_exact(&mut payload).expect("read the RDB payload");
         SyncResult::Full { payload, offset }
     }
-
-    fn ack(&mut self, offset: u64) {
-        self.send(&["REPLCONF".into(), "ACK".into(), offset.to_string()]);
-    }
 }
 
 fn wait_snapshot_version(relay: &Relay, version: &str) {
@@ -310,4 +303,161 @@ fn announce_version_is_tolerated_by_a_master_that_does_not_know_it() {
     wait_in_sync(&master, &replica, SYNC_TIMEOUT);
     assert_eq!(replica.digest(), master.digest());
     assert_eq!(relay.info_field("relay", "upstream_last_error").as_deref(), Some(""));
+}
+
+fn info_number(relay: &Relay, section: &str, field: &str) -> i64 {
+    relay
+        .info_field(section, field)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("INFO {section} {field} is not a number"))
+}
+
+/// No replica connected: the relay has seen the last one go (so the guard knows how it ended).
+fn wait_no_replicas(relay: &Relay) {
+    wait_for(SYNC_TIMEOUT, "the relay to see the replica go", || {
+        match info_number(relay, "replication", "connected_slaves") {
+            0 => Ok(()),
+            n => Err(format!("connected_slaves {n}")),
+        }
+    });
+}
+
+#[test]
+fn a_replica_announcing_a_version_that_cannot_load_the_snapshot_is_refused_at_once() {
+    let rdb = with_header(&real_rdb(), b"REDIS0012");
+    let master = FakeMaster::start(rdb.clone());
+    let relay = Relay::builder(master.port).start();
+    wait_snapshot_version(&relay, "12");
+    assert!(!master.received_option("version"), "no REPLCONF version unless configured");
+
+    for (version, refusals) in [("7.2.0", 1), ("8.1.1", 2), ("9.0.0", 3)] {
+        let mut replica = FakeReplica::connect(relay.port(), free_port(), Some(version));
+        match replica.full_sync() {
+            SyncResult::Refused(error) => {
+                assert!(error.starts_with("-ERR "), "{error}");
+                assert!(error.contains("RDB version 12") && error.contains(version), "names both versions: {error}");
+            }
+            served => panic!("a replica of version {version} is refused RDB 12: {served:?}"),
+        }
+        assert_eq!(info_number(&relay, "relay", "sync_refused_rdb_version"), refusals);
+    }
+    assert_eq!(info_number(&relay, "stats", "sync_full"), 0, "no transfer was spent on them");
+
+    // What they could load is served: a replica announcing nothing, and a Valkey 9 replica once
+    // the snapshot is Valkey's own RDB 80.
+    let mut replica = FakeReplica::connect(relay.port(), free_port(), None);
+    assert!(matches!(replica.full_sync(), SyncResult::Full { payload, .. } if payload == rdb));
+    drop(replica);
+    let valkey = with_header(&real_rdb(), b"VALKEY080");
+    master.new_history(OTHER_REPLID, valkey.clone());
+    wait_snapshot_version(&relay, "80");
+    let mut replica = FakeReplica::connect(relay.port(), free_port(), Some("9.0.0"));
+    assert!(matches!(replica.full_sync(), SyncResult::Full { payload, .. } if payload == valkey));
+    assert_eq!(info_number(&relay, "relay", "sync_refused_rdb_version"), 3);
+}
+
+/// A replica that announces nothing and cannot load the snapshot: it takes the whole payload, drops
+/// the link without an ACK and asks again at once, as redis-server does after "Can't handle RDB
+/// format version". Two transfers, then refusals for the backoff, then one transfer, then a longer
+/// backoff; a new snapshot format is served at once.
+#[test]
+fn a_replica_in_a_full_sync_loop_gets_two_transfers_then_a_backoff() {
+    let rdb = with_header(&real_rdb(), b"REDIS0012");
+    let master = FakeMaster::start(rdb.clone());
+    let relay = Relay::builder(master.port)
+        .args(["--replica-resync-backoff", "2s", "--replica-resync-backoff-max", "8s"])
+        .start();
+    wait_snapshot_version(&relay, "12");
+    let port = free_port();
+    let attempt = || {
+        let mut replica = FakeReplica::connect(relay.port(), port, None);
+        let result = replica.full_sync();
+        drop(replica);
+        wait_no_replicas(&relay);
+        result
+    };
+    for transfer in 1..=2 {
+        match attempt() {
+            SyncResult::Full { payload, .. } => assert!(payload == rdb, "transfer {transfer} is the snapshot"),
+            refused => panic!("transfer {transfer} is served: {refused:?}"),
+        }
+    }
+    match attempt() {
+        SyncResult::Refused(error) => {
+            assert!(error.starts_with("-ERR ") && error.contains("RDB version 12"), "{error}");
+        }
+        served => panic!("the third full sync within seconds is refused: {served:?}"),
+    }
+    assert_eq!(info_number(&relay, "stats", "sync_full"), 2);
+    assert_eq!(info_number(&relay, "relay", "sync_refused_resync_loop"), 1);
+    assert_eq!(info_number(&relay, "relay", "replicas_in_resync_backoff"), 1);
+
+    // After the 2 s backoff it is served once more; failing again, it is refused for 4 s.
+    wait_for(Duration::from_secs(10), "a transfer after the backoff", || match attempt() {
+        SyncResult::Full { .. } => Ok(()),
+        SyncResult::Refused(error) => Err(error),
+    });
+    assert_eq!(info_number(&relay, "stats", "sync_full"), 3);
+    assert!(matches!(attempt(), SyncResult::Refused(_)), "refused again right after");
+
+    // A snapshot in another RDB version may load: served at once, backoff or not.
+    let rdb11 = with_header(&real_rdb(), b"REDIS0011");
+    master.new_history(OTHER_REPLID, rdb11.clone());
+    wait_snapshot_version(&relay, "11");
+    match attempt() {
+        SyncResult::Full { payload, .. } => assert!(payload == rdb11, "the new snapshot"),
+        refused => panic!("a new snapshot version is served at once: {refused:?}"),
+    }
+    assert_eq!(info_number(&relay, "relay", "replicas_in_resync_backoff"), 0);
+}
+
+/// The loop with a real replica: redis-server 7.0 cannot load RDB 12 ("Can't handle RDB format
+/// version 12"), drops the link and asks again about a second later. It gets two transfers; then
+/// every attempt is refused without a transfer.
+#[test]
+fn a_real_redis_7_0_replica_that_cannot_load_rdb_12_costs_two_transfers() {
+    let rdb = with_header(&real_rdb(), b"REDIS0012");
+    let master = FakeMaster::start(rdb);
+    let relay = Relay::builder(master.port).start();
+    wait_snapshot_version(&relay, "12");
+    let replica = RedisServer::builder().replica_of(relay.port()).start();
+    wait_for(SYNC_TIMEOUT, "three refused attempts", || {
+        match info_number(&relay, "relay", "sync_refused_resync_loop") {
+            n if n >= 3 => Ok(()),
+            n => Err(format!("sync_refused_resync_loop {n}; replica log:\n{}", replica.log())),
+        }
+    });
+    assert_eq!(info_number(&relay, "stats", "sync_full"), 2, "two transfers, no more");
+    assert_eq!(info_number(&relay, "relay", "replicas_in_resync_backoff"), 1);
+    assert_eq!(replica.info_field("replication", "master_link_status").as_deref(), Some("down"));
+}
+
+/// No false positive: a real redis-server 7.0 replica that loads its RDB (and ACKs) and then asks
+/// for a full sync again within seconds, several times, is served every time.
+#[test]
+fn a_real_replica_that_resyncs_after_loading_is_no_loop() {
+    let master = RedisServer::builder().start();
+    let mut con = master.conn();
+    for i in 0..20 {
+        let _: () = redis::cmd("SET").arg(format!("k{i}")).arg(i).query(&mut con).unwrap();
+    }
+    let relay = Relay::start(&master);
+    let replica = RedisServer::builder().replica_of(relay.port()).start();
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    for round in 1..=3 {
+        // REPLICAOF NO ONE gives the replica a new replid: its next PSYNC cannot continue.
+        let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut replica.conn()).unwrap();
+        let _: () = redis::cmd("SET").arg("during").arg(round).query(&mut con).unwrap();
+        let _: () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(relay.port()).query(&mut replica.conn()).unwrap();
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_in_sync(&master, &replica, SYNC_TIMEOUT)))
+            .is_err()
+        {
+            std::fs::write("/tmp/ver-relay.log", relay.stderr()).unwrap();
+            panic!("round {round}");
+        }
+        assert_eq!(replica.digest(), master.digest(), "round {round}");
+    }
+    assert_eq!(info_number(&relay, "stats", "sync_full"), 4, "every full sync served");
+    assert_eq!(info_number(&relay, "relay", "sync_refused_resync_loop"), 0);
+    assert_eq!(info_number(&relay, "relay", "sync_refused_rdb_version"), 0);
 }

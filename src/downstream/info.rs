@@ -325,6 +325,10 @@ fn relay(context: &RelayContext, out: &mut String) {
     line(out, "snapshot_size", snapshot.as_ref().map(|s| s.size).unwrap_or(0));
     line(out, "snapshot_replid", snapshot.as_ref().map(|s| s.replid.as_str()).unwrap_or(NO_REPLID));
     line(out, "snapshot_rdb_version", snapshot.as_ref().map(|s| s.rdb_version).unwrap_or(0));
+    let guard = &context.sync_guard;
+    line(out, "sync_refused_rdb_version", guard.refused_rdb_version.load(std::sync::atomic::Ordering::Relaxed));
+    line(out, "sync_refused_resync_loop", guard.refused_resync_loop.load(std::sync::atomic::Ordering::Relaxed));
+    line(out, "replicas_in_resync_backoff", guard.in_backoff());
     line(
         out,
         "snapshot_age_seconds",

@@ -8,6 +8,7 @@
 pub mod clients;
 mod commands;
 mod connection;
+pub mod guard;
 pub mod info;
 pub mod memory;
 pub mod pubsub;
@@ -156,6 +157,11 @@ impl ReplicaRow {
         if let Some(entry) = self.table.rows().get_mut(&self.id) {
             change(entry);
         }
+    }
+
+    /// The row as it is now.
+    pub fn entry(&self) -> Option<ReplicaEntry> {
+        self.table.rows().get(&self.id).cloned()
     }
 
     /// Records `REPLCONF ACK <offset>` from the replica, and tells whoever watches the ACKs.

@@ -14,6 +14,7 @@ use tokio::time::{timeout, Instant};
 use tracing::Instrument;
 
 use super::connection::{read_more, write_all_vectored};
+use super::guard::Ask;
 use super::{ClientError, ReplicaEntry, ReplicaRow, ReplicaState, Session};
 use crate::log::{LogSummary, ReadError};
 use crate::protocol::{parse_command, string2ll, ClientCommand, CommandLimits, Reply};
@@ -135,6 +136,23 @@ async fn replicate(
             tracing::info!(requested_id, offset, "partial resynchronization refused");
         }
     }
+    // The RDB version guard, against the snapshot a full sync would send now (checked again in
+    // `full_sync` if the one it sends has another version).
+    let guard_key = (port != 0).then(|| format!("{ip}:{port}"));
+    let ask = match (is_psync && !session.handshake.rdb_only, command.arg_str(1) == "?") {
+        (false, _) => Ask::Untracked,
+        (true, true) => Ask::Fresh,
+        (true, false) => Ask::OwnHistory,
+    };
+    let checked_version = context.snapshots.current().map(|s| s.rdb_version);
+    if let Some(rdb_version) = checked_version {
+        let version = session.handshake.version.as_ref();
+        if let Err(message) =
+            context.sync_guard.check(guard_key.as_deref(), version, rdb_version, ask, std::time::Instant::now())
+        {
+            return refuse(session, &message).await;
+        }
+    }
     ServedStats::add(&context.stats.sync_full, 1);
     let row = context.replicas.register(ReplicaEntry {
         ip,
@@ -145,7 +163,15 @@ async fn replicate(
         acked: false,
         tls: session.conn.stream.is_tls(),
     });
-    let result = full_sync(session, &row, is_psync, &mut shutdown).await;
+    let guard = GuardCheck { key: guard_key.as_deref(), ask, checked_version };
+    let result = full_sync(session, &row, is_psync, guard, &mut shutdown).await;
+    // A transfer that began and ended without an ACK: the replica could not load it, or the link
+    // broke. The guard counts it towards a failure loop if the replica asks again at once.
+    if let (true, Some(key), Some(entry)) = (ask != Ask::Untracked, &guard_key, row.entry()) {
+        if entry.state != ReplicaState::WaitBgsave {
+            context.sync_guard.finished(key, entry.acked, std::time::Instant::now());
+        }
+    }
     log_drop(result);
     Ok(Outcome::Done)
 }
@@ -187,11 +213,20 @@ fn log_drop(result: Result<(), Disconnect>) {
     }
 }
 
+/// What `serve` checked with the RDB version guard before a full sync.
+struct GuardCheck<'a> {
+    key: Option<&'a str>,
+    ask: Ask,
+    /// The snapshot version checked, if a snapshot existed then.
+    checked_version: Option<u32>,
+}
+
 /// Waits for a snapshot the log covers, sends it, then streams from its offset.
 async fn full_sync(
     session: &mut Session,
     row: &ReplicaRow,
     is_psync: bool,
+    guard: GuardCheck<'_>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Disconnect> {
     let context = session.context.clone();
@@ -270,6 +305,14 @@ async fn full_sync(
             closed = wait_closed(&mut session.conn.stream) => return Err(closed),
         }
     };
+    if guard.checked_version != Some(snapshot.rdb_version) {
+        let version = session.handshake.version.as_ref();
+        let now = std::time::Instant::now();
+        if let Err(message) = context.sync_guard.check(guard.key, version, snapshot.rdb_version, guard.ask, now) {
+            write_flushed(&mut session.conn.stream, format!("-{message}\r\n").as_bytes()).await?;
+            return Ok(());
+        }
+    }
     if is_psync {
         let line = format!("+FULLRESYNC {replid} {}\r\n", snapshot.offset);
         write_flushed(&mut session.conn.stream, line.as_bytes()).await?;

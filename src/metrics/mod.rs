@@ -233,6 +233,12 @@ fn sample(context: &RelayContext) {
         counter!("redis_relay_rdb_only_served_total", &labels).absolute(ServedStats::get(value));
     }
     counter!("redis_relay_full_syncs_served_total", &labels).absolute(ServedStats::get(&stats.sync_full));
+    let guard = &context.sync_guard;
+    for (reason, value) in [("rdb_version", &guard.refused_rdb_version), ("resync_loop", &guard.refused_resync_loop)] {
+        let labels = [("relay", relay.clone()), ("reason", reason.to_string())];
+        counter!("redis_relay_full_syncs_refused_total", &labels).absolute(value.load(Ordering::Relaxed));
+    }
+    gauge!("redis_relay_replicas_in_resync_backoff", &labels).set(guard.in_backoff() as f64);
     for (result, value) in [("accepted", &stats.sync_partial_ok), ("refused", &stats.sync_partial_err)] {
         let labels = [("relay", relay.clone()), ("result", result.to_string())];
         counter!("redis_relay_partial_syncs_total", &labels).absolute(ServedStats::get(value));
