@@ -365,7 +365,7 @@ fn a_replica_in_a_full_sync_loop_gets_two_transfers_then_a_backoff() {
     let rdb = with_header(&real_rdb(), b"REDIS0012");
     let master = FakeMaster::start(rdb.clone());
     let relay = Relay::builder(master.port)
-        .args(["--replica-resync-backoff", "2s", "--replica-resync-backoff-max", "8s"])
+        .args(["--replica-resync-backoff", "3s", "--replica-resync-backoff-max", "12s"])
         .start();
     wait_snapshot_version(&relay, "12");
     let port = free_port();
@@ -392,8 +392,8 @@ fn a_replica_in_a_full_sync_loop_gets_two_transfers_then_a_backoff() {
     assert_eq!(info_number(&relay, "relay", "sync_refused_resync_loop"), 1);
     assert_eq!(info_number(&relay, "relay", "replicas_in_resync_backoff"), 1);
 
-    // After the 2 s backoff it is served once more; failing again, it is refused for 4 s.
-    wait_for(Duration::from_secs(10), "a transfer after the backoff", || match attempt() {
+    // After the 3 s backoff it is served once more; failing again, it is refused for 6 s.
+    wait_for(Duration::from_secs(15), "a transfer after the backoff", || match attempt() {
         SyncResult::Full { .. } => Ok(()),
         SyncResult::Refused(error) => Err(error),
     });
