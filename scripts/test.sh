@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: installs redis-server when it is missing, then
+# Runs the whole test suite on a fresh machine: installs what the tests run when it is missing, then
 # formatting, lints, unit and integration tests (integration tests start real redis-server processes
 # on loopback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "redis-server not found: installing it (Debian package redis-server)"
+# What the tests run besides cargo: real redis-server (and Sentinel, the same binary), redis-cli and
+# redis-benchmark, openssl for the TLS tests' certificates, and redis_exporter as a real scraper.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v prometheus-redis-exporter >/dev/null 2>&1 || missing+=(prometheus-redis-exporter)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing with apt-get: ${missing[*]}"
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+  # --no-install-recommends: the exporter's package would otherwise pull in Prometheus itself.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 redis-server --version
 

@@ -356,3 +356,91 @@ fn numeric_arguments_are_refused_exactly_as_redis_server_refuses_them() {
     let port: String = relay.info_field("replication", "connected_slaves").unwrap_or_default();
     assert_eq!(port, "0", "a refused PSYNC registers no replica");
 }
+
+/// The exporter binary of Debian's `prometheus-redis-exporter` (oliver006/redis_exporter).
+const REDIS_EXPORTER: &str = "prometheus-redis-exporter";
+
+/// One `GET /metrics` from an exporter's HTTP port; the body, or an error while it is not up yet.
+fn scrape(port: u16) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).ok_or_else(|| "no body".to_string())
+}
+
+/// The value of the first sample of `metric` whose labels contain every one of `labels`.
+fn sample(body: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (name_labels, value) = line.rsplit_once(' ')?;
+        let name = name_labels.split('{').next()?;
+        (name == metric && labels.iter().all(|l| name_labels.contains(l))).then(|| value.parse().ok())?
+    })
+}
+
+/// The real redis_exporter (it sends `INFO ALL`, `CONFIG GET *`, `LATENCY`, `SLOWLOG`, ... and turns
+/// the answers into metrics) sees the relay as a consistent Redis replica: up, no scrape error, the
+/// master's version, the link up to the master with the master's offset, one replica below, the
+/// relay's real `maxclients`; and every command it sent was answered without an error reply the
+/// exporter would log (it counts none in `redis_exporter_last_scrape_error`).
+#[test]
+fn redis_exporter_reads_the_relay_as_a_replica_node() {
+    let master = RedisServer::builder().diskless_sync(true).start();
+    let relay = Relay::builder(master.port()).arg("--maxclients").arg("1234").start();
+    let replica = RedisServer::builder().replica_of(relay.port()).start();
+    let _: () = master.query(redis::cmd("SET").arg("k").arg("v"));
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+
+    let web = common::free_port();
+    let mut exporter = Command::new(REDIS_EXPORTER);
+    exporter
+        .arg(format!("--redis.addr=redis://127.0.0.1:{}", relay.port()))
+        .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut exporter = KillOnDrop(
+        exporter.spawn().expect("start prometheus-redis-exporter (apt-get install prometheus-redis-exporter)"),
+    );
+    let stderr = exporter.0.stderr.take().expect("exporter stderr");
+    let (lines_tx, lines_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+
+    let master_offset = common::offset_of(&master);
+    let body = wait_for(SYNC_TIMEOUT, "the exporter scraping the relay with the link up", || {
+        let body = scrape(web)?;
+        let link = sample(&body, "redis_master_link_up", &[]);
+        let offset = sample(&body, "redis_slave_repl_offset", &[]);
+        if link == Some(1.0) && offset == Some(master_offset as f64) {
+            Ok(body)
+        } else {
+            Err(format!("link {link:?}, offset {offset:?} (master at {master_offset})"))
+        }
+    });
+    let version = master.info_field("server", "redis_version").expect("master redis_version");
+    assert_eq!(sample(&body, "redis_up", &[]), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "redis_exporter_last_scrape_error", &[]), Some(0.0), "{body}");
+    assert_eq!(
+        sample(&body, "redis_instance_info", &["role=\"slave\"", &format!("redis_version=\"{version}\"")]),
+        Some(1.0),
+        "{body}"
+    );
+    let master_port = format!("master_port=\"{}\"", master.port());
+    assert_eq!(sample(&body, "redis_master_link_up", &[&master_port]), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "redis_connected_slaves", &[]), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "redis_config_maxclients", &[]), Some(1234.0), "{body}");
+    assert!(sample(&body, "redis_memory_used_rss_bytes", &[]).is_some_and(|rss| rss > 0.0), "{body}");
+    assert!(sample(&body, "redis_uptime_in_seconds", &[]).is_some(), "{body}");
+
+    // A second scrape after the first: the exporter logs a failed command at error level once.
+    let _ = scrape(web).expect("second scrape");
+    let errors: Vec<String> = lines_rx.try_iter().filter(|l| l.contains("level=error")).collect();
+    assert!(errors.is_empty(), "commands the exporter sent and the relay refused: {errors:?}");
+}

@@ -85,6 +85,13 @@ const COMMANDS: &[CommandSpec] = &[
         "server",
         "Returns the Unix timestamp of the relay's cached snapshot.",
     ),
+    spec(
+        "latency",
+        -2,
+        &[],
+        "server",
+        "A container for latency diagnostics commands (the relay records no latency events).",
+    ),
     spec("multi", 1, &["noscript", "loading", "stale", "fast", "allow_busy"], "transactions", "Starts a transaction."),
     spec("ping", -1, &["fast"], "connection", "Returns the server's liveliness response."),
     spec(
@@ -153,6 +160,7 @@ const COMMANDS: &[CommandSpec] = &[
         "server",
         "Sets a Redis server as a replica of another, or promotes it to being a master.",
     ),
+    spec("slowlog", -2, &[], "server", "A container for slow log commands (the relay's slow log stays empty)."),
     spec(
         "subscribe",
         -2,
@@ -208,12 +216,31 @@ impl Session {
             "TIME" => wrong_arity("time"),
             "LASTSAVE" if argc == 1 => Reply::Integer(last_save(&self.context) as i64),
             "LASTSAVE" => wrong_arity("lastsave"),
+            "LATENCY" => self.latency_command(command),
+            "SLOWLOG" => slowlog_command(command),
             _ => return None,
         })
     }
 
     fn resp(&self) -> u8 {
         self.client.get().map(|row| row.resp).unwrap_or(2)
+    }
+
+    /// `LATENCY`: the relay has no latency monitor, so its answers are those of a redis-server with
+    /// `latency-monitor-threshold 0` and no command run (redis_exporter asks for `LATEST` on every scrape).
+    fn latency_command(&self, command: &ClientCommand) -> Reply {
+        let argc = command.args.len();
+        match command.arg_str(1).to_ascii_uppercase().as_str() {
+            "LATEST" if argc == 2 => Reply::Array(Vec::new()),
+            "HISTORY" if argc == 3 => Reply::Array(Vec::new()),
+            "RESET" => Reply::Integer(0),
+            "HISTOGRAM" if self.resp() == 3 => Reply::Map(Vec::new()),
+            "HISTOGRAM" => Reply::Array(Vec::new()),
+            _ => Reply::error(format!(
+                "ERR unknown subcommand or wrong number of arguments for '{}'. Try LATENCY HELP.",
+                command.arg_str(1)
+            )),
+        }
     }
 
     /// `HELLO [protover [AUTH username password] [SETNAME clientname]]`.
@@ -610,6 +637,23 @@ pub(crate) fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
             text.first().is_some_and(|&c| lower(c) == lower(*escaped)) && glob_match(rest, &text[1..])
         }
         Some((&p, rest)) => text.first().is_some_and(|&c| lower(c) == lower(p)) && glob_match(rest, &text[1..]),
+    }
+}
+
+/// `SLOWLOG`: nothing the relay runs is slow enough to be logged, so the log is empty.
+fn slowlog_command(command: &ClientCommand) -> Reply {
+    let argc = command.args.len();
+    match command.arg_str(1).to_ascii_uppercase().as_str() {
+        "GET" if argc <= 3 => match command.args.get(2).map(|count| string2ll(count)) {
+            None | Some(Some(-1..)) => Reply::Array(Vec::new()),
+            Some(_) => Reply::error("ERR count should be greater than or equal to -1"),
+        },
+        "LEN" if argc == 2 => Reply::Integer(0),
+        "RESET" if argc == 2 => Reply::ok(),
+        _ => Reply::error(format!(
+            "ERR unknown subcommand or wrong number of arguments for '{}'. Try SLOWLOG HELP.",
+            command.arg_str(1)
+        )),
     }
 }
 

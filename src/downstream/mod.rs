@@ -392,8 +392,10 @@ const SUBSCRIBED_MODE_COMMANDS: [&str; 7] =
 
 /// Every command [`Session::dispatch`] knows (in subscribed mode the others are refused by name,
 /// unknown ones as unknown).
-const KNOWN_COMMANDS: [&str; 29] = [
+const KNOWN_COMMANDS: [&str; 31] = [
     "PING",
+    "LATENCY",
+    "SLOWLOG",
     "HELLO",
     "DBSIZE",
     "TIME",
