@@ -732,6 +732,11 @@ fn eleven_thousand_connections_at_the_default_maxclients() {
     let stats = observer.info("stats");
     assert_eq!(parse_info_field(&stats, "rejected_connections").as_deref(), Some("1001"));
     assert_eq!(parse_info_field(&observer.info("clients"), "connected_clients").as_deref(), Some("9999"));
+    // Idle clients are far from maxmemory-clients (64 MiB): about 1 KiB of buffer each.
+    let client_memory: u64 = parse_info_field(&observer.info("memory"), "mem_clients_normal").unwrap().parse().unwrap();
+    eprintln!("mem_clients_normal with 9,999 idle clients: {client_memory}");
+    assert!(client_memory < 16 << 20, "mem_clients_normal {client_memory}");
+    assert_eq!(parse_info_field(&stats, "evicted_clients").as_deref(), Some("0"));
 
     let segments_before = segment_starts(&relay);
     for i in 0..2000 {

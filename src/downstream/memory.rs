@@ -287,6 +287,14 @@ mod tests {
         other.report(20 << 10, 30 << 10);
         assert!(*other_killed.borrow(), "50 KiB of 64 KiB plus 20 KiB: the biggest goes");
         assert!(!*small_killed.borrow(), "under 32 KiB: never evicted");
+        drop(other);
+        // `CLIENT NO-EVICT on` spares a client; the next biggest goes instead.
+        let (mut spared, spared_handle, spared_killed) = session(&table, &budget, 5);
+        spared_handle.update(|row| row.no_evict = true);
+        spared.report(40 << 10, 0);
+        let (mut next, _h5, next_killed) = session(&table, &budget, 6);
+        next.report(33 << 10, 0);
+        assert!(!*spared_killed.borrow() && *next_killed.borrow());
         let off = ClientMemoryBudget::new(0, DEFAULT_QUERY_BUFFER_LIMIT, table.clone());
         let (mut huge, _h3, huge_killed) = session(&table, &off, 4);
         huge.report(1 << 30, 0);
