@@ -21,6 +21,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 
 use crate::downstream::pubsub::OutputBufferLimit;
+use crate::downstream::users::{PasswordDigest, Role, Roles, User};
 use crate::downstream::ReplicaofPolicy;
 use crate::log::{FsyncPolicy, LogOptions};
 use crate::tls::{ClientAuth, DownstreamTls, UpstreamTls};
@@ -223,6 +224,8 @@ pub struct RelayConfig {
     /// The password clients and replicas must give with `AUTH` (like redis.conf `requirepass`), so
     /// replicas configured with `masterauth` for a protected master can use the relay too.
     pub requirepass: Option<String>,
+    /// Named users with roles (`users:`, `--user`); `requirepass` stays the `default` user's.
+    pub users: Vec<User>,
     /// What to do when the master presents another history with far fewer keys (`history_reset`).
     pub history_reset: HistoryResetPolicy,
     /// A new history with fewer than this fraction of the cached snapshot's keys is a shrink.
@@ -317,6 +320,36 @@ pub struct RelaySettings {
     pub client_query_buffer_limit: Option<Size>,
     pub replica_resync_backoff: Option<Duration>,
     pub replica_resync_backoff_max: Option<Duration>,
+    pub users: Option<Vec<UserSettings>>,
+}
+
+/// One entry of `users:` (the flag `--user NAME:ROLES:PASSWORD` gives the same three).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSettings {
+    pub name: Option<Text>,
+    pub password: Option<Text>,
+    /// A file holding the password; one trailing newline is not part of it.
+    pub password_file: Option<Text>,
+    pub role: Option<Text>,
+    pub roles: Option<List>,
+}
+
+impl UserSettings {
+    /// `--user NAME:ROLES:PASSWORD`: ROLES is one role or several joined by commas
+    /// (`monitor,admin`); the password is everything after the second colon. `None` when the
+    /// text has fewer than three parts.
+    pub fn from_flag(text: &str) -> Option<UserSettings> {
+        let mut parts = text.splitn(3, ':');
+        let (name, roles, password) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(UserSettings {
+            name: Some(Text(name.to_string())),
+            password: Some(Text(password.to_string())),
+            password_file: None,
+            role: None,
+            roles: Some(List(roles.split(',').map(str::to_string).collect())),
+        })
+    }
 }
 
 /// The top-level `metrics` block (`--metrics`, `--metrics-auth`).
@@ -422,6 +455,76 @@ fn parse_with<T>(
         None => Ok(default),
         Some(Sourced { value, field }) => parse(&value).ok_or_else(|| field_error(&field, &value, expected)),
     }
+}
+
+/// Checks a user name as redis-server does (no spaces), and keeps `default` for `requirepass`.
+fn check_user_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.bytes().any(|b| !(b'!'..=b'~').contains(&b)) {
+        return Err(field_error(field, name, "a user name is printable ASCII without spaces"));
+    }
+    if name == "default" {
+        return Err(field_error(field, name, "the default user's password is requirepass; name this user otherwise"));
+    }
+    Ok(())
+}
+
+/// Parses role names (`replica`, `monitor`, `admin`); at least one.
+fn parse_roles(field: &str, names: &[String]) -> Result<Roles, ConfigError> {
+    if names.is_empty() {
+        return Err(field_error(field, "[]", "a user needs at least one role: replica, monitor or admin"));
+    }
+    let mut roles = Vec::new();
+    for name in names {
+        roles.push(Role::parse(name).ok_or_else(|| field_error(field, name, "expected replica, monitor or admin"))?);
+    }
+    Ok(Roles::from_list(&roles))
+}
+
+/// Reads a password file; one trailing newline (`\n` or `\r\n`) is not part of the password.
+fn read_password_file(field: &str, path: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| field_error(field, path, &format!("cannot read: {e}")))?;
+    let password = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+    Ok(password.to_string())
+}
+
+/// The relay's users, from the first layer that has `users` (the flags' `--user`s, the relay's
+/// own, or `defaults`). Errors name `relays[0].users[1].role`, or `--user` for the flags.
+fn resolve_users(layers: &Layers) -> Result<Vec<User>, ConfigError> {
+    let Some(Sourced { value: entries, field }) = layers.pick("users", |s| s.users.as_ref()) else {
+        return Ok(Vec::new());
+    };
+    let from_flags = field.starts_with("--");
+    let at = |i: usize, name: &str| if from_flags { "--user".to_string() } else { format!("{field}[{i}].{name}") };
+    let mut users: Vec<User> = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let Some(Text(name)) = &entry.name else {
+            return Err(field_error_without_value(&at(i, "name"), "required"));
+        };
+        check_user_name(&at(i, "name"), name)?;
+        let password = match (&entry.password, &entry.password_file) {
+            (Some(Text(password)), None) => password.clone(),
+            (None, Some(Text(path))) => read_password_file(&at(i, "password_file"), path)?,
+            _ => {
+                return Err(field_error_without_value(
+                    &at(i, "password"),
+                    "give exactly one of password and password_file",
+                ))
+            }
+        };
+        if password.is_empty() {
+            return Err(field_error_without_value(&at(i, "password"), "the password is empty"));
+        }
+        let roles = match (&entry.role, &entry.roles) {
+            (Some(Text(role)), None) => parse_roles(&at(i, "role"), std::slice::from_ref(role))?,
+            (None, Some(List(list))) => parse_roles(&at(i, "roles"), list)?,
+            _ => return Err(field_error_without_value(&at(i, "role"), "give exactly one of role and roles")),
+        };
+        if let Some(j) = users.iter().position(|other| other.name == *name) {
+            return Err(field_error(&at(i, "name"), name, &format!("duplicate of user {j}")));
+        }
+        users.push(User { name: name.clone(), password: PasswordDigest::of(password.as_bytes()), roles });
+    }
+    Ok(users)
 }
 
 /// Parses `history_reset_min_key_ratio`: a fraction from 0 to 1.
@@ -632,6 +735,7 @@ fn resolve_relay(layers: &Layers, data_dir: Option<&Sourced<String>>) -> Result<
             .pick("repl_diskless_sync", |s| s.repl_diskless_sync.as_ref())
             .map_or(DEFAULTS.repl_diskless_sync, |s| s.value.0),
         requirepass: layers.text("requirepass", |s| s.requirepass.as_ref()).map(|s| s.value),
+        users: resolve_users(layers)?,
         history_reset: parse_with(
             layers.text("history_reset", |s| s.history_reset.as_ref()),
             DEFAULTS.history_reset,
@@ -1212,6 +1316,75 @@ mod tests {
 
     fn text(value: &str) -> Option<Text> {
         Some(Text(value.to_string()))
+    }
+
+    #[test]
+    fn users_parse_with_env_files_and_roles() {
+        std::env::set_var("RELAY_TEST_SENTINEL_PW", "from-env");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("replica.pass");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let yaml = format!(
+            "data_dir: /d\nrelays:\n  - name: a\n    upstream: {{addr: 'h:1'}}\n    listen: '127.0.0.1:1'\n    users:\n      - {{name: sentinel, password: '${{RELAY_TEST_SENTINEL_PW}}', roles: [monitor, admin]}}\n      - {{name: rep, password_file: '{}', role: replica}}\n",
+            file.display()
+        );
+        let config = Config::from_yaml(&yaml).unwrap();
+        let users = &config.relays[0].users;
+        assert_eq!(users.len(), 2);
+        assert!(users[0].password.matches(b"from-env") && !users[0].password.matches(b"from-file"));
+        assert!(users[0].roles.contains(Role::Monitor) && users[0].roles.contains(Role::Admin));
+        assert!(users[1].password.matches(b"from-file"), "the trailing newline is not part of the password");
+        assert!(users[1].roles.contains(Role::Replica) && !users[1].roles.contains(Role::Monitor));
+        assert!(!format!("{config:?}").contains("from-env"), "passwords never show in Debug");
+
+        let user = |entry: &str| {
+            format!("data_dir: /d\nrelays:\n  - {{name: a, upstream: {{addr: 'h:1'}}, listen: '127.0.0.1:1', users: [{entry}]}}\n")
+        };
+        let cases: &[(&str, &[&str])] = &[
+            ("{name: x, password: p, role: root}", &["relays[0].users[0].role", "root", "replica, monitor or admin"]),
+            ("{name: x, password: p, roles: []}", &["relays[0].users[0].roles", "at least one role"]),
+            ("{name: x, role: admin}", &["relays[0].users[0].password", "exactly one of password and password_file"]),
+            ("{name: x, password: p, password_file: /f, role: admin}", &["relays[0].users[0].password", "exactly one"]),
+            ("{name: x, password: p}", &["relays[0].users[0].role", "exactly one of role and roles"]),
+            ("{password: p, role: admin}", &["relays[0].users[0].name", "required"]),
+            ("{name: default, password: p, role: admin}", &["relays[0].users[0].name", "requirepass"]),
+            ("{name: 'a b', password: p, role: admin}", &["relays[0].users[0].name", "a b"]),
+            ("{name: x, password: '', role: admin}", &["relays[0].users[0].password", "empty"]),
+            ("{name: x, password: '${RELAY_TEST_SURELY_UNSET}', role: admin}", &["RELAY_TEST_SURELY_UNSET"]),
+            (
+                "{name: x, password_file: /nonexistent/pw, role: admin}",
+                &["relays[0].users[0].password_file", "/nonexistent/pw"],
+            ),
+            (
+                "{name: x, password: p, role: admin}, {name: x, password: q, role: monitor}",
+                &["relays[0].users[1].name", "duplicate"],
+            ),
+            ("{name: x, password: p, role: admin, colour: red}", &["colour"]),
+        ];
+        for (entry, needles) in cases {
+            let message = error_of(&user(entry));
+            for needle in *needles {
+                assert!(message.contains(needle), "{entry}: {message:?} should contain {needle:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn user_flags_parse_and_replace_the_files_users() {
+        let user = UserSettings::from_flag("sentinel:monitor,admin:pa:ss").unwrap();
+        let relay = RelaySettings { users: Some(vec![user]), ..one_relay_flags() };
+        let config = Config::load(None, &flags(relay)).unwrap();
+        let users = &config.relays[0].users;
+        assert_eq!(users[0].name, "sentinel");
+        assert!(users[0].password.matches(b"pa:ss"), "the password is everything after the second colon");
+        assert!(users[0].roles.contains(Role::Admin) && users[0].roles.contains(Role::Monitor));
+        assert!(UserSettings::from_flag("sentinel:monitor").is_none());
+        for bad in ["x:root:pw", "default:admin:pw", "x:admin:", ":admin:pw"] {
+            let relay = RelaySettings { users: UserSettings::from_flag(bad).map(|u| vec![u]), ..one_relay_flags() };
+            let message = Config::load(None, &flags(relay)).unwrap_err().to_string();
+            assert!(message.starts_with("--user: "), "{bad}: {message}");
+            assert!(!message.contains(":pw"), "no password in the message: {message}");
+        }
     }
 
     fn one_relay_flags() -> RelaySettings {

@@ -24,6 +24,8 @@
 //!   table of `downstream::clients`) and replicas served from the snapshot and the log;
 //!   [`downstream::guard`] is the RDB version guard (full syncs refused to replicas that cannot load
 //!   the snapshot's RDB version, announced or caught in a failure loop).
+//!   [`downstream::users`]: the `default` user and the named users with roles, `AUTH` and the
+//!   `NOPERM` check.
 //! - [`tls`]: TLS both ways (rustls): certificates from PEM files, the one `Stream` type of plain
 //!   and TLS connections.
 //! - [`relay`]: wires one relay together and stops it; [`config`]: CLI and YAML (many relays per

@@ -73,6 +73,11 @@ struct Cli {
     /// REDIS_RELAY_REQUIREPASS).
     #[arg(long, value_name = "P", env = "REDIS_RELAY_REQUIREPASS", hide_env_values = true)]
     requirepass: Option<Text>,
+    /// A named user, NAME:ROLES:PASSWORD with ROLES replica, monitor, admin or several joined by
+    /// commas (monitor,admin); repeatable; replaces the file's users. The password shows in `ps`:
+    /// prefer YAML users with password_file in production.
+    #[arg(long = "user", value_name = "NAME:ROLES:PASSWORD")]
+    users: Vec<String>,
     /// When the master presents another history with far fewer keys (e.g. it restarted empty):
     /// hold (keep serving the old dataset until RELAY HISTORY ACCEPT) or follow [default: hold].
     #[arg(long, value_name = "hold|follow")]
@@ -242,6 +247,8 @@ fn overrides(cli: Cli, matches: &ArgMatches, with_file: bool) -> config::Overrid
             client_query_buffer_limit: cli.client_query_buffer_limit,
             replica_resync_backoff: cli.replica_resync_backoff,
             replica_resync_backoff_max: cli.replica_resync_backoff_max,
+            users: (!cli.users.is_empty())
+                .then(|| cli.users.iter().filter_map(|text| config::UserSettings::from_flag(text)).collect()),
         },
     }
 }
@@ -347,6 +354,9 @@ async fn main() -> anyhow::Result<()> {
     let check = cli.command.as_ref().map(|Command::CheckConfig { file }| file.clone());
     let file = check.clone().or_else(|| cli.config.clone());
     let log_format = cli.log_format.clone();
+    if cli.users.iter().any(|text| config::UserSettings::from_flag(text).is_none()) {
+        bail!("--user: expected NAME:ROLES:PASSWORD, e.g. sentinel:monitor,admin:secret");
+    }
     let overrides = overrides(cli, &matches, file.is_some());
     if let Some(file) = check {
         let config = Config::load(Some(&file), &overrides)?;

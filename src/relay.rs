@@ -42,6 +42,10 @@ pub struct ServedStats {
     pub rejected_connections: AtomicU64,
     /// Accepts on the listen port that failed (EMFILE and the like; INFO `accept_errors`).
     pub accept_errors: AtomicU64,
+    /// Failed `AUTH`s and `HELLO ... AUTH`s (Redis 7.2's INFO `acl_access_denied_auth`).
+    pub acl_denied_auth: AtomicU64,
+    /// Commands refused with `NOPERM` (Redis 7.2's INFO `acl_access_denied_cmd`).
+    pub acl_denied_cmd: AtomicU64,
 }
 
 impl ServedStats {

@@ -199,6 +199,7 @@ fn failover_below_the_relay(one_replica_behind: bool) {
         quorum: 2,
         down_after: Duration::from_millis(2000),
         failover_timeout: Duration::from_secs(10),
+        auth: None,
     };
     let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(&settings)).collect();
     wait_sentinels_settled(&sentinels, &[candidate.port(), relay.port()]);

@@ -73,6 +73,8 @@ pub(crate) struct ClientRow {
     pub resp: u8,
     pub no_evict: bool,
     pub reply: ReplyMode,
+    /// The user the session authenticated as (`default` until then, as on redis-server).
+    pub user: String,
 }
 
 impl ClientRow {
@@ -92,7 +94,7 @@ impl ClientRow {
             flags.push('N');
         }
         format!(
-            "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} cmd={} user=default resp={}",
+            "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={} db={} cmd={} user={} resp={}",
             self.id,
             self.addr,
             self.laddr.map(|a| a.to_string()).unwrap_or_default(),
@@ -103,6 +105,7 @@ impl ClientRow {
             flags,
             self.db,
             if self.cmd.is_empty() { "NULL" } else { &self.cmd },
+            self.user,
             self.resp,
         )
     }
@@ -152,6 +155,7 @@ impl ClientTable {
             created: now,
             last_command: now,
             cmd: String::new(),
+            user: "default".into(),
             db: 0,
             resp: 2,
             no_evict: false,

@@ -194,7 +194,10 @@ impl Session {
             "ECHO" => wrong_arity("echo"),
             "HELLO" => self.hello(command),
             "COMMAND" => command_command(command),
-            "CONFIG" => config_command(&self.context, command, self.resp()),
+            "CONFIG" => {
+                let admin = self.identity.as_ref().is_some_and(|i| i.roles.contains(super::users::Role::Admin));
+                config_command(&self.context, command, self.resp(), admin)
+            }
             "CLIENT" => self.client_command(command),
             "SELECT" if argc != 2 => wrong_arity("select"),
             // `getIntFromObjectOrReply`, then the range of `databases`.
@@ -282,9 +285,9 @@ impl Session {
                 return Reply::error(format!("ERR Syntax error in HELLO option '{}'", command.arg_str(next)));
             }
         }
-        if !self.authenticated {
+        if !self.authenticated() {
             return Reply::error(
-                "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
+                "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
             );
         }
         let row = self.client.update(|row| {
@@ -461,6 +464,11 @@ fn command_info(spec: &CommandSpec) -> Reply {
     ])
 }
 
+/// A command's arity as `COMMAND` gives it (negative: at least); `None` for an unknown command.
+pub(super) fn arity(name: &[u8]) -> Option<i64> {
+    find_spec(name).map(|spec| spec.arity)
+}
+
 fn find_spec(name: &[u8]) -> Option<&'static CommandSpec> {
     let name = String::from_utf8_lossy(name).to_ascii_lowercase();
     COMMANDS.iter().find(|spec| spec.name == name)
@@ -531,7 +539,8 @@ fn command_command(command: &ClientCommand) -> Reply {
 }
 
 /// The settings `CONFIG GET` shows, with the relay's values (redis-server's names and formats).
-fn config_values(context: &RelayContext) -> Vec<(&'static str, String)> {
+/// `requirepass` shows only to an admin: a monitor user must not read the default user's password.
+fn config_values(context: &RelayContext, admin: bool) -> Vec<(&'static str, String)> {
     let config = &context.config;
     let yes_no = |on: bool| if on { "yes" } else { "no" }.to_string();
     let upstream = &context.upstream_config;
@@ -551,8 +560,8 @@ fn config_values(context: &RelayContext) -> Vec<(&'static str, String)> {
         ("repl-timeout", config.repl_timeout.as_secs().to_string()),
         ("replica-read-only", "yes".into()),
         ("replicaof", format!("{} {}", upstream.host(), upstream.port())),
-        // As redis-server does: an authenticated client may read the password it authenticated with.
-        ("requirepass", config.requirepass.clone().unwrap_or_default()),
+        // As redis-server does, an admin may read it (with the default user nopass, everyone is).
+        ("requirepass", if admin { config.requirepass.clone().unwrap_or_default() } else { String::new() }),
         ("save", String::new()),
         ("slave-read-only", "yes".into()),
         ("slaveof", format!("{} {}", upstream.host(), upstream.port())),
@@ -564,11 +573,11 @@ fn config_values(context: &RelayContext) -> Vec<(&'static str, String)> {
 /// `CONFIG GET pattern [pattern ...]`, `CONFIG SET` (nothing is settable at run time: the
 /// relay's settings come from its configuration, reloaded on SIGHUP), `CONFIG REWRITE`,
 /// `CONFIG RESETSTAT`.
-fn config_command(context: &RelayContext, command: &ClientCommand, resp: u8) -> Reply {
+fn config_command(context: &RelayContext, command: &ClientCommand, resp: u8, admin: bool) -> Reply {
     let argc = command.args.len();
     match command.arg_str(1).to_ascii_uppercase().as_str() {
         "GET" if argc >= 3 => {
-            let fields = config_values(context)
+            let fields = config_values(context, admin)
                 .into_iter()
                 .filter(|(name, _)| command.args[2..].iter().any(|p| glob_match(p, name.as_bytes())))
                 .map(|(name, value)| (Reply::bulk(name), Reply::bulk(value)))
@@ -577,7 +586,7 @@ fn config_command(context: &RelayContext, command: &ClientCommand, resp: u8) -> 
         }
         "SET" if argc >= 4 && argc.is_multiple_of(2) => {
             let name = command.arg_str(2).to_ascii_lowercase();
-            if config_values(context).iter().any(|(known, _)| *known == name) {
+            if config_values(context, admin).iter().any(|(known, _)| *known == name) {
                 Reply::error(format!(
                     "ERR CONFIG SET failed (possibly related to argument '{name}') - can't set immutable config (redis-relay takes its settings from its configuration file and flags; reload with SIGHUP)"
                 ))

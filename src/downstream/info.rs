@@ -300,6 +300,9 @@ fn stats(context: &RelayContext, out: &mut String) {
     // Redis 7.2's name for clients dropped at client-output-buffer-limit (here: pub/sub clients).
     line(out, "client_query_buffer_limit_disconnections", context.client_memory.query_buffer_disconnections());
     line(out, "client_output_buffer_limit_disconnections", context.pubsub.limit_disconnections());
+    // Redis 7.2's names (7.0 has no such fields): refused logins and commands refused by the roles.
+    line(out, "acl_access_denied_auth", ServedStats::get(&s.acl_denied_auth));
+    line(out, "acl_access_denied_cmd", ServedStats::get(&s.acl_denied_cmd));
 }
 
 fn relay(context: &RelayContext, out: &mut String) {

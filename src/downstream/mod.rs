@@ -13,6 +13,7 @@ pub mod info;
 pub mod memory;
 pub mod pubsub;
 pub mod replica;
+pub mod users;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use crate::tls::{Stream, TlsAcceptor};
 use clients::{ClientHandle, ClientType, KillFilter, KillType};
 pub use connection::{ClientConnection, ClientError};
 use pubsub::{Kind, Subscriber};
+use users::Identity;
 
 /// Whether clients may repoint the relay with `REPLICAOF`/`SLAVEOF` (`replicaof`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,7 +313,7 @@ pub async fn serve(
                                 }
                             }
                         };
-                        let authenticated = context.config.requirepass.is_none();
+                        let identity = initial_identity(&context);
                         let (client, mut killed) = context.clients.register(peer, laddr, fd);
                         let memory = context.client_memory.register(client.id(), client.killer());
                         let mut session = Session {
@@ -320,7 +322,8 @@ pub async fn serve(
                             context,
                             handshake: ReplicaHandshake::default(),
                             transaction: None,
-                            authenticated,
+                            transaction_dirty: false,
+                            identity,
                             client,
                             subscriber: None,
                             unflushed_messages: 0,
@@ -364,8 +367,12 @@ pub struct Session {
     pub handshake: ReplicaHandshake,
     /// Commands queued since `MULTI` (Sentinel wraps its reconfiguration in a transaction).
     pub transaction: Option<Vec<ClientCommand>>,
-    /// False until `AUTH` succeeds when the relay has a `requirepass`.
-    pub authenticated: bool,
+    /// Who the session is: `None` until `AUTH` succeeds when the default user has a password or
+    /// is off; the roles decide what it may run.
+    pub identity: Option<Identity>,
+    /// A command was refused while queueing a transaction: `EXEC` discards it (redis-server's
+    /// `CLIENT_DIRTY_EXEC`).
+    transaction_dirty: bool,
     /// This session's row in the relay's client table (`CLIENT ID`, `CLIENT KILL`).
     pub client: ClientHandle,
     /// Pub/sub subscriptions, from the first `(P)SUBSCRIBE` on.
@@ -425,6 +432,15 @@ const KNOWN_COMMANDS: [&str; 31] = [
     "DISCARD",
     "RELAY",
 ];
+
+/// The identity a new (or `RESET`) session starts with: `default` when it has no password.
+fn initial_identity(context: &RelayContext) -> Option<Identity> {
+    let config = &context.config;
+    match users::DefaultUser::of(config.requirepass.as_deref(), &config.users) {
+        users::DefaultUser::NoPass => Some(Identity::default_user()),
+        _ => None,
+    }
+}
 
 /// Waits for the next pub/sub message; never resolves for a session without subscriptions.
 async fn next_message(subscriber: &mut Option<Subscriber>) -> Option<Bytes> {
@@ -510,11 +526,24 @@ impl Session {
 
     /// redis-server's caps before `AUTH` when a password is required, its normal ones after.
     fn command_limits(&self) -> CommandLimits {
-        if self.authenticated {
+        if self.authenticated() {
             CommandLimits::AUTHENTICATED
         } else {
             CommandLimits::UNAUTHENTICATED
         }
+    }
+
+    pub fn authenticated(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// Whether the session's user may run `command`; counts and returns the `NOPERM` refusal.
+    fn permission(&self, command: &ClientCommand) -> Result<(), Reply> {
+        let roles = self.identity.as_ref().map_or(users::Roles::NONE, |identity| identity.roles);
+        users::check(roles, command).map_err(|refusal| {
+            ServedStats::add(&self.context.stats.acl_denied_cmd, 1);
+            Reply::error(refusal)
+        })
     }
 
     fn queue_message(&mut self, message: Bytes) {
@@ -609,7 +638,8 @@ impl Session {
         self.subscriber = None;
         self.unflushed_messages = 0;
         self.transaction = None;
-        self.authenticated = self.context.config.requirepass.is_none();
+        self.transaction_dirty = false;
+        self.set_identity(initial_identity(&self.context));
         self.client.set_type(ClientType::Normal);
         Reply::Simple("RESET".into())
     }
@@ -691,7 +721,7 @@ impl Session {
         let name = command.name();
         // As redis-server's processCommand: before AUTH only the no-auth commands (AUTH, HELLO,
         // QUIT, RESET) run, and nothing is queued, so MULTI itself is refused.
-        if !self.authenticated
+        if !self.authenticated()
             && !command.args.is_empty()
             && !matches!(name.as_str(), "AUTH" | "HELLO" | "QUIT" | "RESET")
         {
@@ -702,6 +732,22 @@ impl Session {
                 ));
             }
             return Next::Reply(Reply::error("NOAUTH Authentication required."));
+        }
+        // Then the user's roles, after the command's own arity and subcommand checks (so those
+        // errors come first, as in redis-server's processCommand).
+        if !command.args.is_empty() && self.arity_ok(&command) {
+            if let Err(refusal) = self.permission(&command) {
+                if name == "EXEC" {
+                    self.transaction = None;
+                    self.transaction_dirty = false;
+                    let Reply::Error(text) = refusal else { return Next::Reply(refusal) };
+                    return Next::Reply(Reply::error(format!("EXECABORT Transaction discarded because of: {text}")));
+                }
+                if self.transaction.is_some() {
+                    self.transaction_dirty = true;
+                }
+                return Next::Reply(refusal);
+            }
         }
         if self.subscribed() && !command.args.is_empty() && !SUBSCRIBED_MODE_COMMANDS.contains(&name.as_str()) {
             if !KNOWN_COMMANDS.contains(&name.as_str()) {
@@ -724,12 +770,23 @@ impl Session {
             ("DISCARD", false) => Next::Reply(Reply::error("ERR DISCARD without MULTI")),
             ("DISCARD", true) => {
                 self.transaction = None;
+                self.transaction_dirty = false;
                 Next::Reply(Reply::ok())
+            }
+            ("EXEC", true) if self.transaction_dirty => {
+                self.transaction = None;
+                self.transaction_dirty = false;
+                Next::Reply(Reply::error("EXECABORT Transaction discarded because of previous errors."))
             }
             ("EXEC", true) => {
                 let queued = self.transaction.take().unwrap_or_default();
                 let mut replies = Vec::new();
                 for queued in &queued {
+                    // An AUTH queued in the transaction may have changed the user: checked again.
+                    if let Err(refusal) = self.permission(queued) {
+                        replies.push(refusal);
+                        continue;
+                    }
                     match self.dispatch(queued).await {
                         Next::Reply(reply) => replies.push(reply),
                         Next::Replies(several) => replies.extend(several),
@@ -829,29 +886,49 @@ impl Session {
         }
     }
 
-    /// `AUTH [user] password`, like redis-server with or without `requirepass` (only the default
-    /// user exists).
+    /// `AUTH [user] password`, like redis-server with `requirepass` as the default user's password
+    /// and the relay's `users:`. A failed AUTH leaves the session as it was.
     fn auth(&mut self, command: &ClientCommand) -> Reply {
         let argc = command.args.len();
         if !(2..=3).contains(&argc) {
             return wrong_arity("auth");
         }
-        let (user, password) =
-            if argc == 3 { (command.arg_str(1), command.arg_str(2)) } else { ("default".into(), command.arg_str(1)) };
-        match &self.context.config.requirepass {
-            Some(required) if user == "default" && password == *required => {
-                self.authenticated = true;
+        let config = &self.context.config;
+        let default = users::DefaultUser::of(config.requirepass.as_deref(), &config.users);
+        let user = (argc == 3).then(|| command.args[1].as_ref());
+        match users::authenticate(default, &config.users, user, &command.args[argc - 1]) {
+            Ok(identity) => {
+                self.set_identity(Some(identity));
                 Reply::ok()
             }
-            Some(_) => Reply::error("WRONGPASS invalid username-password pair or user is disabled."),
-            // No password: the default user is `nopass`, so `AUTH default <any>` succeeds while
-            // `AUTH <password>` is an error, as on redis-server.
-            None if argc == 3 && user == "default" => Reply::ok(),
-            None if argc == 3 => Reply::error("WRONGPASS invalid username-password pair or user is disabled."),
-            None => Reply::error(
+            Err(users::AuthError::WrongPass) => {
+                ServedStats::add(&self.context.stats.acl_denied_auth, 1);
+                Reply::error("WRONGPASS invalid username-password pair or user is disabled.")
+            }
+            Err(users::AuthError::NoPasswordConfigured) => Reply::error(
                 "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
             ),
         }
+    }
+
+    /// Becomes `identity` (`None`: not authenticated); `CLIENT LIST` shows its user.
+    fn set_identity(&mut self, identity: Option<Identity>) {
+        let user = identity.as_ref().map_or_else(|| "default".to_string(), |i| i.user.clone());
+        self.client.update(|row| row.user = user);
+        self.identity = identity;
+    }
+
+    /// Whether the argument count fits the command's arity in the `COMMAND` table (a command that
+    /// does not fit answers its own arity error, before the permission check).
+    fn arity_ok(&self, command: &ClientCommand) -> bool {
+        commands::arity(&command.args[0]).is_none_or(|arity| {
+            let argc = command.args.len() as i64;
+            if arity < 0 {
+                argc >= -arity
+            } else {
+                argc == arity
+            }
+        })
     }
 
     async fn dispatch(&mut self, command: &ClientCommand) -> Next {

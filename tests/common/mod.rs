@@ -67,6 +67,43 @@ pub fn connect(port: u16, user: Option<&str>, password: Option<&str>) -> redis::
     Ok(con)
 }
 
+/// Sends `commands` (each split at spaces) one by one on one connection to `127.0.0.1:port` and
+/// returns each reply's bytes exactly as they came (text, lossy), for comparing a server's replies
+/// byte for byte with redis-server's. Each command must get exactly one reply.
+pub fn raw_transcript(port: u16, commands: &[&str]) -> Vec<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let mut replies = Vec::new();
+    let mut buf = Vec::new();
+    for command in commands {
+        let words: Vec<&str> = command.split(' ').collect();
+        let mut request = format!("*{}\r\n", words.len());
+        for word in &words {
+            request.push_str(&format!("${}\r\n{word}\r\n", word.len()));
+        }
+        stream.write_all(request.as_bytes()).expect("send command");
+        loop {
+            match redis_protocol::resp3::decode::complete::decode(&buf) {
+                Ok(Some((_, len))) => {
+                    replies.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+                    buf.drain(..len);
+                    break;
+                }
+                Ok(None) => {}
+                Err(error) => panic!("port {port}: bad reply to {command:?}: {error:?}"),
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) => panic!("port {port}: connection closed before the reply to {command:?}"),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(error) => panic!("port {port}: no reply to {command:?}: {error}"),
+            }
+        }
+    }
+    replies
+}
+
 /// Polls `probe` every [`POLL_INTERVAL`] until it returns `Ok`, and returns that value. On
 /// deadline, panics naming `description` and the last `Err` the probe returned (a description of
 /// the last observed state).
@@ -549,6 +586,8 @@ pub struct SentinelSettings {
     pub quorum: u32,
     pub down_after: Duration,
     pub failover_timeout: Duration,
+    /// `sentinel auth-user` and `auth-pass`: the ACL user Sentinel logs in as on every instance.
+    pub auth: Option<(String, String)>,
 }
 
 /// A real Sentinel (`redis-server <conf> --sentinel`) on a loopback port, with its generated
@@ -597,6 +636,13 @@ impl Sentinel {
             down = s.down_after.as_millis(),
             timeout = s.failover_timeout.as_millis(),
         );
+        let text = match &s.auth {
+            Some((user, password)) => format!(
+                "{text}sentinel auth-user {name} {user}\nsentinel auth-pass {name} {password}\n",
+                name = s.master_name
+            ),
+            None => text,
+        };
         std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
         let child = Command::new(redis_server_bin())
             .arg(&conf)
