@@ -214,7 +214,8 @@ pub struct RelayConfig {
     pub upstream: String,
     pub upstream_user: Option<String>,
     pub upstream_password: Option<String>,
-    pub listen: SocketAddr,
+    /// The plain listener; `None` when the relay listens only with TLS (`tls_listen`).
+    pub listen: Option<SocketAddr>,
     pub dir: PathBuf,
     pub log: LogOptions,
     pub repl_timeout: std::time::Duration,
@@ -262,6 +263,20 @@ pub struct RelayConfig {
     /// detection off.
     pub replica_resync_backoff: std::time::Duration,
     pub replica_resync_backoff_max: std::time::Duration,
+}
+
+impl RelayConfig {
+    /// The port the relay announces to its master (`REPLCONF listening-port`): the plain
+    /// listener's, or the TLS one's when that is the only one (as a redis-server with
+    /// `tls-replication yes` announces its `tls-port`).
+    pub fn announced_port(&self) -> u16 {
+        self.listen.or(self.tls.as_ref().map(|tls| tls.listen)).map_or(0, |addr| addr.port())
+    }
+
+    /// The address `CONFIG GET bind` shows: the plain listener's, else the TLS one's.
+    pub fn bind_addr(&self) -> Option<SocketAddr> {
+        self.listen.or(self.tls.as_ref().map(|tls| tls.listen))
+    }
 }
 
 /// The `upstream` block of one layer. The flags spell these `--upstream` (the address),
@@ -613,9 +628,10 @@ fn resolve_relay(layers: &Layers, data_dir: Option<&Sourced<String>>) -> Result<
     };
     let upstream = required(layers.upstream_text("addr", |u| u.addr.as_ref()), "upstream.addr")?;
     let upstream = check_host_port(&upstream.field, &upstream.value)?;
-    let listen = required(layers.text("listen", |s| s.listen.as_ref()), "listen")?;
-    let listen_field = listen.field.clone();
-    let listen = parse_listen(&listen.field, &listen.value)?;
+    // Optional when there is a TLS listener (checked below, with it).
+    let listen = layers.text("listen", |s| s.listen.as_ref());
+    let listen_field = listen.as_ref().map_or_else(|| layers.own_field("listen"), |l| l.field.clone());
+    let listen = listen.map(|l| parse_listen(&l.field, &l.value)).transpose()?;
 
     let (dir, dir_field) = match (layers.text("dir", |s| s.dir.as_ref()), data_dir) {
         (Some(dir), _) => (PathBuf::from(dir.value), dir.field),
@@ -720,6 +736,13 @@ fn resolve_relay(layers: &Layers, data_dir: Option<&Sourced<String>>) -> Result<
     let upstream_tls = upstream_tls(layers)?;
     let tls_listen_field = layers.own_field("tls_listen");
     let tls = downstream_tls(layers)?;
+    if listen.is_none() && tls.is_none() {
+        let which = if listen_field.starts_with("--") { "--listen, --tls-listen" } else { "listen, tls_listen" };
+        return Err(field_error_without_value(
+            &listen_field,
+            &format!("required: a relay needs a listener ({which} or both)"),
+        ));
+    }
     let tls_listen_field = layers.text("tls_listen", |s| s.tls_listen.as_ref()).map_or(tls_listen_field, |s| s.field);
 
     let relay = RelayConfig {
@@ -917,7 +940,7 @@ fn validate(relays: &[Resolved], metrics: Option<&Sourced<SocketAddr>>) -> Resul
             }
         }
         let own = [
-            Some((relay.listen, &resolved.listen_field)),
+            relay.listen.map(|listen| (listen, &resolved.listen_field)),
             relay.tls.as_ref().map(|t| (t.listen, &resolved.tls_listen_field)),
         ];
         for (addr, field) in own.into_iter().flatten() {
@@ -1001,11 +1024,12 @@ impl Config {
                 let layers = Layers { layers: vec![(flags, Place::Flags)] };
                 if flags.upstream.as_ref().and_then(|u| u.addr.as_ref()).is_none()
                     && flags.listen.is_none()
+                    && flags.tls_listen.is_none()
                     && flags.dir.is_none()
                 {
                     return Err(field_error_without_value(
                         "--config",
-                        "give --config FILE, or --upstream HOST:PORT --listen HOST:PORT --dir PATH",
+                        "give --config FILE, or --upstream HOST:PORT --listen HOST:PORT --dir PATH (--tls-listen HOST:PORT beside --listen or instead of it)",
                     ));
                 }
                 relays.push(resolve_relay(&layers, None)?);
@@ -1319,6 +1343,36 @@ mod tests {
     }
 
     #[test]
+    fn a_relay_may_listen_with_tls_only_but_needs_a_listener() {
+        let config = Config::from_yaml(
+            "data_dir: /d\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, tls_listen: '127.0.0.1:7001', tls_cert_file: /c, tls_key_file: /k, tls_auth_clients: no}\n  - {name: b, upstream: {addr: 'h:1'}, tls_listen: '127.0.0.1:7002', tls_cert_file: /c, tls_key_file: /k, tls_auth_clients: no}\n",
+        )
+        .unwrap();
+        let relay = &config.relays[0];
+        assert_eq!(relay.listen, None);
+        assert_eq!(relay.announced_port(), 7001, "a TLS-only relay announces its TLS port upstream");
+        assert_eq!(relay.bind_addr().map(|a| a.port()), Some(7001));
+        let message = error_of("data_dir: /d\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}}\n");
+        assert!(message.contains("relays[0].listen") && message.contains("listen, tls_listen or both"), "{message}");
+        let message = error_of(
+            "data_dir: /d\nrelays:\n  - {name: a, upstream: {addr: 'h:1'}, listen: '127.0.0.1:7001'}\n  - {name: b, upstream: {addr: 'h:1'}, tls_listen: '127.0.0.1:7001', tls_cert_file: /c, tls_key_file: /k, tls_auth_clients: no}\n",
+        );
+        assert!(message.contains("relays[1].tls_listen") && message.contains("127.0.0.1:7001"), "{message}");
+        let relay = RelaySettings {
+            listen: None,
+            tls_listen: text("127.0.0.1:7001"),
+            tls_cert_file: text("/c"),
+            tls_key_file: text("/k"),
+            tls_auth_clients: text("no"),
+            ..one_relay_flags()
+        };
+        assert_eq!(Config::load(None, &flags(relay)).unwrap().relays[0].listen, None);
+        let message =
+            Config::load(None, &flags(RelaySettings { listen: None, ..one_relay_flags() })).unwrap_err().to_string();
+        assert!(message.starts_with("--listen: ") && message.contains("--tls-listen or both"), "{message}");
+    }
+
+    #[test]
     fn users_parse_with_env_files_and_roles() {
         std::env::set_var("RELAY_TEST_SENTINEL_PW", "from-env");
         let dir = tempfile::tempdir().unwrap();
@@ -1545,7 +1599,7 @@ mod tests {
         .unwrap();
         let relay = &config.relays[0];
         assert_eq!(relay.dir, PathBuf::from("/srv/data/a"));
-        assert_eq!(relay.listen.port(), 7010);
+        assert_eq!(relay.listen.map(|l| l.port()), Some(7010));
         assert_eq!(relay.log.retention, 2 << 20);
         assert_eq!(relay.snapshot.exclude, vec!["10.0.0.1:7010".to_string()]);
         let message = error_of("data_dir: ${RELAY_CFG_TEST_SURELY_UNSET}/data\nrelays: []\n");
@@ -1593,7 +1647,7 @@ mod tests {
             &flags(RelaySettings { listen: text("127.0.0.1:7999"), ..Default::default() }),
         )
         .unwrap();
-        assert_eq!((config.relays[0].name.as_str(), config.relays[0].listen.port()), ("a", 7999));
+        assert_eq!((config.relays[0].name.as_str(), config.relays[0].listen.map(|l| l.port())), ("a", Some(7999)));
         // A flag's bad value is reported as the flag, a file's with the file.
         let overrides = flags(RelaySettings { appendfsync: text("sometimes"), ..Default::default() });
         let message = Config::from_yaml_text("f.yaml", file, &overrides).unwrap_err().to_string();

@@ -28,7 +28,8 @@ struct Cli {
     /// The master to replicate, HOST:PORT (or set REDIS_RELAY_UPSTREAM).
     #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_UPSTREAM")]
     upstream: Option<Text>,
-    /// Where replicas and clients connect, HOST:PORT (or set REDIS_RELAY_LISTEN).
+    /// Where replicas and clients connect, HOST:PORT (or set REDIS_RELAY_LISTEN); optional when
+    /// --tls-listen is given.
     #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_LISTEN")]
     listen: Option<Text>,
     /// Data directory: replication log and snapshot cache (or set REDIS_RELAY_DIR).
@@ -108,7 +109,7 @@ struct Cli {
     /// Name the master's certificate must carry (default: the upstream host).
     #[arg(long, value_name = "NAME")]
     upstream_tls_server_name: Option<Text>,
-    /// TLS listener for replicas and clients, HOST:PORT (beside --listen).
+    /// TLS listener for replicas and clients, HOST:PORT (beside --listen, or alone).
     #[arg(long, value_name = "HOST:PORT")]
     tls_listen: Option<Text>,
     /// Certificate (PEM) of the TLS listener.

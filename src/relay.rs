@@ -190,7 +190,10 @@ pub async fn start(
     // A port that cannot be bound now is reported and retried by its listener task (see
     // `downstream::listen`): the rest of this relay, and the other relays, run meanwhile.
     let listeners = crate::downstream::ListenerStatus::default();
-    let listener = first_bind(config.listen, &listeners).await;
+    let listener = match config.listen {
+        Some(addr) => first_bind(addr, &listeners).await,
+        None => None,
+    };
     let tls_listener = match &config.tls {
         Some(tls) => first_bind(tls.listen, &listeners).await,
         None => None,
@@ -236,7 +239,7 @@ pub async fn start(
         target,
         user: config.upstream_user.clone(),
         password: config.upstream_password.clone(),
-        listening_port: config.listen.port(),
+        listening_port: config.announced_port(),
         announce_version: config.upstream_announce_version.clone(),
         repl_timeout: config.repl_timeout,
         history_reset: config.history_reset,
@@ -292,7 +295,8 @@ pub async fn start(
             .unwrap_or(0),
     });
     tracing::info!(
-        listen = %context.config.listen,
+        listen = %context.config.listen.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
+        tls_listen = %context.config.tls.as_ref().map(|t| t.listen.to_string()).unwrap_or_else(|| "none".into()),
         upstream = %context.config.upstream,
         dir = %context.config.dir.display(),
         "relay starting"
@@ -310,8 +314,9 @@ pub async fn start(
                 .instrument(span.clone()),
         );
     }
-    let listen = context.config.listen;
-    tasks.spawn(downstream::listen(listener, listen, None, context.clone(), shutdown).instrument(span.clone()));
+    if let Some(listen) = context.config.listen {
+        tasks.spawn(downstream::listen(listener, listen, None, context.clone(), shutdown).instrument(span.clone()));
+    }
     Ok(context)
 }
 

@@ -336,3 +336,126 @@ fn a_late_joiner_is_served_from_a_tls_replica_snapshot_without_a_master_fork() {
     assert_eq!(stat_of(&master, "total_forks"), 1, "master forks: only the relay's first sync");
     assert_eq!(relay.info_i64("relay", "snapshot_refreshes_master"), 0);
 }
+
+/// A relay started with `--tls-listen` and no `--listen`: the harness's [`Relay`] checks itself
+/// over a plain port, so this one is spawned here and read with `redis-cli --tls`.
+struct TlsOnlyRelay {
+    child: KillOnDrop,
+    port: u16,
+    certs_dir: PathBuf,
+    work: tempfile::TempDir,
+}
+
+impl TlsOnlyRelay {
+    fn start(certs: &Certs, master_tls_port: u16) -> TlsOnlyRelay {
+        let work = tempfile::Builder::new().prefix("redis-relay-tls-only-").tempdir().expect("temp dir");
+        let port = free_port();
+        let stderr = std::fs::File::create(work.path().join("relay.stderr")).expect("stderr file");
+        let child = Command::new(relay_bin())
+            .args(["--upstream", &format!("127.0.0.1:{master_tls_port}"), "--dir"])
+            .arg(work.path().join("data"))
+            .args(["--upstream-tls", "yes", "--upstream-tls-ca-cert-file", &certs.file("ca.crt")])
+            .args([
+                "--upstream-tls-cert-file",
+                &certs.file("leaf.crt"),
+                "--upstream-tls-key-file",
+                &certs.file("leaf.key"),
+            ])
+            .args(["--tls-listen", &format!("127.0.0.1:{port}")])
+            .args(["--tls-cert-file", &certs.file("leaf.crt"), "--tls-key-file", &certs.file("leaf.key")])
+            .args(["--tls-ca-cert-file", &certs.file("ca.crt"), "--tls-auth-clients", "yes"])
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn redis-relay");
+        let relay = TlsOnlyRelay { child: KillOnDrop(child), port, certs_dir: certs.path(""), work };
+        wait_for(STARTUP_TIMEOUT, "the TLS-only relay to answer PING over TLS", || match relay.cli(&["PING"]) {
+            pong if pong == "PONG" => Ok(()),
+            other => Err(format!("{other:?}; stderr: {}", relay.stderr())),
+        });
+        relay
+    }
+
+    /// `redis-cli --tls` with the test certificate; its stdout, trimmed.
+    fn cli(&self, args: &[&str]) -> String {
+        let file = |name: &str| self.certs_dir.join(name).display().to_string();
+        let output = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--tls", "--cacert", &file("ca.crt")])
+            .args(["--cert", &file("leaf.crt"), "--key", &file("leaf.key")])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.work.path().join("relay.stderr")).unwrap_or_default()
+    }
+}
+
+impl InfoSource for TlsOnlyRelay {
+    fn info(&self, section: &str) -> String {
+        self.cli(&["INFO", section])
+    }
+}
+
+impl Drop for TlsOnlyRelay {
+    fn drop(&mut self) {
+        let _ = self.child.0.kill();
+        if std::thread::panicking() {
+            eprintln!("--- TLS-only redis-relay stderr ---\n{}", self.stderr());
+        }
+    }
+}
+
+/// `--tls-listen` without `--listen`: a TLS master, a relay with only a TLS listener (it announces
+/// that port to the master, and says port 0 as redis-server with `port 0`), a TLS replica below it,
+/// digest-equal with the master.
+#[test]
+fn a_relay_with_only_a_tls_listener_serves_a_tls_replica() {
+    let certs = Certs::new();
+    let (master, master_tls_port) = tls_master(&certs);
+    master.query::<()>(redis::cmd("DEBUG").arg("POPULATE").arg(5_000).arg("tls-only").arg(64));
+    let relay = TlsOnlyRelay::start(&certs, master_tls_port);
+    let mut args = certs.server_args(free_port());
+    args.extend(["--replicaof".into(), "127.0.0.1".into(), relay.port.to_string()]);
+    let replica = RedisServer::builder().args(args).start();
+    let mut con = master.conn();
+    for i in 0..500 {
+        redis::cmd("SET").arg(format!("after:{i}")).arg(i).exec(&mut con).expect("SET");
+    }
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    assert_eq!(replica.digest(), master.digest());
+    wait_in_sync(&master, &relay, SYNC_TIMEOUT);
+    assert_eq!(relay.info_field("server", "tcp_port").as_deref(), Some("0"));
+    assert_eq!(relay.cli(&["CONFIG", "GET", "port"]), "port\n0");
+    assert_eq!(relay.info_field("relay", "tls_port"), Some(relay.port.to_string()));
+    let slave = master.info_field("replication", "slave0").unwrap_or_default();
+    assert!(slave.contains(&format!("port={},", relay.port)), "the relay announces its TLS port: {slave}");
+    assert_eq!(stat_of(&relay, "sync_full"), 1, "the replica's full sync came from the relay");
+}
+
+/// Without `--listen` and `--tls-listen` the relay refuses to start and says which flags it needs;
+/// `check-config` accepts a YAML relay with only `tls_listen`.
+#[test]
+fn a_relay_needs_a_listener_and_tls_alone_is_one() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(relay_bin())
+        .args(["--upstream", "127.0.0.1:6379", "--dir"])
+        .arg(work.path())
+        .output()
+        .expect("run redis-relay");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "started without a listener");
+    assert!(stderr.contains("--listen") && stderr.contains("--tls-listen"), "{stderr}");
+    let yaml = work.path().join("relay.yaml");
+    std::fs::write(
+        &yaml,
+        "data_dir: /var/lib/redis-relay\nrelays:\n  - {name: a, upstream: {addr: '127.0.0.1:6379'}, tls_listen: '127.0.0.1:6381', tls_cert_file: /c, tls_key_file: /k, tls_auth_clients: no}\n",
+    )
+    .expect("write config");
+    let check = Command::new(relay_bin()).arg("check-config").arg(&yaml).output().expect("check-config");
+    assert!(check.status.success(), "check-config: {}", String::from_utf8_lossy(&check.stderr));
+}

@@ -546,7 +546,7 @@ fn config_values(context: &RelayContext, admin: bool) -> Vec<(&'static str, Stri
     let upstream = &context.upstream_config;
     vec![
         ("appendonly", "no".into()),
-        ("bind", config.listen.ip().to_string()),
+        ("bind", config.bind_addr().map(|a| a.ip().to_string()).unwrap_or_default()),
         ("cluster-enabled", "no".into()),
         ("databases", DATABASES.to_string()),
         ("dir", config.dir.display().to_string()),
@@ -554,7 +554,8 @@ fn config_values(context: &RelayContext, admin: bool) -> Vec<(&'static str, Stri
         ("maxclients", context.client_slots.effective_max().to_string()),
         ("maxmemory", "0".into()),
         ("maxmemory-clients", context.client_memory.limit().to_string()),
-        ("port", config.listen.port().to_string()),
+        // 0 with only a TLS listener, as redis-server with `port 0`.
+        ("port", config.listen.map_or(0, |a| a.port()).to_string()),
         ("repl-backlog-size", context.log.summary().capacity.to_string()),
         ("repl-diskless-sync", yes_no(config.downstream_eof_form)),
         ("repl-timeout", config.repl_timeout.as_secs().to_string()),

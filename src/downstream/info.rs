@@ -203,7 +203,7 @@ fn server(context: &RelayContext, out: &mut String) {
     line(out, "arch_bits", usize::BITS);
     line(out, "process_id", std::process::id());
     line(out, "run_id", &context.run_id);
-    line(out, "tcp_port", context.config.listen.port());
+    line(out, "tcp_port", context.config.listen.map_or(0, |a| a.port()));
     line(out, "server_time_usec", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0));
     line(out, "uptime_in_seconds", uptime);
     line(out, "uptime_in_days", uptime / 86400);
