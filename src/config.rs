@@ -204,7 +204,65 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Credentials `/metrics` requires (`metrics.auth`: `bearer:TOKEN` or `basic:USER:PASSWORD`).
     pub metrics_auth: Option<crate::metrics::http::MetricsAuth>,
+    /// HTTPS for `/metrics` (`metrics.tls_cert_file` and `tls_key_file`, optionally
+    /// `tls_ca_cert_file` to require client certificates).
+    pub metrics_tls: Option<MetricsTls>,
     pub relays: Vec<RelayConfig>,
+}
+
+/// The metrics endpoint's certificate, key and optional client CA (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// With it, a scraper must present a certificate that chains to this CA.
+    pub ca_cert_file: Option<PathBuf>,
+}
+
+impl MetricsTls {
+    /// The settings of the rustls acceptor the endpoint shares with the relays' TLS listeners.
+    pub fn acceptor_settings(&self, listen: SocketAddr) -> DownstreamTls {
+        DownstreamTls {
+            listen,
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            ca_cert_file: self.ca_cert_file.clone(),
+            auth_clients: if self.ca_cert_file.is_some() { ClientAuth::Yes } else { ClientAuth::No },
+        }
+    }
+}
+
+/// Checks the metrics endpoint's TLS files (each with the field that set it).
+fn metrics_tls(
+    cert: Option<Sourced<String>>,
+    key: Option<Sourced<String>>,
+    ca: Option<Sourced<String>>,
+    metrics: Option<&Sourced<SocketAddr>>,
+) -> Result<Option<MetricsTls>, ConfigError> {
+    match (cert, key) {
+        (None, None) => match ca {
+            Some(ca) => Err(field_error(&ca.field, &ca.value, "a client CA needs the endpoint's cert and key files")),
+            None => Ok(None),
+        },
+        (Some(cert), Some(key)) => match metrics {
+            None => Err(field_error(&cert.field, &cert.value, "TLS files are set but there is no metrics endpoint")),
+            Some(_) => Ok(Some(MetricsTls {
+                cert_file: cert.value.into(),
+                key_file: key.value.into(),
+                ca_cert_file: ca.map(|c| c.value.into()),
+            })),
+        },
+        (Some(cert), None) => Err(field_error(
+            &cert.field.replace("cert", "key"),
+            "",
+            &format!("the certificate {} needs its key file", cert.value),
+        )),
+        (None, Some(key)) => Err(field_error(
+            &key.field.replace("key", "cert"),
+            "",
+            &format!("the key {} needs its certificate file", key.value),
+        )),
+    }
 }
 
 /// One relay: one master upstream, one listen address, one data directory.
@@ -373,6 +431,9 @@ impl UserSettings {
 pub struct MetricsSettings {
     pub listen: Option<Text>,
     pub auth: Option<Text>,
+    pub tls_cert_file: Option<Text>,
+    pub tls_key_file: Option<Text>,
+    pub tls_ca_cert_file: Option<Text>,
 }
 
 /// The command line's layer, merged over the file.
@@ -1006,6 +1067,25 @@ impl Config {
             .chain(parsed.map(|p| (&p.metrics, "metrics.listen", "metrics.auth")));
         let mut metrics = None;
         let mut metrics_auth = None;
+        let (mut tls_cert, mut tls_key, mut tls_ca) = (None, None, None);
+        for (layer, listen_field, _) in metrics_layers.clone() {
+            // The flags spell `--metrics-tls-cert-file`, the file `metrics.tls_cert_file`.
+            let field = |name: &str| {
+                if listen_field.starts_with("--") {
+                    format!("--metrics-{}", name.replace('_', "-"))
+                } else {
+                    format!("metrics.{name}")
+                }
+            };
+            let take = |slot: &mut Option<Sourced<String>>, value: &Option<Text>, name: &str| {
+                if let (None, Some(Text(text))) = (&slot, value) {
+                    *slot = Some(Sourced { value: text.clone(), field: field(name) });
+                }
+            };
+            take(&mut tls_cert, &layer.tls_cert_file, "tls_cert_file");
+            take(&mut tls_key, &layer.tls_key_file, "tls_key_file");
+            take(&mut tls_ca, &layer.tls_ca_cert_file, "tls_ca_cert_file");
+        }
         for (layer, listen_field, auth_field) in metrics_layers {
             if let (None, Some(listen)) = (&metrics, &layer.listen) {
                 metrics = Some(Sourced {
@@ -1067,9 +1147,11 @@ impl Config {
             }
         }
         validate(&relays, metrics.as_ref())?;
+        let metrics_tls = metrics_tls(tls_cert, tls_key, tls_ca, metrics.as_ref())?;
         Ok(Config {
             metrics: metrics.map(|m| m.value),
             metrics_auth,
+            metrics_tls,
             relays: relays.into_iter().map(|r| r.relay).collect(),
         })
     }
@@ -1373,6 +1455,38 @@ mod tests {
     }
 
     #[test]
+    fn metrics_tls_parses_and_errors_name_the_field() {
+        let yaml = |metrics: &str| {
+            format!("metrics: {{listen: '127.0.0.1:9480'{metrics}}}\ndata_dir: /d\nrelays:\n  - {{name: a, upstream: {{addr: 'h:1'}}, listen: '127.0.0.1:1'}}\n")
+        };
+        let listen = "127.0.0.1:9480".parse().unwrap();
+        let config = Config::from_yaml(&yaml(", tls_cert_file: /m.crt, tls_key_file: /m.key")).unwrap();
+        let tls = config.metrics_tls.clone().expect("metrics TLS");
+        assert_eq!((tls.cert_file, tls.key_file, tls.ca_cert_file), ("/m.crt".into(), "/m.key".into(), None));
+        assert_eq!(config.metrics_tls.as_ref().unwrap().acceptor_settings(listen).auth_clients, ClientAuth::No);
+        let config =
+            Config::from_yaml(&yaml(", tls_cert_file: /m.crt, tls_key_file: /m.key, tls_ca_cert_file: /ca")).unwrap();
+        let settings = config.metrics_tls.as_ref().unwrap().acceptor_settings(listen);
+        assert_eq!(settings.auth_clients, ClientAuth::Yes, "a client CA makes client certificates required");
+        assert_eq!(Config::from_yaml(&yaml("")).unwrap().metrics_tls, None);
+        let message = error_of(&yaml(", tls_cert_file: /m.crt"));
+        assert!(message.contains("metrics.tls_key_file") && message.contains("/m.crt"), "{message}");
+        let message = error_of(&yaml(", tls_key_file: /m.key"));
+        assert!(message.contains("metrics.tls_cert_file"), "{message}");
+        let message = error_of(&yaml(", tls_ca_cert_file: /ca"));
+        assert!(message.contains("metrics.tls_ca_cert_file"), "{message}");
+        let overrides = Overrides {
+            metrics: MetricsSettings { tls_cert_file: text("/c"), tls_key_file: text("/k"), ..Default::default() },
+            relay: one_relay_flags(),
+        };
+        let message = Config::load(None, &overrides).unwrap_err().to_string();
+        assert!(
+            message.starts_with("--metrics-tls-cert-file: ") && message.contains("no metrics endpoint"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn users_parse_with_env_files_and_roles() {
         std::env::set_var("RELAY_TEST_SENTINEL_PW", "from-env");
         let dir = tempfile::tempdir().unwrap();
@@ -1545,7 +1659,7 @@ mod tests {
         let message = error_of(&format!("metrics: {{listen: '0.0.0.0:7000'}}\n{ONE_RELAY}"));
         assert!(message.contains("relays[0].listen") && message.contains("metrics.listen"), "{message}");
         let overrides = Overrides {
-            metrics: MetricsSettings { listen: text("127.0.0.1:7000"), auth: None },
+            metrics: MetricsSettings { listen: text("127.0.0.1:7000"), auth: None, ..Default::default() },
             relay: one_relay_flags(),
         };
         let message = Config::load(None, &overrides).unwrap_err().to_string();

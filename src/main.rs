@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -12,6 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use redis_relay::config::{self, Config, Duration, List, RelayConfig, Size, Text, YesNo};
 use redis_relay::relay::RunningRelay;
+use redis_relay::tls::TlsAcceptor;
 
 /// A Redis replication relay: one replica of the master, a master to many replicas.
 ///
@@ -42,6 +44,15 @@ struct Cli {
     /// REDIS_RELAY_METRICS_AUTH).
     #[arg(long, value_name = "AUTH", env = "REDIS_RELAY_METRICS_AUTH", hide_env_values = true)]
     metrics_auth: Option<Text>,
+    /// Serve /metrics over HTTPS with this certificate (PEM); needs --metrics-tls-key-file.
+    #[arg(long, value_name = "FILE")]
+    metrics_tls_cert_file: Option<Text>,
+    /// Key (PEM) of the metrics endpoint's certificate.
+    #[arg(long, value_name = "FILE")]
+    metrics_tls_key_file: Option<Text>,
+    /// CA (PEM) scrapers' client certificates must chain to; without it none is asked for.
+    #[arg(long, value_name = "FILE")]
+    metrics_tls_ca_cert_file: Option<Text>,
     /// ACL user for AUTH to the master.
     #[arg(long, value_name = "U")]
     upstream_user: Option<Text>,
@@ -212,6 +223,9 @@ fn overrides(cli: Cli, matches: &ArgMatches, with_file: bool) -> config::Overrid
         metrics: config::MetricsSettings {
             listen: keep("metrics", cli.metrics),
             auth: keep("metrics_auth", cli.metrics_auth),
+            tls_cert_file: cli.metrics_tls_cert_file,
+            tls_key_file: cli.metrics_tls_key_file,
+            tls_ca_cert_file: cli.metrics_tls_ca_cert_file,
         },
         relay: config::RelaySettings {
             name: None,
@@ -366,9 +380,18 @@ async fn main() -> anyhow::Result<()> {
     }
     init_tracing(&log_format)?;
     let mut config = Config::load(file.as_deref(), &overrides)?;
+    let mut metrics_acceptor = None;
     if let Some(addr) = config.metrics {
-        redis_relay::metrics::install(addr, config.metrics_auth.clone())?;
-        tracing::info!(%addr, "metrics endpoint listening on /metrics");
+        if let Some(tls) = &config.metrics_tls {
+            let settings = tls.acceptor_settings(addr);
+            let acceptor = tokio::task::spawn_blocking(move || TlsAcceptor::new(&settings))
+                .await?
+                .context("metrics endpoint TLS")?;
+            metrics_acceptor = Some(Arc::new(acceptor));
+        }
+        redis_relay::metrics::install(addr, config.metrics_auth.clone(), metrics_acceptor.clone())?;
+        let scheme = if metrics_acceptor.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, "metrics endpoint listening on /metrics");
     }
     adjust_open_files_limit(&config);
     let mut supervisor = Supervisor { relays: BTreeMap::new() };
@@ -382,14 +405,24 @@ async fn main() -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
             _ = hangup.recv() => {
                 supervisor.reload_tls().await;
+                if let Some(acceptor) = metrics_acceptor.clone() {
+                    match tokio::task::spawn_blocking(move || acceptor.reload()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::error!("metrics endpoint TLS certificates not reloaded: {error}"),
+                        Err(error) => tracing::error!("metrics TLS reload task failed: {error}"),
+                    }
+                }
                 let Some(file) = &file else {
                     tracing::info!("SIGHUP: certificates reloaded; no --config file to reload");
                     continue;
                 };
                 match Config::load(Some(file), &overrides) {
                     Ok(new_config) => {
-                        if new_config.metrics != config.metrics || new_config.metrics_auth != config.metrics_auth {
-                            tracing::warn!("metrics.listen or metrics.auth changed: it takes effect at the next restart");
+                        if new_config.metrics != config.metrics
+                            || new_config.metrics_auth != config.metrics_auth
+                            || new_config.metrics_tls != config.metrics_tls
+                        {
+                            tracing::warn!("metrics.listen, metrics.auth or the metrics TLS files changed: it takes effect at the next restart");
                         }
                         tracing::info!(file = %file.display(), relays = new_config.relays.len(), "reloading the configuration");
                         adjust_open_files_limit(&new_config);

@@ -459,3 +459,52 @@ fn a_relay_needs_a_listener_and_tls_alone_is_one() {
     let check = Command::new(relay_bin()).arg("check-config").arg(&yaml).output().expect("check-config");
     assert!(check.status.success(), "check-config: {}", String::from_utf8_lossy(&check.stderr));
 }
+
+/// `curl` over HTTPS to the metrics endpoint, trusting the test CA; with `client_cert`, it presents
+/// the test certificate. Returns (exit status success, body).
+fn curl_metrics(certs: &Certs, port: u16, client_cert: bool) -> (bool, String) {
+    let mut command = Command::new("curl");
+    command.args(["-sS", "--max-time", "10", "--fail", "--cacert", &certs.file("ca.crt")]);
+    if client_cert {
+        command.args(["--cert", &certs.file("leaf.crt"), "--key", &certs.file("leaf.key")]);
+    }
+    let output = command.arg(format!("https://127.0.0.1:{port}/metrics")).output().expect("run curl");
+    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `--metrics-tls-cert-file`/`--metrics-tls-key-file`: `/metrics` over HTTPS (curl verifies the
+/// certificate against the test CA), nothing for plain HTTP on that port; with
+/// `--metrics-tls-ca-cert-file` a scraper without a client certificate is refused.
+#[test]
+fn the_metrics_endpoint_serves_https() {
+    let certs = Certs::new();
+    let master = RedisServer::start(&[]);
+    let metrics_port = free_port();
+    let relay = Relay::builder(master.port())
+        .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--metrics-tls-cert-file", &certs.file("leaf.crt"), "--metrics-tls-key-file", &certs.file("leaf.key")])
+        .start();
+    wait_link_up(&relay, SYNC_TIMEOUT);
+    let body =
+        wait_for(SYNC_TIMEOUT, "the relay's series over HTTPS", || match curl_metrics(&certs, metrics_port, false) {
+            (true, body) if metric_value(&body, "redis_relay_upstream_link_up", &[]) == Some(1.0) => Ok(body),
+            (ok, body) => Err(format!("curl ok={ok}: {}", body.chars().take(200).collect::<String>())),
+        });
+    assert!(body.contains("# TYPE redis_relay_offset_bytes gauge"), "{body}");
+    let plain = scrape(metrics_port);
+    assert!(!plain.contains("200 OK") && !plain.contains("redis_relay_"), "plain HTTP got: {plain:?}");
+    let untrusted = Command::new("curl")
+        .args(["-sS", "--max-time", "10", &format!("https://127.0.0.1:{metrics_port}/metrics")])
+        .output()
+        .expect("run curl");
+    assert!(!untrusted.status.success(), "curl without the CA must not trust the test certificate");
+
+    let mutual_port = free_port();
+    let _mutual = Relay::builder(master.port())
+        .args(["--metrics", &format!("127.0.0.1:{mutual_port}")])
+        .args(["--metrics-tls-cert-file", &certs.file("leaf.crt"), "--metrics-tls-key-file", &certs.file("leaf.key")])
+        .args(["--metrics-tls-ca-cert-file", &certs.file("ca.crt")])
+        .start();
+    wait_until(SYNC_TIMEOUT, "a scrape with a client certificate", || curl_metrics(&certs, mutual_port, true).0);
+    assert!(!curl_metrics(&certs, mutual_port, false).0, "no client certificate, no metrics");
+}

@@ -2,18 +2,21 @@
 //! ours: a connection cap (more connections wait in the kernel's backlog, not in our memory),
 //! a header timeout and an idle timeout, `/metrics` only (404 elsewhere, 405 for methods other
 //! than GET and HEAD), optional bearer-token or basic authentication, and a backoff on accept
-//! errors so descriptor exhaustion never makes the loop spin or flood the log.
+//! errors so descriptor exhaustion never makes the loop spin or flood the log. With a certificate
+//! (`metrics.tls_cert_file`), it serves HTTPS only, through the same rustls acceptor as the relays'
+//! TLS listeners ([`crate::tls::TlsAcceptor`], reloaded on SIGHUP).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::limits::LogThrottle;
+use crate::tls::{Stream, TlsAcceptor};
 
 /// The whole request head must arrive within this.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,8 +107,15 @@ pub fn accept_errors() -> u64 {
     ACCEPT_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Serves `/metrics` on `listener` for the life of the process.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, auth: Option<MetricsAuth>, max_connections: usize) {
+/// Serves `/metrics` on `listener` for the life of the process; over TLS when `tls` is given (the
+/// handshake must finish within [`HEADER_TIMEOUT`], under the connection cap like a request).
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    auth: Option<MetricsAuth>,
+    tls: Option<Arc<TlsAcceptor>>,
+    max_connections: usize,
+) {
     let permits = Arc::new(Semaphore::new(max_connections));
     let auth = Arc::new(auth);
     let mut accept_errors = LogThrottle::new(Duration::from_secs(1));
@@ -114,9 +124,20 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, auth: Option
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let (handle, auth) = (handle.clone(), auth.clone());
+                let (handle, auth, tls) = (handle.clone(), auth.clone(), tls.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let stream = match tls {
+                        None => Stream::Plain(stream),
+                        Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, "metrics connection: TLS handshake failed: {error}");
+                                return;
+                            }
+                            Err(_) => return,
+                        },
+                    };
                     if let Err(error) = serve_connection(stream, &handle, auth.as_ref().as_ref()).await {
                         tracing::debug!(%peer, "metrics connection ended: {error}");
                     }
@@ -149,7 +170,7 @@ struct Request {
 }
 
 async fn serve_connection(
-    mut stream: TcpStream,
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
     handle: &PrometheusHandle,
     auth: Option<&MetricsAuth>,
 ) -> std::io::Result<()> {
@@ -220,7 +241,7 @@ async fn serve_connection(
 }
 
 /// Reads more bytes within `wait`; false on end of stream or timeout.
-async fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>, wait: Duration) -> std::io::Result<bool> {
+async fn read_some(stream: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>, wait: Duration) -> std::io::Result<bool> {
     let mut chunk = [0u8; 2048];
     match tokio::time::timeout(wait, stream.read(&mut chunk)).await {
         Err(_) | Ok(Ok(0)) => Ok(false),
@@ -263,7 +284,7 @@ fn parse_head(head: &[u8]) -> Option<Request> {
 }
 
 async fn respond(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncWrite + Unpin),
     status: u16,
     reason: &str,
     extra_headers: &str,

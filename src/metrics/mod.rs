@@ -123,8 +123,12 @@ pub enum Kind {
 }
 
 /// Installs the recorder, starts the `/metrics` HTTP endpoint on the current runtime (with `auth`
-/// required if given) and describes every metric.
-pub fn install(addr: SocketAddr, auth: Option<http::MetricsAuth>) -> Result<(), MetricsError> {
+/// required if given, over TLS with `tls`) and describes every metric.
+pub fn install(
+    addr: SocketAddr,
+    auth: Option<http::MetricsAuth>,
+    tls: Option<Arc<crate::tls::TlsAcceptor>>,
+) -> Result<(), MetricsError> {
     let listener = http::bind(addr).map_err(|e| MetricsError { addr, reason: e.to_string() })?;
     let handle = PrometheusBuilder::new()
         .idle_timeout(MetricKindMask::GAUGE, Some(SERIES_IDLE_TIMEOUT))
@@ -139,7 +143,7 @@ pub fn install(addr: SocketAddr, auth: Option<http::MetricsAuth>) -> Result<(), 
             upkeep.run_upkeep();
         }
     });
-    tokio::spawn(http::serve(listener, handle, auth, MAX_CONNECTIONS));
+    tokio::spawn(http::serve(listener, handle, auth, tls, MAX_CONNECTIONS));
     for (name, kind, help) in METRICS {
         let unit = if name.ends_with("_bytes") || name.ends_with("_bytes_total") {
             Some(Unit::Bytes)
