@@ -32,9 +32,11 @@ fn auth_hello_and_noperm_replies_are_redis_servers() {
         .args(["+subscribe", "&*"])
         .start();
     let master = RedisServer::start(&[]);
+    let metrics_port = free_port();
     let relay = Relay::builder(master.port())
         .requirepass(ADMIN_PASSWORD)
         .args(user_flags(&["rep:replica:rep-pw", "mon:monitor:mon-pw"]))
+        .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
         .start();
     let session = [
         "PING",
@@ -75,6 +77,14 @@ fn auth_hello_and_noperm_replies_are_redis_servers() {
     // What the session did, in the relay's INFO stats (Redis 7.2's fields).
     assert_eq!(stat(&relay, "acl_access_denied_auth"), 6, "AUTH mon wrong, nobody, wrong, default, HELLO, mon wrong");
     assert_eq!(stat(&relay, "acl_access_denied_cmd"), 11);
+    wait_for(SYNC_TIMEOUT, "the refusals in the metrics", || {
+        let scrape = scrape(metrics_port);
+        let value = |reason| metric_value(&scrape, "redis_relay_acl_denied_total", &[("reason", reason)]);
+        match (value("auth"), value("command")) {
+            (Some(6.0), Some(11.0)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
 }
 
 /// A named user's session: who `CLIENT LIST` says it is, `HELLO 3 AUTH` as redis-server answers
@@ -201,4 +211,71 @@ fn sentinel_monitors_and_repoints_the_relay_as_a_monitor_admin_user() {
     assert!(events.find("+fix-slave-config", &relay_port).is_some(), "{:?}", events.all());
     wait_link_up(&relay, SYNC_TIMEOUT);
     assert_eq!(stat(&relay, "acl_access_denied_cmd"), 0, "the repair ran as the admin it is");
+}
+
+/// Waits until something accepts TCP connections on `port`.
+fn wait_listening(port: u16, what: &str) {
+    wait_until(STARTUP_TIMEOUT, what, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+}
+
+/// A relay from YAML whose users take their passwords from `${ENV}` and a `password_file`, with no
+/// `requirepass`: its default user is off, and the session is byte for byte what redis-server
+/// answers with `user default off` and the same user.
+#[test]
+fn yaml_users_with_the_default_user_off_answer_as_redis_server() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let redis_port = free_port();
+    let _redis = KillOnDrop(
+        std::process::Command::new(redis_server_bin())
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(work.path())
+            .args(["--user", "default", "off", "--user", "mon", "on", ">mon-pw", "-@all", "+ping", "+info"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn redis-server"),
+    );
+    let master = RedisServer::start(&[]);
+    let relay_port = free_port();
+    std::fs::write(work.path().join("rep.pass"), "file-pw\n").expect("write password file");
+    let yaml = format!(
+        "data_dir: '{dir}'\nrelays:\n  - name: a\n    upstream: {{addr: '127.0.0.1:{master}'}}\n    listen: '127.0.0.1:{relay_port}'\n    users:\n      - {{name: mon, password: '${{USERS_TEST_MON_PW}}', role: monitor}}\n      - {{name: rep, password_file: '{dir}/rep.pass', role: replica}}\n",
+        dir = work.path().display(),
+        master = master.port(),
+    );
+    let config = work.path().join("relay.yaml");
+    std::fs::write(&config, yaml).expect("write config");
+    let _relay = KillOnDrop(
+        std::process::Command::new(relay_bin())
+            .arg("--config")
+            .arg(&config)
+            .env("USERS_TEST_MON_PW", "mon-pw")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn redis-relay"),
+    );
+    wait_listening(redis_port, "redis-server with the default user off");
+    wait_listening(relay_port, "the relay from YAML");
+    let session = [
+        "PING",
+        "AUTH x",
+        "AUTH default x",
+        "HELLO 3",
+        "AUTH mon wrong",
+        "AUTH mon mon-pw",
+        "PING",
+        "CONFIG SET timeout 1",
+        "RESET",
+        "PING",
+    ];
+    let expected = raw_transcript(redis_port, &session);
+    let got = raw_transcript(relay_port, &session);
+    for ((command, want), have) in session.iter().zip(&expected).zip(&got) {
+        assert_eq!(have, want, "reply to {command:?}");
+    }
+    assert_eq!(expected[0], "-NOAUTH Authentication required.\r\n");
+    let replica_user = raw_transcript(relay_port, &["AUTH rep file-pw", "INFO", "AUTH rep file-pw\n"]);
+    assert_eq!(replica_user[0], "+OK\r\n", "the password file's trailing newline is not part of it");
+    assert_eq!(replica_user[1], "-NOPERM this user has no permissions to run the 'info' command\r\n");
+    assert!(replica_user[2].starts_with("-WRONGPASS"), "{:?}", replica_user[2]);
 }

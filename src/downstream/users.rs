@@ -158,8 +158,7 @@ pub fn authenticate(
                 Ok(Identity::default_user())
             }
             DefaultUser::Password(_) => Err(AuthError::WrongPass),
-            // redis-server with `user default off` keeps `nopass`, and says so to `AUTH <password>`.
-            DefaultUser::Off if user.is_none() => Err(AuthError::NoPasswordConfigured),
+            // As redis.conf `user default off` (a user with no password and no rights, disabled).
             DefaultUser::Off => Err(AuthError::WrongPass),
         };
     };
@@ -314,7 +313,7 @@ mod tests {
         assert_eq!(ok(DefaultUser::Off, Some("sentinel"), "s-pw "), Err(AuthError::WrongPass));
         assert_eq!(ok(DefaultUser::Off, Some("nobody"), "s-pw"), Err(AuthError::WrongPass));
         assert_eq!(ok(DefaultUser::Off, Some("default"), "x"), Err(AuthError::WrongPass));
-        assert_eq!(ok(DefaultUser::Off, None, "x"), Err(AuthError::NoPasswordConfigured));
+        assert_eq!(ok(DefaultUser::Off, None, "x"), Err(AuthError::WrongPass));
         assert_eq!(ok(DefaultUser::Password("pw"), None, "pw"), Ok(Identity::default_user()));
         assert_eq!(ok(DefaultUser::Password("pw"), Some("default"), "pw"), Ok(Identity::default_user()));
         assert_eq!(ok(DefaultUser::Password("pw"), None, "pw2"), Err(AuthError::WrongPass));

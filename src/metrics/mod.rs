@@ -114,6 +114,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Kind::Counter,
         "Pub/sub clients disconnected at client-output-buffer-limit pubsub",
     ),
+    (
+        "redis_relay_acl_denied_total",
+        Kind::Counter,
+        "Failed AUTHs (reason auth) and commands refused with NOPERM (reason command)",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,6 +261,10 @@ fn sample(context: &RelayContext) {
     counter!("redis_relay_rejected_connections_total", &labels).absolute(ServedStats::get(&stats.rejected_connections));
     counter!("redis_relay_accept_errors_total", &labels).absolute(ServedStats::get(&stats.accept_errors));
     counter!("redis_relay_metrics_accept_errors_total", &labels).absolute(http::accept_errors());
+    for (reason, value) in [("auth", &stats.acl_denied_auth), ("command", &stats.acl_denied_cmd)] {
+        let labels = [("relay", relay.clone()), ("reason", reason.to_string())];
+        counter!("redis_relay_acl_denied_total", &labels).absolute(ServedStats::get(value));
+    }
 
     let replicas = context.replicas.snapshot();
     for state in [ReplicaState::WaitBgsave, ReplicaState::SendBulk, ReplicaState::Online] {
