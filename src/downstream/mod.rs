@@ -537,10 +537,28 @@ impl Session {
         self.identity.is_some()
     }
 
+    fn roles(&self) -> users::Roles {
+        self.identity.as_ref().map_or(users::Roles::NONE, |identity| identity.roles)
+    }
+
+    /// A command refused before it runs, as redis-server's `rejectCommand`: a refused `EXEC`
+    /// discards the transaction, any other refusal inside one makes `EXEC` discard it.
+    fn reject(&mut self, name: &str, refusal: Reply) -> Next {
+        if name == "EXEC" {
+            self.transaction = None;
+            self.transaction_dirty = false;
+            if let Reply::Error(text) = &refusal {
+                return Next::Reply(Reply::error(format!("EXECABORT Transaction discarded because of: {text}")));
+            }
+        } else if self.transaction.is_some() {
+            self.transaction_dirty = true;
+        }
+        Next::Reply(refusal)
+    }
+
     /// Whether the session's user may run `command`; counts and returns the `NOPERM` refusal.
     fn permission(&self, command: &ClientCommand) -> Result<(), Reply> {
-        let roles = self.identity.as_ref().map_or(users::Roles::NONE, |identity| identity.roles);
-        users::check(roles, command).map_err(|refusal| {
+        users::check(self.roles(), command).map_err(|refusal| {
             ServedStats::add(&self.context.stats.acl_denied_cmd, 1);
             Reply::error(refusal)
         })
@@ -733,21 +751,14 @@ impl Session {
             }
             return Next::Reply(Reply::error("NOAUTH Authentication required."));
         }
-        // Then the user's roles, after the command's own arity and subcommand checks (so those
-        // errors come first, as in redis-server's processCommand).
-        if !command.args.is_empty() && self.arity_ok(&command) {
-            if let Err(refusal) = self.permission(&command) {
-                if name == "EXEC" {
-                    self.transaction = None;
-                    self.transaction_dirty = false;
-                    let Reply::Error(text) = refusal else { return Next::Reply(refusal) };
-                    return Next::Reply(Reply::error(format!("EXECABORT Transaction discarded because of: {text}")));
-                }
-                if self.transaction.is_some() {
-                    self.transaction_dirty = true;
-                }
-                return Next::Reply(refusal);
-            }
+        // Then, as redis-server's processCommand, the arity (from the `COMMAND` table: nothing of
+        // a command with the wrong number of arguments runs) and the user's roles.
+        if !command.args.is_empty() && !self.arity_ok(&command) {
+            return self.reject(&name, wrong_arity(&name.to_ascii_lowercase()));
+        }
+        if let Some(Err(noperm)) = (!command.args.is_empty()).then(|| users::check(self.roles(), &command)) {
+            ServedStats::add(&self.context.stats.acl_denied_cmd, 1);
+            return self.reject(&name, Reply::error(noperm));
         }
         if self.subscribed() && !command.args.is_empty() && !SUBSCRIBED_MODE_COMMANDS.contains(&name.as_str()) {
             if !KNOWN_COMMANDS.contains(&name.as_str()) {
@@ -918,8 +929,7 @@ impl Session {
         self.identity = identity;
     }
 
-    /// Whether the argument count fits the command's arity in the `COMMAND` table (a command that
-    /// does not fit answers its own arity error, before the permission check).
+    /// Whether the argument count fits the command's arity in the `COMMAND` table.
     fn arity_ok(&self, command: &ClientCommand) -> bool {
         commands::arity(&command.args[0]).is_none_or(|arity| {
             let argc = command.args.len() as i64;

@@ -3,9 +3,9 @@
 //!
 //! Passwords are kept only as SHA-256 digests (as redis-server keeps them) and compared in
 //! constant time, so neither the time an `AUTH` takes nor a memory dump gives a password away.
-//! The permission check follows redis-server's `processCommand`: unknown commands, unknown
-//! subcommands and wrong arities are answered first (by the command itself), then the roles
-//! decide, and a refusal is `-NOPERM this user has no permissions to run the '<cmd>' command` with
+//! The permission check follows redis-server's `processCommand`: unknown commands and wrong
+//! arities are answered first, unknown subcommands by the command itself, then the roles decide,
+//! and a refusal is `-NOPERM this user has no permissions to run the '<cmd>' command` with
 //! redis-server 7.0's wording and its `parent|sub` names.
 
 use std::fmt;
