@@ -286,3 +286,39 @@ fn yaml_users_with_the_default_user_off_answer_as_redis_server() {
     assert_eq!(replica_user[1], "-NOPERM this user has no permissions to run the 'info' command\r\n");
     assert!(replica_user[2].starts_with("-WRONGPASS"), "{:?}", replica_user[2]);
 }
+
+/// The real redis_exporter logged in as a `monitor` user (`--redis.user`, `--redis.password`): its
+/// scrapes (`INFO ALL`, `CONFIG GET *`, `LATENCY LATEST`, `SLOWLOG`, `CLIENT LIST`, ...) run with
+/// no command refused and no scrape error.
+#[test]
+fn redis_exporter_scrapes_as_a_monitor_user() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::builder(master.port())
+        .requirepass(ADMIN_PASSWORD)
+        .args(user_flags(&["exporter:monitor:exporter-pw"]))
+        .start();
+    wait_link_up(&relay, SYNC_TIMEOUT);
+    let web = free_port();
+    let _exporter = KillOnDrop(
+        std::process::Command::new("prometheus-redis-exporter")
+            .arg(format!("--redis.addr=redis://127.0.0.1:{}", relay.port()))
+            .args(["--redis.user=exporter", "--redis.password=exporter-pw"])
+            .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start prometheus-redis-exporter"),
+    );
+    let body = wait_for(SYNC_TIMEOUT, "a scrape with the link up", || {
+        let body = scrape(web);
+        match metric_value(&body, "redis_master_link_up", &[]) {
+            Some(1.0) => Ok(body),
+            other => Err(format!("redis_master_link_up {other:?}")),
+        }
+    });
+    assert_eq!(metric_value(&body, "redis_up", &[]), Some(1.0), "{body}");
+    assert_eq!(metric_value(&body, "redis_exporter_last_scrape_error", &[]), Some(0.0), "{body}");
+    let _ = scrape(web);
+    assert_eq!(stat(&relay, "acl_access_denied_auth"), 0, "the exporter logged in");
+    assert_eq!(stat(&relay, "acl_access_denied_cmd"), 0, "no command of the exporter's was refused");
+}

@@ -207,6 +207,13 @@ const MONITOR: &[&str] = &[
     "dbsize",
     "time",
     "lastsave",
+    "latency|latest",
+    "latency|history",
+    "latency|histogram",
+    "latency|help",
+    "slowlog|get",
+    "slowlog|len",
+    "slowlog|help",
     "subscribe",
     "unsubscribe",
     "psubscribe",
@@ -226,6 +233,8 @@ const SUBCOMMANDS: &[(&str, &[&str])] = &[
     ),
     ("config", &["get", "set", "rewrite", "help", "resetstat"]),
     ("command", &["count", "docs", "info", "list", "help"]),
+    ("latency", &["latest", "history", "histogram", "reset", "help"]),
+    ("slowlog", &["get", "len", "reset", "help"]),
 ];
 
 /// Whether `roles` may run `command`; `Err` carries redis-server's `NOPERM` reply text.
@@ -298,6 +307,12 @@ mod tests {
         );
         assert_eq!(check(monitor, &command("SYNC")).map_err(|_| ()), Err(()));
         assert_eq!(check(monitor, &command("CLIENT NOSUCH")), Ok(()), "unknown subcommands answer for themselves");
+        assert_eq!(check(monitor, &command("LATENCY LATEST")), Ok(()), "redis_exporter's scrape");
+        assert_eq!(check(monitor, &command("SLOWLOG GET 10")), Ok(()));
+        assert_eq!(
+            check(monitor, &command("SLOWLOG RESET")),
+            Err("NOPERM this user has no permissions to run the 'slowlog|reset' command".into())
+        );
         assert_eq!(check(Roles::NONE, &command("AUTH a b")), Ok(()));
         assert_eq!(check(monitor.with(Role::Admin), &command("REPLICAOF h 1")), Ok(()));
         assert_eq!(check(Roles::ADMIN, &command("RELAY HISTORY ACCEPT")), Ok(()));
