@@ -174,11 +174,22 @@ pub fn return_large_buffers_to_the_system() {
 }
 
 static TRIM_PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// When the last trim was asked for, in milliseconds since [`trim_clock`]'s start.
+static TRIM_ASKED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Asks the allocator to give freed heap pages back to the system, soon and at most once per
-/// 100 ms: called when a client that held megabytes is gone (its many smaller buffers, such as a
-/// MULTI queue's, live in the allocator's heaps, which glibc does not shrink by itself).
+fn trim_clock() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
+/// How long after the last request the allocator's heaps are trimmed (frees come in bursts).
+const TRIM_DELAY_MS: u64 = 100;
+
+/// Asks the allocator to give freed heap pages back to the system, 100 ms after the last of a
+/// burst of requests: called when a client that held megabytes is gone (its many smaller buffers,
+/// such as a MULTI queue's, live in the allocator's heaps, which glibc does not shrink by itself).
 pub fn trim_freed_memory_soon() {
+    TRIM_ASKED_AT.store(trim_clock(), Ordering::Release);
     if TRIM_PENDING.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -187,7 +198,14 @@ pub fn trim_freed_memory_soon() {
         return;
     };
     runtime.spawn_blocking(|| {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Trailing edge: wait until no request came for TRIM_DELAY_MS.
+        loop {
+            let since = trim_clock().saturating_sub(TRIM_ASKED_AT.load(Ordering::Acquire));
+            if since >= TRIM_DELAY_MS {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(TRIM_DELAY_MS - since));
+        }
         TRIM_PENDING.store(false, Ordering::Release);
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim only returns free memory to the system.

@@ -588,6 +588,10 @@ fn query_buffer_and_multi_queue_are_bounded_after_auth() {
     assert_eq!(config, ["client-query-buffer-limit", &(16u64 << 20).to_string()]);
 }
 
+/// Bound on what the relay keeps resident once the flooders are gone, over its RSS before them:
+/// the allocator keeps some freed memory (measured 1-16 MiB, once 53 MiB, of a peak near 100 MiB).
+const RETAINED_AFTER_FLOOD_KIB: u64 = 64 * 1024;
+
 /// Bound on the relay's peak RSS growth while 8 clients flood it under the default
 /// maxmemory-clients (64 MiB): the cap, plus what evicted clients hold until their task ends.
 const CLIENT_FLOOD_RSS_GROWTH_KIB: u64 = 160 * 1024;
@@ -633,22 +637,32 @@ fn maxmemory_clients_evicts_the_biggest_clients() {
     assert_eq!(parse_info_field(&stats, "client_query_buffer_limit_disconnections").as_deref(), Some("0"));
     let recent_input: u64 = relay.info_field("clients", "client_recent_max_input_buffer").unwrap().parse().unwrap();
     assert!(recent_input >= 32 << 20, "client_recent_max_input_buffer {recent_input}");
-    wait_until(SYNC_TIMEOUT, "the flooders' memory is freed", || {
-        relay
-            .info_field("memory", "mem_clients_normal")
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|v| v < 1 << 20)
+    wait_for(SYNC_TIMEOUT, "the flooders' memory is freed", || {
+        match relay.info_field("memory", "mem_clients_normal").and_then(|v| v.parse::<u64>().ok()) {
+            Some(bytes) if bytes < 1 << 20 => Ok(()),
+            other => Err(format!("mem_clients_normal {other:?}")),
+        }
     });
-    wait_until(SYNC_TIMEOUT, "the replica is in sync", || {
-        master.info_field("replication", "master_repl_offset") == replica.info_field("replication", "slave_repl_offset")
+    wait_for(SYNC_TIMEOUT, "the replica is in sync", || {
+        let master_offset = master.info_field("replication", "master_repl_offset");
+        let replica_offset = replica.info_field("replication", "slave_repl_offset");
+        if master_offset == replica_offset {
+            Ok(())
+        } else {
+            Err(format!("master {master_offset:?}, replica {replica_offset:?}"))
+        }
     });
     assert_eq!(master.digest(), replica.digest());
     assert_eq!(stat_of(&relay, "sync_full"), 1, "the replica was never dropped");
-    // The buffers go back to the system (the probe saw 2.2 GB retained after a burst).
-    let mut rss_after = 0;
-    wait_until(SYNC_TIMEOUT, "RSS comes back near where it was", || {
-        rss_after = memory_kib(pid).1;
-        rss_after < peak_before + 16 * 1024
+    // The buffers go back to the system (the probe saw 2.2 GB retained after a burst): what stays is
+    // less than the cap.
+    let rss_after = wait_for(SYNC_TIMEOUT, "RSS comes back near where it was", || {
+        let rss = memory_kib(pid).1;
+        if rss < peak_before + RETAINED_AFTER_FLOOD_KIB {
+            Ok(rss)
+        } else {
+            Err(format!("VmRSS {rss} KiB, {peak_before} KiB at the start"))
+        }
     });
     eprintln!("after the flood: VmRSS {rss_after} KiB");
 }

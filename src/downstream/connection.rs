@@ -86,6 +86,9 @@ impl ClientConnection {
                 }
                 return Err(ClientError::QueryBufferLimit { len: held, limit: self.query_buffer_limit });
             }
+            if let Some(memory) = &self.memory {
+                memory.wait_for_evictions().await;
+            }
             if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
                 self.buf = BytesMut::with_capacity(1024);
             }

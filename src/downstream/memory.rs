@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use super::clients::{ClientTable, Killer};
 
@@ -20,6 +22,9 @@ use super::clients::{ClientTable, Killer};
 pub const DEFAULT_QUERY_BUFFER_LIMIT: u64 = 1 << 30;
 /// The relay's default `maxmemory-clients` (redis-server's is 0, off); README "Security" says why.
 pub const DEFAULT_MAXMEMORY_CLIENTS: u64 = 64 << 20;
+/// Longest a read waits for evicted clients to be freed (a safety net: they are freed within a
+/// scheduling round of their task).
+const EVICTION_WAIT: Duration = Duration::from_millis(500);
 /// Clients using less are never evicted (redis-server's `CLIENT_MEM_USAGE_BUCKET_MIN`).
 const EVICTION_MIN_USAGE: u64 = 32 * 1024;
 /// A client that held this much at once is followed by a trim of the allocator's heaps.
@@ -65,6 +70,8 @@ pub struct ClientMemoryBudget {
     started: Instant,
     evicted: AtomicU64,
     query_buffer_disconnections: AtomicU64,
+    /// Signalled when an evicted client's memory is freed.
+    freed: Notify,
 }
 
 impl ClientMemoryBudget {
@@ -77,6 +84,7 @@ impl ClientMemoryBudget {
             started: Instant::now(),
             evicted: AtomicU64::new(0),
             query_buffer_disconnections: AtomicU64::new(0),
+            freed: Notify::new(),
         })
     }
 
@@ -177,12 +185,20 @@ impl ClientMemoryBudget {
         }
     }
 
+    /// Over the cap while evicted clients still hold their memory: reading more now would take the
+    /// process past the cap by what they hold.
+    fn awaiting_evictions(&self) -> bool {
+        let ledger = self.ledger();
+        self.limit > 0 && ledger.evicting > 0 && ledger.total > self.limit
+    }
+
     fn unregister(&self, id: u64) {
         let mut ledger = self.ledger();
         if let Some(usage) = ledger.clients.remove(&id) {
             ledger.total -= usage.total();
             if usage.evicting {
                 ledger.evicting -= usage.total();
+                self.freed.notify_waiters();
             }
             if usage.peak >= TRIM_AFTER {
                 crate::limits::trim_freed_memory_soon();
@@ -208,6 +224,25 @@ impl ClientMemory {
         if (input, output) != (self.input, self.output) {
             (self.input, self.output) = (input, output);
             self.budget.report(self.id, input, output);
+        }
+    }
+
+    /// Waits (at most [`EVICTION_WAIT`]) while the budget is over the cap and evicted clients are
+    /// still being freed: every client's next read then waits for them instead of adding to them,
+    /// so the total stays near the cap however slowly the evicted tasks are scheduled.
+    pub async fn wait_for_evictions(&self) {
+        if self.exempt {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + EVICTION_WAIT;
+        loop {
+            let freed = self.budget.freed.notified();
+            if !self.budget.awaiting_evictions() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return;
+            }
         }
     }
 
