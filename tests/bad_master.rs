@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -27,24 +27,6 @@ fn real_rdb() -> Vec<u8> {
     }
     let _: () = redis::cmd("SAVE").query(&mut con).unwrap();
     std::fs::read(server.dir().join("dump.rdb")).expect("dump.rdb after SAVE")
-}
-
-/// Reads one RESP command (multibulk) from the relay; returns its arguments.
-fn read_command(reader: &mut BufReader<TcpStream>) -> Option<Vec<String>> {
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    let count: usize = line.trim_end().strip_prefix('*')?.parse().ok()?;
-    let mut args = Vec::new();
-    for _ in 0..count {
-        line.clear();
-        reader.read_line(&mut line).ok()?;
-        let len: usize = line.trim_end().strip_prefix('$')?.parse().ok()?;
-        let mut arg = vec![0u8; len + 2];
-        reader.read_exact(&mut arg).ok()?;
-        arg.truncate(len);
-        args.push(String::from_utf8_lossy(&arg).into_owned());
-    }
-    Some(args)
 }
 
 /// Answers the replica handshake up to and including PSYNC; returns the PSYNC arguments.

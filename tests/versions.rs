@@ -43,32 +43,6 @@ fn with_header(rdb: &[u8], header: &[u8; 9]) -> Vec<u8> {
     out
 }
 
-/// Reads one RESP multibulk command; `None` when the peer is gone.
-fn read_command(reader: &mut BufReader<TcpStream>) -> Option<Vec<String>> {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        if !line.trim().is_empty() {
-            break;
-        }
-    }
-    let count: usize = line.trim_end().strip_prefix('*')?.parse().ok()?;
-    let mut args = Vec::new();
-    for _ in 0..count {
-        line.clear();
-        reader.read_line(&mut line).ok()?;
-        let len: usize = line.trim_end().strip_prefix('$')?.parse().ok()?;
-        let mut arg = vec![0u8; len + 2];
-        reader.read_exact(&mut arg).ok()?;
-        arg.truncate(len);
-        args.push(String::from_utf8_lossy(&arg).into_owned());
-    }
-    Some(args)
-}
-
 /// What the fake master serves: its replid and RDB (changed by a test to start a new history).
 struct Served {
     replid: String,

@@ -1396,3 +1396,31 @@ pub fn mixed_workload(con: &mut Connection, rounds: usize) {
     }
     redis::cmd("SELECT").arg(0).exec(con).expect("SELECT 0");
 }
+
+/// Reads one RESP multibulk command from a peer (fake masters and replicas in the tests), skipping
+/// newline keepalives; `None` when the peer is gone or sends something else.
+pub fn read_command(reader: &mut std::io::BufReader<std::net::TcpStream>) -> Option<Vec<String>> {
+    use std::io::{BufRead, Read};
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if !line.trim().is_empty() {
+            break;
+        }
+    }
+    let count: usize = line.trim_end().strip_prefix('*')?.parse().ok()?;
+    let mut args = Vec::new();
+    for _ in 0..count {
+        line.clear();
+        reader.read_line(&mut line).ok()?;
+        let len: usize = line.trim_end().strip_prefix('$')?.parse().ok()?;
+        let mut arg = vec![0u8; len + 2];
+        reader.read_exact(&mut arg).ok()?;
+        arg.truncate(len);
+        args.push(String::from_utf8_lossy(&arg).into_owned());
+    }
+    Some(args)
+}
