@@ -125,17 +125,20 @@ def probe_multi_before_auth(relay):
     return f"closed after {sent // 1024} KiB sent; peak RSS +{growth:.1f} MiB", "none" if growth < 32 else "high"
 
 
+def parallel_floods(count, args_of, **kwargs):
+    """`count` floods at once, flood(*args_of(i), **kwargs) each; the most bytes one of them sent."""
+    threads, sent = [], []
+    for i in range(count):
+        t = threading.Thread(target=lambda a=args_of(i): sent.append(flood(*a, **kwargs)))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    return max(sent)
+
+
 def probe_bulks_before_auth(relay):
-    def run():
-        threads, sent = [], []
-        for _ in range(4):
-            t = threading.Thread(target=lambda: sent.append(flood(relay.port, *BULK_512MB, cap=512 * MB)))
-            t.start()
-            threads.append(t)
-        for t in threads:
-            t.join()
-        return max(sent)
-    sent, growth = peak_growth(relay, run)
+    sent, growth = peak_growth(relay, lambda: parallel_floods(4, lambda i: (relay.port, *BULK_512MB), cap=512 * MB))
     return f"each closed at its header ({sent // 1024} KiB sent at most); peak RSS +{growth:.1f} MiB", \
         "none" if growth < 32 else "high"
 
@@ -143,18 +146,8 @@ def probe_bulks_before_auth(relay):
 def probe_floods_after_auth(relay):
     evicted_before = int(relay.info("stats")["evicted_clients"])
 
-    def run():
-        threads, sent = [], []
-        for i in range(8):
-            opening, chunk = BULK_512MB if i % 2 == 0 else MULTI_QUEUE
-            t = threading.Thread(target=lambda o=opening, c=chunk: sent.append(
-                flood(relay.port, o, c, cap=1024 * MB, password=PASSWORD)))
-            t.start()
-            threads.append(t)
-        for t in threads:
-            t.join()
-        return max(sent)
-    sent, growth = peak_growth(relay, run)
+    sent, growth = peak_growth(relay, lambda: parallel_floods(
+        8, lambda i: (relay.port, *(BULK_512MB if i % 2 == 0 else MULTI_QUEUE)), cap=1024 * MB, password=PASSWORD))
     evicted = int(relay.info("stats")["evicted_clients"]) - evicted_before
     return (f"8 authenticated flooders (4 bulks, 4 MULTI queues, up to 1 GB each): {evicted} evicted at "
             f"maxmemory-clients 64mb, at most {sent // MB} MiB sent by one; peak RSS +{growth:.0f} MiB"), \
