@@ -2,12 +2,9 @@
 //! time to reopen (recover) a log of a given size.
 //!
 //! `cargo run --release --example log_bench -- [SIZE_MB] [CHUNK_KB] [DIR]` (defaults: 1024 MB, 16 KB,
-//! a temp dir). `everysec` is simulated as the relay does it: a background thread calls `sync()`
-//! once a second.
+//! a temp dir). Appends go through the log writer's thread as the relay's do.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use redis_relay::log::{FsyncPolicy, LogOptions, ReplicationLog};
@@ -24,6 +21,7 @@ fn main() -> anyhow::Result<()> {
     let chunk = Bytes::from(chunk);
     let total = size_mb << 20;
     println!("appending {size_mb} MB in {chunk_kb} KB chunks under {}", base.display());
+    let runtime = tokio::runtime::Runtime::new()?;
     println!("| policy | append MB/s | reopen (recovery) seconds |");
     println!("|---|---|---|");
     for policy in [FsyncPolicy::No, FsyncPolicy::EverySec, FsyncPolicy::Always] {
@@ -39,36 +37,26 @@ fn main() -> anyhow::Result<()> {
             max_age: None,
             fsync: policy,
         };
-        let (elapsed, written) = {
-            let (log, _) = ReplicationLog::open(&dir, options)?;
-            let log = Arc::new(log);
-            log.reset("a".repeat(40), 0)?;
-            let stop = Arc::new(AtomicBool::new(false));
-            let syncer = (policy == FsyncPolicy::EverySec).then(|| {
-                let (log, stop) = (log.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_secs(1));
-                        let _ = log.sync();
-                    }
-                })
-            });
+        let (elapsed, written) = runtime.block_on(async {
+            // The relay's own write path: the writer thread fed over its channel (and, under
+            // `everysec`, its syncer thread).
+            let (log, writer, _) = ReplicationLog::open(&dir, options)?;
+            let writer = writer.spawn()?;
+            writer.reset("a".repeat(40), 0).await?;
             let started = Instant::now();
             let mut written = 0;
             while written < bytes {
-                log.append(chunk.clone())?;
+                writer.append(chunk.clone()).await?;
                 written += chunk.len() as u64;
             }
-            log.sync()?;
-            let elapsed = started.elapsed();
-            stop.store(true, Ordering::Relaxed);
-            if let Some(handle) = syncer {
-                let _ = handle.join();
-            }
-            (elapsed, written)
-        };
+            writer.barrier().await?;
+            drop(writer);
+            // The writer fsyncs what it has before it ends.
+            log.writer_stopped().await;
+            anyhow::Ok((started.elapsed(), written))
+        })?;
         let started = Instant::now();
-        let (reopened, recovery) = ReplicationLog::open(&dir, options)?;
+        let (reopened, _writer, recovery) = ReplicationLog::open(&dir, options)?;
         let reopen = started.elapsed();
         assert_eq!(reopened.summary().end, written, "recovered everything");
         assert!(recovery.dropped.is_none());

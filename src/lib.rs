@@ -36,6 +36,7 @@
 
 pub mod config;
 pub mod downstream;
+pub mod fs;
 pub mod limits;
 pub mod log;
 pub mod metrics;

@@ -16,7 +16,7 @@ use crate::config::RelayConfig;
 use crate::downstream::clients::ClientTable;
 use crate::downstream::pubsub::PubSub;
 use crate::downstream::{self, ReplicaTable};
-use crate::log::{DropKind, FsyncPolicy, Recovery, ReplicationLog};
+use crate::log::{DropKind, Recovery, ReplicationLog};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use crate::tls::{TlsAcceptor, TlsConnector, UpstreamTls};
 use crate::upstream::fetch::{FetchRequests, FetcherStatus};
@@ -167,6 +167,9 @@ impl RunningRelay {
             while Arc::strong_count(&self.context) > 1 {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
+            // The log writer ends when the upstream link (its one sender) is gone, after writing
+            // what it was given; then the directory is unlocked for a restart.
+            self.context.log.writer_stopped().await;
         };
         if tokio::time::timeout(std::time::Duration::from_secs(10), drain).await.is_err() {
             tracing::warn!("relay did not stop within 10 s");
@@ -200,8 +203,18 @@ pub async fn start(
     };
     let LoadedTls { upstream: upstream_tls, acceptor: tls_acceptor, replicas: replica_tls } = load_tls(&config).await?;
     // The log first: it locks the directory, so a second relay on it stops before touching anything.
-    let (log, recovery) = ReplicationLog::open(&config.dir.join("log"), config.log)
-        .map_err(|source| RelayError::Log { name: config.name.clone(), source })?;
+    // Recovery reads every record and the snapshot check every RDB byte: both on the blocking pool.
+    let log_dir = config.dir.join("log");
+    let log_options = config.log;
+    let opened = tokio::task::spawn_blocking(move || ReplicationLog::open(&log_dir, log_options)).await;
+    let log_error = |source| RelayError::Log { name: config.name.clone(), source };
+    let (log, log_writer, recovery) = opened
+        .map_err(|join| log_error(crate::log::DiskError::Io { path: config.dir.join("log"), source: join.into() }))?
+        .map_err(log_error)?;
+    let log_writer = log_writer.spawn().map_err(|source| RelayError::Log {
+        name: config.name.clone(),
+        source: crate::log::DiskError::Io { path: config.dir.join("log"), source },
+    })?;
     match &recovery.dropped {
         // An append the stop interrupted: never served nor acknowledged.
         Some(dropped) if dropped.kind == DropKind::TornTail => {
@@ -221,11 +234,13 @@ pub async fn start(
             "replication log recovered"
         );
     }
-    let log = Arc::new(log);
-    let snapshots = Arc::new(
-        SnapshotStore::open(&config.dir)
-            .map_err(|source| RelayError::Snapshot { name: config.name.clone(), source })?,
-    );
+    let snapshot_dir = config.dir.clone();
+    let snapshots = tokio::task::spawn_blocking(move || SnapshotStore::open(&snapshot_dir))
+        .await
+        .map_err(|join| SnapshotError::Io { path: config.dir.clone(), source: join.into() })
+        .and_then(|opened| opened)
+        .map(Arc::new)
+        .map_err(|source| RelayError::Snapshot { name: config.name.clone(), source })?;
     let config_maxclients = config.maxclients;
     let (config_maxmemory_clients, config_query_buffer_limit) =
         (config.maxmemory_clients, config.client_query_buffer_limit);
@@ -250,7 +265,7 @@ pub async fn start(
         ack_replicas: config.ack_replicas,
         replicas: replicas.clone(),
     };
-    let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), snapshots.clone());
+    let (link, upstream) = UpstreamLink::new(upstream_config.clone(), log.clone(), log_writer, snapshots.clone());
     let (fetcher_task, fetcher, fetcher_status) =
         link.fetcher(config.snapshot.clone(), replicas.clone(), replica_tls.clone());
     let (master_version_sender, master_version) = watch::channel(None);
@@ -301,9 +316,6 @@ pub async fn start(
         dir = %context.config.dir.display(),
         "relay starting"
     );
-    if context.config.log.fsync == FsyncPolicy::EverySec {
-        tasks.spawn(sync_every_second(context.log.clone(), shutdown.clone()).instrument(span.clone()));
-    }
     tasks.spawn(crate::metrics::collect(context.clone(), shutdown.clone()).instrument(span.clone()));
     tasks.spawn(link.run(shutdown.clone()).instrument(span.clone()));
     tasks.spawn(fetcher_task.run(shutdown.clone()).instrument(span.clone()));
@@ -381,27 +393,6 @@ async fn load_tls(config: &RelayConfig) -> Result<LoadedTls, RelayError> {
 /// Resolves once `shutdown` is set (or its sender is gone). Holds no borrow of the value after.
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-/// The `everysec` fsync policy: what was appended becomes durable (and ACKable) once a second.
-async fn sync_every_second(log: Arc<ReplicationLog>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stopped(&mut shutdown) => break,
-        }
-        let log = log.clone();
-        match tokio::task::spawn_blocking(move || log.sync()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::error!("fsync of the replication log failed: {error}"),
-            Err(error) => tracing::error!("fsync task failed: {error}"),
-        }
-    }
-    // A graceful stop leaves everything appended on stable storage.
-    if let Err(error) = log.sync() {
-        tracing::error!("final fsync of the replication log failed: {error}");
-    }
 }
 
 /// Logs the progress of a long transfer every few seconds: bytes, percent when the size is known,

@@ -256,7 +256,7 @@ async fn full_sync(
         }
     }
     if let Some(reason) = cached_fallback {
-        if let Some((snapshot, file)) = context.snapshots.open_current() {
+        if let Some((snapshot, file)) = context.snapshots.open_current_async().await {
             let now =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let age = now.saturating_sub(snapshot.created_unix);
@@ -283,7 +283,7 @@ async fn full_sync(
         let current = snapshots.borrow_and_update().clone();
         if let (Some(snapshot), Some(ids)) = (current, summary.ids.clone()) {
             if summary.can_continue(&snapshot.replid, snapshot.offset as i64 + 1) {
-                match context.snapshots.open_current() {
+                match context.snapshots.open_current_async().await {
                     Some((opened, file)) if opened == snapshot => {
                         break (snapshot, summary.epoch, ids.replid, tokio::fs::File::from_std(file));
                     }

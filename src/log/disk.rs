@@ -1,12 +1,18 @@
 //! The log's disk tier: segment files under `<dir>/log/`, one writer, positioned reads for cursors,
 //! and recovery that scans every record and truncates at the first one that fails its check.
+//!
+//! [`SegmentStore`] is owned by the log writer's thread (no lock around it); readers plan their reads
+//! on a [`DiskIndex`], the copy of the segments' bounds and index the writer publishes after each
+//! write. Every file operation goes through the [`FileSystem`](crate::fs::FileSystem) seam.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Write};
+use std::fs::File;
+use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use crate::fs::SharedFs;
 
 use bytes::Bytes;
 
@@ -17,6 +23,9 @@ use super::format::{
 
 const HISTORY_FILE: &str = "history.meta";
 const LOCK_FILE: &str = "LOCK";
+/// The next segment, created ahead of time (so a rotation needs no new descriptor) and renamed to
+/// its real name when the log rotates into it.
+pub(crate) const SPARE_FILE: &str = "segment.next";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -43,7 +52,7 @@ struct IndexPoint {
     file_offset: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Segment {
     start: u64,
     end: u64,
@@ -126,71 +135,59 @@ impl DropKind {
     }
 }
 
-/// Slow file-system work an append leaves for after the log's lock is released, so readers never
-/// wait behind an fsync or an unlink.
-#[derive(Debug)]
-pub enum Deferred {
-    /// A finished segment, to make durable.
-    SyncFile(Arc<File>),
-    /// The directory, after a segment file was created.
-    SyncDir(PathBuf),
-    /// A segment dropped by retention.
-    Remove(PathBuf),
-}
-
-impl Deferred {
-    /// Runs deferred work: unlinks first (so disk use drops back within its bound at once), then
-    /// the fsyncs in order. A segment already gone is not an error.
-    pub fn run(mut work: Vec<Deferred>) -> Result<(), DiskError> {
-        work.sort_by_key(|item| !matches!(item, Deferred::Remove(_)));
-        for item in work {
-            match item {
-                Deferred::SyncFile(file) => {
-                    file.sync_data().map_err(|source| DiskError::Io { path: "log segment".into(), source })?
-                }
-                Deferred::SyncDir(dir) => File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))?,
-                Deferred::Remove(path) => match std::fs::remove_file(&path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(DiskError::Io { path, source: e });
-                    }
-                    _ => {}
-                },
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The segment files of one log. Owned by the log, behind its lock: one writer.
+/// The segment files of one log. Owned by the log writer's thread: one writer, no lock.
 pub struct SegmentStore {
     dir: PathBuf,
+    fs: SharedFs,
     segments: Vec<Segment>,
     active: Option<(Arc<File>, u64)>,
-    deferred: Vec<Deferred>,
+    /// The next segment's file, created ahead of time ([`SPARE_FILE`]).
+    spare: Option<File>,
+    /// A segment file was created or renamed and the directory not yet fsynced since.
+    dir_unsynced: bool,
     segment_size: u64,
     _lock: File,
 }
 
 impl SegmentStore {
     /// Locks `dir`, then recovers: every record is read and checked; the log ends at the last good one.
-    pub fn open(dir: &Path, segment_size: u64) -> Result<(SegmentStore, Recovery), DiskError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    pub fn open(dir: &Path, segment_size: u64, fs: SharedFs) -> Result<(SegmentStore, Recovery), DiskError> {
+        fs.create_dir_all(dir).map_err(io_err(dir))?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock =
-            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
         if lock.try_lock().is_err() {
             return Err(DiskError::Locked(dir.to_path_buf()));
         }
         let mut store = SegmentStore {
             dir: dir.to_path_buf(),
+            fs,
             segments: Vec::new(),
             active: None,
-            deferred: Vec::new(),
+            spare: None,
+            dir_unsynced: false,
             segment_size,
             _lock: lock,
         };
         let recovery = store.recover()?;
         Ok((store, recovery))
+    }
+
+    pub fn fs(&self) -> &SharedFs {
+        &self.fs
+    }
+
+    fn remove_if_present(&self, path: &Path) -> Result<(), DiskError> {
+        match self.fs.remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(DiskError::Io { path: path.to_path_buf(), source: e })
+            }
+            _ => Ok(()),
+        }
     }
 
     fn history_path(&self) -> PathBuf {
@@ -214,15 +211,16 @@ impl SegmentStore {
         let temp = self.dir.join(format!("{HISTORY_FILE}.tmp"));
         let text = serde_yaml_ng::to_string(history)
             .map_err(|e| DiskError::BadHistory { path: path.clone(), reason: e.to_string() })?;
-        let mut file = File::create(&temp).map_err(io_err(&temp))?;
-        file.write_all(text.as_bytes()).map_err(io_err(&temp))?;
-        file.sync_all().map_err(io_err(&temp))?;
-        std::fs::rename(&temp, &path).map_err(io_err(&path))?;
+        let file = self.fs.create(&temp).map_err(io_err(&temp))?;
+        self.fs.write_all(&file, text.as_bytes()).map_err(io_err(&temp))?;
+        self.fs.sync_all(&file).map_err(io_err(&temp))?;
+        drop(file);
+        self.fs.rename(&temp, &path).map_err(io_err(&path))?;
         self.sync_dir()
     }
 
     fn sync_dir(&self) -> Result<(), DiskError> {
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))
+        self.fs.sync_dir(&self.dir).map_err(io_err(&self.dir))
     }
 
     fn segment_files(&self) -> Result<Vec<(u64, PathBuf)>, DiskError> {
@@ -240,9 +238,10 @@ impl SegmentStore {
     fn recover(&mut self) -> Result<Recovery, DiskError> {
         let history = self.read_history()?;
         let files = self.segment_files()?;
+        self.remove_if_present(&self.dir.join(SPARE_FILE))?;
         let Some(history) = history else {
             for (_, path) in files {
-                std::fs::remove_file(&path).map_err(io_err(&path))?;
+                self.fs.remove_file(&path).map_err(io_err(&path))?;
             }
             return Ok(Recovery::default());
         };
@@ -260,10 +259,10 @@ impl SegmentStore {
                 if let Some(dropped) = recovery.dropped.as_mut() {
                     dropped.bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 }
-                std::fs::remove_file(&path).map_err(io_err(&path))?;
+                self.fs.remove_file(&path).map_err(io_err(&path))?;
                 continue;
             }
-            let (segment, failure) = scan_segment(&path, start)?;
+            let (segment, failure) = scan_segment(&*self.fs, &path, start)?;
             if let Some(failure) = failure {
                 let file_len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
                 let kind = if newest && failure.torn { DropKind::TornTail } else { DropKind::Corrupt };
@@ -271,13 +270,13 @@ impl SegmentStore {
                 recovery.dropped = Some(Dropped { kind, bytes: file_len.saturating_sub(failure.good_len), reason });
                 broken = true;
                 if !failure.header_ok {
-                    std::fs::remove_file(&path).map_err(io_err(&path))?;
+                    self.fs.remove_file(&path).map_err(io_err(&path))?;
                     continue;
                 }
                 // Keep the good records; cut the torn or corrupt rest.
-                let file = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
-                file.set_len(failure.good_len).map_err(io_err(&path))?;
-                file.sync_all().map_err(io_err(&path))?;
+                let file = self.fs.open_rw(&path).map_err(io_err(&path))?;
+                self.fs.set_len(&file, failure.good_len).map_err(io_err(&path))?;
+                self.fs.sync_all(&file).map_err(io_err(&path))?;
             }
             if self.segments.is_empty() {
                 recovery.start = segment.start;
@@ -287,35 +286,57 @@ impl SegmentStore {
         }
         recovery.segments = self.segments.len();
         if let Some(last) = self.segments.last() {
-            let file = OpenOptions::new().read(true).write(true).open(&last.path).map_err(io_err(&last.path))?;
+            let file = self.fs.open_rw(&last.path).map_err(io_err(&last.path))?;
             let len = file.metadata().map_err(io_err(&last.path))?.len();
             self.active = Some((Arc::new(file), len));
         }
         Ok(recovery)
     }
 
-    /// Starts a new history at `start`: every segment is deleted.
+    /// Starts a new history at `start`: every segment is deleted. Safe to repeat after a failure
+    /// part way (a segment already gone is skipped).
     pub fn reset(&mut self, history: &HistoryMeta) -> Result<(), DiskError> {
         self.active = None;
-        for segment in self.segments.drain(..) {
-            std::fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
+        while let Some(segment) = self.segments.last() {
+            self.remove_if_present(&segment.path)?;
+            self.segments.pop();
         }
         for (_, path) in self.segment_files()? {
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            self.remove_if_present(&path)?;
         }
         self.write_history(history)
     }
 
-    fn open_segment(&mut self, start: u64) -> Result<(), DiskError> {
-        if let Some((file, _)) = self.active.take() {
-            // A finished segment is made durable before the append that finished it returns.
-            self.deferred.push(Deferred::SyncFile(file));
+    /// Creates the next segment's file ahead of time, so that the rotation into it needs no new
+    /// descriptor (a process out of descriptors keeps its log going). Does nothing when one is ready.
+    pub fn prepare_spare(&mut self) -> Result<(), DiskError> {
+        if self.spare.is_none() {
+            let path = self.dir.join(SPARE_FILE);
+            self.spare = Some(self.fs.create(&path).map_err(io_err(&path))?);
+            self.dir_unsynced = true;
         }
+        Ok(())
+    }
+
+    /// Starts the segment at `start`: the finished one is fsynced first (it is durable before any
+    /// byte after it is written), then the spare file gets the segment header and its real name.
+    /// A failure leaves the store as it was, so the append can be tried again.
+    fn rotate(&mut self, start: u64) -> Result<(), DiskError> {
+        if let (Some((file, _)), Some(last)) = (&self.active, self.segments.last()) {
+            self.fs.sync_data(file).map_err(io_err(&last.path))?;
+        }
+        self.prepare_spare()?;
+        let spare_path = self.dir.join(SPARE_FILE);
+        let Some(file) = self.spare.as_ref() else {
+            return Err(DiskError::Io { path: spare_path, source: std::io::ErrorKind::NotFound.into() });
+        };
+        let header = encode_segment_header(start);
+        write_record_at(&*self.fs, file, &header, &[], 0).map_err(io_err(&spare_path))?;
         let path = self.dir.join(format::segment_file_name(start));
-        let mut file =
-            OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).map_err(io_err(&path))?;
-        file.write_all(&encode_segment_header(start)).map_err(io_err(&path))?;
-        self.deferred.push(Deferred::SyncDir(self.dir.clone()));
+        self.fs.rename(&spare_path, &path).map_err(io_err(&path))?;
+        self.dir_unsynced = true;
+        let file = self.spare.take().map(Arc::new);
+        self.active = file.map(|file| (file, SEGMENT_HEADER_LEN as u64));
         self.segments.push(Segment {
             start,
             end: start,
@@ -324,11 +345,12 @@ impl SegmentStore {
             file_len: SEGMENT_HEADER_LEN as u64,
             last_write: SystemTime::now(),
         });
-        self.active = Some((Arc::new(file), SEGMENT_HEADER_LEN as u64));
         Ok(())
     }
 
-    /// Appends `payload`, which starts at stream `position` (the end of the log).
+    /// Appends `payload`, which starts at stream `position` (the end of the log). On failure nothing
+    /// of it counts: the file is cut back to where the record started (best effort: a kill before
+    /// the cut leaves a torn tail, which recovery drops) and the append can be tried again.
     pub fn append(&mut self, position: u64, payload: &[u8]) -> Result<(), DiskError> {
         let rotate = match (&self.active, self.segments.last()) {
             // A segment stays within its size (unless one record alone is larger), so retention,
@@ -341,16 +363,32 @@ impl SegmentStore {
             _ => true,
         };
         if rotate {
-            self.open_segment(position)?;
+            self.rotate(position)?;
+        }
+        if self.dir_unsynced {
+            self.sync_dir()?;
+            self.dir_unsynced = false;
         }
         let (Some((file, len)), Some(segment)) = (self.active.as_mut(), self.segments.last_mut()) else {
             return Err(DiskError::Io { path: self.dir.clone(), source: std::io::ErrorKind::NotFound.into() });
         };
         let header = encode_record_header(position, payload);
-        write_record_at(file, &header, payload, *len).map_err(io_err(&segment.path))?;
+        if let Err(error) = write_record_at(&*self.fs, file, &header, payload, *len) {
+            let _ = self.fs.set_len(file, *len);
+            return Err(DiskError::Io { path: segment.path.clone(), source: error });
+        }
         segment.note_record(position, *len, payload.len());
         segment.last_write = SystemTime::now();
         *len += (RECORD_HEADER_LEN + payload.len()) as u64;
+        Ok(())
+    }
+
+    /// Fsyncs the active segment: everything appended so far is then durable (finished segments were
+    /// fsynced when the log rotated out of them, the directory before the first record of a new one).
+    pub fn sync(&self) -> Result<(), DiskError> {
+        if let (Some((file, _)), Some(last)) = (&self.active, self.segments.last()) {
+            self.fs.sync_data(file).map_err(io_err(&last.path))?;
+        }
         Ok(())
     }
 
@@ -359,11 +397,27 @@ impl SegmentStore {
         self.active.as_ref().map(|(file, _)| file.clone())
     }
 
+    /// Deletes segment files retention dropped from the index ([`Self::trim`]).
+    /// Returns the files it could not delete, and the first error.
+    pub fn remove(&self, paths: Vec<PathBuf>) -> (Vec<PathBuf>, Option<DiskError>) {
+        let mut left = Vec::new();
+        let mut first_error = None;
+        for path in paths {
+            if let Err(error) = self.remove_if_present(&path) {
+                first_error.get_or_insert(error);
+                left.push(path);
+            }
+        }
+        (left, first_error)
+    }
+
     /// Deletes the oldest whole segments while more than `retain` bytes would remain, or while their
     /// newest byte is older than `max_age`, but not the stream after `keep_position` unless more
-    /// than `max_size` would remain; returns the new first position. The active segment stays.
-    pub fn trim(&mut self, policy: &TrimPolicy, end: u64) -> Result<Option<u64>, DiskError> {
+    /// than `max_size` would remain; returns the new first position and the files to delete (with
+    /// [`Self::remove`], once readers no longer plan reads of them). The active segment stays.
+    pub fn trim(&mut self, policy: &TrimPolicy, end: u64) -> (Option<u64>, Vec<PathBuf>) {
         let mut new_start = None;
+        let mut removed = Vec::new();
         let too_old = |segment: &Segment| {
             policy.max_age.is_some_and(|age| segment.last_write.elapsed().is_ok_and(|elapsed| elapsed > age))
         };
@@ -377,15 +431,49 @@ impl SegmentStore {
                 break;
             }
             let segment = self.segments.remove(0);
-            self.deferred.push(Deferred::Remove(segment.path));
+            removed.push(segment.path);
             new_start = Some(self.segments[0].start);
         }
-        Ok(new_start)
+        (new_start, removed)
+    }
+}
+
+/// The readers' copy of the segments: bounds and sparse index, to plan disk reads. The writer
+/// brings it up to date after each write ([`DiskIndex::sync_from`]), copying only what changed.
+#[derive(Debug, Default)]
+pub struct DiskIndex {
+    segments: Vec<Segment>,
+}
+
+impl DiskIndex {
+    /// Catches up with `store`: segments retention dropped go, the active one's new bounds and index
+    /// points are copied, new segments added.
+    pub fn sync_from(&mut self, store: &SegmentStore) {
+        let Some(first) = store.segments.first() else {
+            self.segments.clear();
+            return;
+        };
+        self.segments.retain(|s| s.start >= first.start);
+        let from = match self.segments.last() {
+            Some(last) => store.segments.partition_point(|s| s.start < last.start),
+            None => 0,
+        };
+        for segment in &store.segments[from..] {
+            match self.segments.last_mut() {
+                Some(last) if last.start == segment.start => {
+                    last.end = segment.end;
+                    last.file_len = segment.file_len;
+                    last.last_write = segment.last_write;
+                    let known = last.index.len();
+                    last.index.extend_from_slice(segment.index.get(known..).unwrap_or(&[]));
+                }
+                _ => self.segments.push(segment.clone()),
+            }
+        }
     }
 
-    /// The slow work the last appends left (see [`Deferred`]).
-    pub fn take_deferred(&mut self) -> Vec<Deferred> {
-        std::mem::take(&mut self.deferred)
+    pub fn clear(&mut self) {
+        self.segments.clear();
     }
 
     /// Entries of the in-memory index, all segments together.
@@ -435,9 +523,9 @@ pub enum DiskReadError {
 
 /// Reads a range with one positioned read and checks every record in it before any byte is used.
 /// Returns the records as (position before the first byte, payload), sharing one buffer.
-pub fn read_range(range: &DiskRange) -> Result<Vec<(u64, Bytes)>, DiskReadError> {
+pub fn read_range(fs: &dyn crate::fs::FileSystem, range: &DiskRange) -> Result<Vec<(u64, Bytes)>, DiskReadError> {
     let path = &range.path;
-    let file = File::open(path).map_err(|e| match e.kind() {
+    let file = fs.open_read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => DiskReadError::Gone,
         _ => DiskReadError::Io { path: path.clone(), source: e },
     })?;
@@ -483,7 +571,13 @@ struct ScanFailure {
 /// no copy of the payload in user space, and no window between a header and its payload in which a
 /// kill leaves a header alone. A short write (a kill can still interrupt a large one) continues where
 /// it stopped; what a kill leaves is a prefix, which recovery reports as a torn tail.
-fn write_record_at(file: &File, header: &[u8], payload: &[u8], offset: u64) -> std::io::Result<()> {
+fn write_record_at(
+    fs: &dyn crate::fs::FileSystem,
+    file: &File,
+    header: &[u8],
+    payload: &[u8],
+    offset: u64,
+) -> std::io::Result<()> {
     let total = header.len() + payload.len();
     let mut written = 0;
     while written < total {
@@ -492,19 +586,21 @@ fn write_record_at(file: &File, header: &[u8], payload: &[u8], offset: u64) -> s
             Some(into_payload) => (&[][..], &payload[into_payload..]),
         };
         let parts = [std::io::IoSlice::new(head), std::io::IoSlice::new(body)];
-        match rustix::io::pwritev(file, &parts, offset + written as u64) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(errno) => return Err(errno.into()),
+        match fs.write_vectored_at(file, &parts, offset + written as u64)? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => written += n,
         }
     }
     Ok(())
 }
 
 /// Reads a segment and checks every record; returns what is good and why the rest is not.
-fn scan_segment(path: &Path, start: u64) -> Result<(Segment, Option<ScanFailure>), DiskError> {
-    let file = File::open(path).map_err(io_err(path))?;
+fn scan_segment(
+    fs: &dyn crate::fs::FileSystem,
+    path: &Path,
+    start: u64,
+) -> Result<(Segment, Option<ScanFailure>), DiskError> {
+    let file = fs.open_read(path).map_err(io_err(path))?;
     let metadata = file.metadata().map_err(io_err(path))?;
     let file_len = metadata.len();
     let last_write = metadata.modified().unwrap_or_else(|_| SystemTime::now());

@@ -15,21 +15,35 @@
 //! in-memory tail of shared chunks. Cursors within the tail get the chunks themselves; cursors further
 //! behind read checksummed records from disk, so a replica hours behind costs disk reads, not memory.
 //! Retention is by size: whole old segments are deleted, and a cursor behind the log's start is told so.
+//!
+//! Threads: the log's one writer ([`writer`]) runs on its own thread and owns the segment files;
+//! the upstream link hands it chunks over a bounded channel. [`ReplicationLog`] is the readers'
+//! view: the writer does its disk work first, with no lock held, then updates the view under a
+//! short write lock and publishes `appended` ([`ReplicationLog::subscribe`]) and `durable`
+//! ([`ReplicationLog::subscribe_durable`]). Readers behind the memory tail read checksummed records
+//! on the blocking pool ([`ReplicationLog::read_async`]); readers in it share the tail's chunks.
+//! Recovery ([`ReplicationLog::open`]) blocks and is run on the blocking pool.
+//!
+//! Lock order: the view's `RwLock`, then the `durable` and `tip` watches (each `watch` has its own
+//! lock); the shared record cache's `Mutex` is taken alone. No lock is held across a disk operation.
 
 pub mod disk;
 pub mod format;
+pub mod writer;
 
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::fs::SharedFs;
 pub use disk::{DiskError, DropKind, Dropped, Recovery};
-use disk::{DiskRange, SegmentStore};
+use disk::{DiskIndex, DiskRange, SegmentStore};
 use format::HistoryMeta;
+pub use writer::{LogWriter, WriterGone, WriterHandle};
 
 /// When appended bytes are fsynced, like Redis's `appendfsync`. The relay ACKs upstream only what is
 /// durable under its policy.
@@ -133,6 +147,8 @@ pub enum ReadError {
     Corrupt(String),
 }
 
+/// The readers' view of the log. Only the writer ([`LogWriter`]) changes it, under the write lock
+/// and never across a disk operation: it writes first, then publishes.
 struct Inner {
     /// `None` until the first full sync gives the log a history.
     ids: Option<ReplIds>,
@@ -144,16 +160,24 @@ struct Inner {
     chunks: VecDeque<(u64, Bytes)>,
     /// Position before the first byte of the memory tail.
     memory_start: u64,
-    disk: SegmentStore,
+    /// Where readers behind the memory tail find records on disk.
+    disk: DiskIndex,
+    /// The active segment, which the `everysec` syncer fsyncs.
+    active_file: Option<Arc<std::fs::File>>,
 }
 
-/// The log handle shared by the upstream writer and the downstream readers.
+/// The log handle shared by the writer thread and the downstream readers: a read-only view of the
+/// log that the writer updates after each write.
+///
+/// Lock order (no lock is ever held across a disk operation): `inner` (the view), then the `durable`
+/// and `tip` watches' own locks; `disk_cache` is taken alone, never with `inner`.
 pub struct ReplicationLog {
     inner: RwLock<Inner>,
+    /// `appended`: the epoch and last offset, published after each write.
     tip: watch::Sender<LogTip>,
     options: LogOptions,
-    /// The highest position known to be on stable storage (per the fsync policy).
-    durable: AtomicU64,
+    /// `durable`: the highest position known to be on stable storage (per the fsync policy).
+    durable: watch::Sender<u64>,
     /// Verified records recently read from disk, shared by the cursors behind the memory tail.
     disk_cache: std::sync::Mutex<RecordCache>,
     /// Disk reads in flight, to tell a lone cursor from cursors trailing together.
@@ -161,6 +185,12 @@ pub struct ReplicationLog {
     /// The position retention keeps in the log (the cached snapshot's offset), up to `max_size`;
     /// `u64::MAX` when nothing is pinned.
     pinned: AtomicU64,
+    /// The file system the segments are read through.
+    fs: SharedFs,
+    /// Write failures of the writer and the syncer.
+    faults: writer::WriteFaults,
+    /// Flips to true when the writer thread has ended (its segment store and directory lock closed).
+    writer_stopped: watch::Sender<bool>,
 }
 
 /// Bytes of verified disk records kept for cursors that trail the memory tail together.
@@ -258,16 +288,28 @@ impl LogSummary {
 
 impl ReplicationLog {
     /// Opens (recovering) the log in `dir`: every record on disk is checked and a torn or corrupt tail
-    /// is cut at the last good record.
-    pub fn open(dir: &Path, options: LogOptions) -> Result<(ReplicationLog, Recovery), DiskError> {
-        let (disk, recovery) = SegmentStore::open(dir, options.effective_segment_size())?;
+    /// is cut at the last good record. Blocks (a full scan of the segments): run it off the runtime.
+    /// Returns the shared view and its one writer, to run on its own thread ([`LogWriter::spawn`]).
+    pub fn open(dir: &Path, options: LogOptions) -> Result<(Arc<ReplicationLog>, LogWriter, Recovery), DiskError> {
+        Self::open_with(dir, options, crate::fs::real())
+    }
+
+    /// [`Self::open`] on the given file system.
+    pub fn open_with(
+        dir: &Path,
+        options: LogOptions,
+        fs: SharedFs,
+    ) -> Result<(Arc<ReplicationLog>, LogWriter, Recovery), DiskError> {
+        let (store, recovery) = SegmentStore::open(dir, options.effective_segment_size(), fs.clone())?;
         let ids = recovery.history.as_ref().map(|h| ReplIds {
             replid: h.replid.clone(),
             replid2: h.replid2.clone(),
             second_repl_offset: h.second_repl_offset,
         });
         let (tip, _) = watch::channel(LogTip { epoch: 0, end: recovery.end });
-        let log = ReplicationLog {
+        let mut disk = DiskIndex::default();
+        disk.sync_from(&store);
+        let log = Arc::new(ReplicationLog {
             inner: RwLock::new(Inner {
                 ids,
                 epoch: 0,
@@ -276,20 +318,25 @@ impl ReplicationLog {
                 chunks: VecDeque::new(),
                 memory_start: recovery.end,
                 disk,
+                active_file: store.active_file(),
             }),
             tip,
             options,
-            durable: AtomicU64::new(recovery.end),
+            durable: watch::channel(recovery.end).0,
             disk_cache: Default::default(),
             disk_readers: Default::default(),
             pinned: AtomicU64::new(u64::MAX),
-        };
-        Ok((log, recovery))
+            fs,
+            faults: Default::default(),
+            writer_stopped: watch::channel(false).0,
+        });
+        let writer = LogWriter::new(log.clone(), store, recovery.end);
+        Ok((log, writer, recovery))
     }
 
     fn read_inner(&self) -> RwLockReadGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the log half-written (disk first, then a few
-        // field assignments), so a poisoned lock is still consistent.
+        // A panic while holding the lock cannot leave the view half-updated in a way that matters (a
+        // few field assignments, no I/O), so a poisoned lock is still consistent.
         self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -319,6 +366,22 @@ impl ReplicationLog {
         }
     }
 
+    /// Watches the durable offset (what the fsync policy has made durable).
+    pub fn subscribe_durable(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    /// Write failures so far (INFO and metrics).
+    pub fn write_faults(&self) -> writer::WriteFaultReport {
+        self.faults.report()
+    }
+
+    /// Resolves once the writer thread has ended: its files are closed and the directory unlocked.
+    pub async fn writer_stopped(&self) {
+        let mut stopped = self.writer_stopped.subscribe();
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+    }
+
     /// Asks retention to keep the stream after `position` (the cached snapshot's offset) beyond
     /// `log_size`, up to `log_max_size`; `None` releases it.
     pub fn pin(&self, position: Option<u64>) {
@@ -333,133 +396,16 @@ impl ReplicationLog {
 
     /// The highest offset safe to ACK upstream under the fsync policy.
     pub fn durable_offset(&self) -> u64 {
-        self.durable.load(Ordering::Acquire)
+        *self.durable.borrow()
     }
 
-    fn history(ids: &ReplIds, start: u64) -> HistoryMeta {
+    pub(crate) fn history(ids: &ReplIds, start: u64) -> HistoryMeta {
         HistoryMeta {
             replid: ids.replid.clone(),
             replid2: ids.replid2.clone(),
             second_repl_offset: ids.second_repl_offset,
             start,
         }
-    }
-
-    /// Starts a new history at `offset` with `replid` (after a full sync): everything held is dropped.
-    pub fn reset(&self, replid: String, offset: u64) -> Result<(), DiskError> {
-        let tip = {
-            let mut inner = self.write_inner();
-            let ids = ReplIds::new(replid);
-            inner.disk.reset(&Self::history(&ids, offset))?;
-            inner.ids = Some(ids);
-            inner.epoch += 1;
-            inner.start = offset;
-            inner.end = offset;
-            inner.memory_start = offset;
-            inner.chunks.clear();
-            LogTip { epoch: inner.epoch, end: offset }
-        };
-        self.durable.store(offset, Ordering::Release);
-        self.tip.send_replace(tip);
-        Ok(())
-    }
-
-    /// The master continued our history under a new id (`+CONTINUE <newid>`): the old id stays valid
-    /// up to the current offset, like `shiftReplicationId`.
-    pub fn shift_replid(&self, new_replid: String) -> Result<(), DiskError> {
-        let tip = {
-            let mut inner = self.write_inner();
-            let end = inner.end;
-            let ids = match &inner.ids {
-                Some(old) => {
-                    ReplIds { replid: new_replid, replid2: old.replid.clone(), second_repl_offset: end as i64 + 1 }
-                }
-                None => ReplIds::new(new_replid),
-            };
-            inner.disk.write_history(&Self::history(&ids, inner.start))?;
-            inner.ids = Some(ids);
-            inner.epoch += 1;
-            LogTip { epoch: inner.epoch, end }
-        };
-        self.tip.send_replace(tip);
-        Ok(())
-    }
-
-    /// Appends whole commands: to disk, then to the memory tail. Trims both tiers to their sizes.
-    pub fn append(&self, bytes: Bytes) -> Result<(), DiskError> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let (tip, to_sync, deferred) = {
-            let mut inner = self.write_inner();
-            let position = inner.end;
-            if let Err(error) = inner.disk.append(position, &bytes) {
-                let deferred = inner.disk.take_deferred();
-                drop(inner);
-                disk::Deferred::run(deferred)?;
-                return Err(error);
-            }
-            inner.end += bytes.len() as u64;
-            inner.chunks.push_back((position, bytes));
-            // Keep at least `memory` bytes in memory, dropping whole chunks from the front.
-            while let Some(front_len) = inner.chunks.front().map(|(_, c)| c.len() as u64) {
-                if inner.end - inner.memory_start - front_len < self.options.memory {
-                    break;
-                }
-                inner.chunks.pop_front();
-                inner.memory_start += front_len;
-            }
-            let end = inner.end;
-            let pinned = self.pinned.load(Ordering::Acquire);
-            let policy = disk::TrimPolicy {
-                retain: self.options.retention,
-                max_size: self.options.max_size.max(self.options.retention),
-                max_age: self.options.max_age,
-                keep_position: (pinned != u64::MAX).then_some(pinned),
-            };
-            if let Some(new_start) = inner.disk.trim(&policy, end)? {
-                inner.start = new_start;
-                inner.memory_start = inner.memory_start.max(new_start);
-                while inner.chunks.front().is_some_and(|(p, _)| *p < new_start) {
-                    inner.chunks.pop_front();
-                }
-            }
-            let to_sync = match self.options.fsync {
-                FsyncPolicy::Always => inner.disk.active_file(),
-                _ => None,
-            };
-            (LogTip { epoch: inner.epoch, end }, to_sync, inner.disk.take_deferred())
-        };
-        // Outside the lock: readers never wait for these fsyncs and unlinks.
-        disk::Deferred::run(deferred)?;
-        match (self.options.fsync, to_sync) {
-            (FsyncPolicy::No, _) => self.durable.fetch_max(tip.end, Ordering::AcqRel),
-            (FsyncPolicy::Always, Some(file)) => {
-                file.sync_data().map_err(|source| DiskError::Io { path: "log segment".into(), source })?;
-                self.durable.fetch_max(tip.end, Ordering::AcqRel)
-            }
-            _ => 0,
-        };
-        self.tip.send_replace(tip);
-        Ok(())
-    }
-
-    /// Fsyncs what was appended so far (the `everysec` policy calls this once a second).
-    pub fn sync(&self) -> Result<u64, DiskError> {
-        let (file, end, epoch) = {
-            let inner = self.read_inner();
-            (inner.disk.active_file(), inner.end, inner.epoch)
-        };
-        if let Some(file) = file {
-            file.sync_data().map_err(|source| DiskError::Io { path: "log segment".into(), source })?;
-        }
-        // A reset meanwhile started a new history (possibly at a lower offset): what was synced
-        // belongs to the old one and says nothing about the new.
-        let inner = self.read_inner();
-        if inner.epoch == epoch {
-            self.durable.fetch_max(end, Ordering::AcqRel);
-        }
-        Ok(end)
     }
 
     /// Finds up to `max_bytes` (at least one record's or chunk's worth) after `position`: shared
@@ -510,7 +456,8 @@ impl ReplicationLog {
             // Cache only when cursors trail together (another disk read overlaps this one): a single
             // cursor catching up gains nothing from it, and would only hold its memory.
             let others_before = self.disk_readers.fetch_add(1, Ordering::AcqRel);
-            let joined = tokio::task::spawn_blocking(move || disk::read_range(&range)).await;
+            let fs = self.fs.clone();
+            let joined = tokio::task::spawn_blocking(move || disk::read_range(&*fs, &range)).await;
             let others_after = self.disk_readers.fetch_sub(1, Ordering::AcqRel) - 1;
             let shared = others_before > 0 || others_after > 0;
             let records = joined.map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
@@ -567,9 +514,10 @@ mod tests {
         loop {
             let chunks = match log.read(epoch, position, 1 << 20)? {
                 Chunks::Memory(chunks) => chunks,
-                Chunks::Disk(range) => {
-                    slices_after(disk::read_range(&range).map_err(|e| ReadError::Corrupt(e.to_string()))?, position)
-                }
+                Chunks::Disk(range) => slices_after(
+                    disk::read_range(&crate::fs::RealFs, &range).map_err(|e| ReadError::Corrupt(e.to_string()))?,
+                    position,
+                ),
             };
             if chunks.is_empty() {
                 return Ok(out);
@@ -588,11 +536,11 @@ mod tests {
     #[test]
     fn reads_from_memory_and_disk_and_trims() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = ReplicationLog::open(dir.path(), options(256 * 1024, 16 * 1024)).unwrap();
-        log.reset("a".repeat(40), 100).unwrap();
+        let (log, mut writer, _) = ReplicationLog::open(dir.path(), options(256 * 1024, 16 * 1024)).unwrap();
+        writer.reset("a".repeat(40), 100).unwrap();
         let data = pattern(1_000_000, 7);
         for piece in data.chunks(1000) {
-            log.append(Bytes::copy_from_slice(piece)).unwrap();
+            writer.append(Bytes::copy_from_slice(piece)).unwrap();
         }
         let summary = log.summary();
         assert_eq!(summary.end, 100 + 1_000_000);
@@ -612,23 +560,23 @@ mod tests {
     fn retention_holds_the_pinned_position_up_to_the_cap() {
         let dir = tempfile::tempdir().unwrap();
         let opts = LogOptions { max_size: 1 << 20, ..options(256 * 1024, 16 * 1024) };
-        let (log, _) = ReplicationLog::open(dir.path(), opts).unwrap();
-        log.reset("p".repeat(40), 0).unwrap();
+        let (log, mut writer, _) = ReplicationLog::open(dir.path(), opts).unwrap();
+        writer.reset("p".repeat(40), 0).unwrap();
         log.pin(Some(0));
         let data = pattern(600_000, 1);
         for piece in data.chunks(1000) {
-            log.append(Bytes::copy_from_slice(piece)).unwrap();
+            writer.append(Bytes::copy_from_slice(piece)).unwrap();
         }
         assert_eq!(log.summary().first_byte_offset, 1, "the pinned position stays in the log");
         assert!(log.held_beyond_retention() > 0);
         for piece in data.chunks(1000) {
-            log.append(Bytes::copy_from_slice(piece)).unwrap();
+            writer.append(Bytes::copy_from_slice(piece)).unwrap();
         }
         let s = log.summary();
         assert!(s.first_byte_offset > 1, "past the cap the pin no longer holds: {s:?}");
         assert!(s.histlen() <= (1 << 20) + 64 * 1024, "the cap, plus at most a segment: {s:?}");
         log.pin(Some(s.end - 100_000));
-        log.append(Bytes::from_static(b"x")).unwrap();
+        writer.append(Bytes::from_static(b"x")).unwrap();
         let s = log.summary();
         assert!(s.histlen() <= 256 * 1024 + 64 * 1024, "a newer pin lets retention trim to log_size: {s:?}");
         assert!(s.covers(s.end - 100_000));
@@ -637,20 +585,20 @@ mod tests {
     #[test]
     fn partial_resync_rules_follow_redis() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = ReplicationLog::open(dir.path(), options(1 << 20, 1 << 20)).unwrap();
+        let (log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 20, 1 << 20)).unwrap();
         assert!(!log.summary().can_continue("?", -1));
         let old = "a".repeat(40);
         let new = "b".repeat(40);
-        log.reset(old.clone(), 1000).unwrap();
-        log.append(Bytes::from_static(b"0123456789")).unwrap();
+        writer.reset(old.clone(), 1000).unwrap();
+        writer.append(Bytes::from_static(b"0123456789")).unwrap();
         let s = log.summary();
         assert!(s.can_continue(&old, 1001));
         assert!(s.can_continue(&old.to_uppercase(), 1011), "replid compares case-insensitively");
         assert!(!s.can_continue(&old, 1012), "beyond the end");
         assert!(!s.can_continue(&old, 1000), "before the first byte");
         assert!(!s.can_continue("?", -1));
-        log.shift_replid(new.clone()).unwrap();
-        log.append(Bytes::from_static(b"abc")).unwrap();
+        writer.shift_replid(new.clone()).unwrap();
+        writer.append(Bytes::from_static(b"abc")).unwrap();
         let s = log.summary();
         assert!(s.can_continue(&old, 1011), "replid2 up to second_repl_offset");
         assert!(!s.can_continue(&old, 1012), "replid2 beyond second_repl_offset");
@@ -663,14 +611,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = pattern(300_000, 3);
         {
-            let (log, _) = ReplicationLog::open(dir.path(), options(1 << 20, 4096)).unwrap();
-            log.reset("c".repeat(40), 5).unwrap();
+            let (_log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 20, 4096)).unwrap();
+            writer.reset("c".repeat(40), 5).unwrap();
             for piece in data.chunks(777) {
-                log.append(Bytes::copy_from_slice(piece)).unwrap();
+                writer.append(Bytes::copy_from_slice(piece)).unwrap();
             }
-            log.shift_replid("d".repeat(40)).unwrap();
+            writer.shift_replid("d".repeat(40)).unwrap();
         }
-        let (log, recovery) = ReplicationLog::open(dir.path(), options(1 << 20, 4096)).unwrap();
+        let (log, _writer, recovery) = ReplicationLog::open(dir.path(), options(1 << 20, 4096)).unwrap();
         assert!(recovery.dropped.is_none());
         let s = log.summary();
         assert_eq!((s.first_byte_offset, s.end), (6, 5 + data.len() as u64));
@@ -693,10 +641,10 @@ mod tests {
     fn segments_older_than_max_age_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
-            log.reset("f".repeat(40), 0).unwrap();
+            let (_log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
+            writer.reset("f".repeat(40), 0).unwrap();
             for piece in pattern(300_000, 9).chunks(10_000) {
-                log.append(Bytes::copy_from_slice(piece)).unwrap();
+                writer.append(Bytes::copy_from_slice(piece)).unwrap();
             }
         }
         let segments = disk::segment_paths(dir.path());
@@ -706,8 +654,8 @@ mod tests {
             std::fs::File::options().write(true).open(path).unwrap().set_modified(two_hours_ago).unwrap();
         }
         let aged = LogOptions { max_age: Some(std::time::Duration::from_secs(3600)), ..options(1 << 30, 4096) };
-        let (log, _) = ReplicationLog::open(dir.path(), aged).unwrap();
-        log.append(Bytes::from_static(b"fresh")).unwrap();
+        let (log, mut writer, _) = ReplicationLog::open(dir.path(), aged).unwrap();
+        writer.append(Bytes::from_static(b"fresh")).unwrap();
         let left = disk::segment_paths(dir.path());
         assert_eq!(left.len(), 1, "only the active segment is left: {left:?}");
         let s = log.summary();
@@ -720,17 +668,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = pattern(2_000_000, 11);
         {
-            let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
-            log.reset("h".repeat(40), 0).unwrap();
+            let (log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
+            writer.reset("h".repeat(40), 0).unwrap();
             for piece in data.chunks(20) {
-                log.append(Bytes::copy_from_slice(piece)).unwrap();
+                writer.append(Bytes::copy_from_slice(piece)).unwrap();
             }
             // 100,000 records, but one index entry per 64 KiB of stream (plus one per segment).
             assert!(log.read_inner().disk.index_entries() < 2_000_000 / (64 * 1024) + 40);
             let epoch = log.summary().epoch;
             assert!(read_all(&log, epoch, 123_457).unwrap() == data[123_457..]);
         }
-        let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
+        let (log, _writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
         assert!(log.read_inner().disk.index_entries() < 2_000_000 / (64 * 1024) + 40, "after recovery too");
         let epoch = log.summary().epoch;
         assert!(read_all(&log, epoch, 999_999).unwrap() == data[999_999..]);
@@ -739,11 +687,11 @@ mod tests {
     #[tokio::test]
     async fn disk_reads_return_checked_bytes_and_never_serve_a_bad_record() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
-        log.reset("g".repeat(40), 0).unwrap();
+        let (log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
+        writer.reset("g".repeat(40), 0).unwrap();
         let data = pattern(200_000, 5);
         for piece in data.chunks(1000) {
-            log.append(Bytes::copy_from_slice(piece)).unwrap();
+            writer.append(Bytes::copy_from_slice(piece)).unwrap();
         }
         let epoch = log.summary().epoch;
         async fn read_from(
@@ -797,13 +745,13 @@ mod tests {
     fn recovery_tells_a_torn_tail_from_corruption() {
         use std::os::unix::fs::FileExt;
         let write_log = |dir: &Path| {
-            let (log, _) = ReplicationLog::open(dir, options(1 << 30, 4096)).unwrap();
-            log.reset("f".repeat(40), 0).unwrap();
+            let (_log, mut writer, _) = ReplicationLog::open(dir, options(1 << 30, 4096)).unwrap();
+            writer.reset("f".repeat(40), 0).unwrap();
             for piece in pattern(200_000, 9).chunks(1000) {
-                log.append(Bytes::copy_from_slice(piece)).unwrap();
+                writer.append(Bytes::copy_from_slice(piece)).unwrap();
             }
         };
-        let reopen = |dir: &Path| ReplicationLog::open(dir, options(1 << 30, 4096)).unwrap().1;
+        let reopen = |dir: &Path| ReplicationLog::open(dir, options(1 << 30, 4096)).unwrap().2;
 
         let dir = tempfile::tempdir().unwrap();
         write_log(dir.path());
@@ -850,12 +798,12 @@ mod tests {
             let data = pattern(rng.random_range(1000..200_000), round);
             let mut boundaries = vec![0usize];
             {
-                let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
-                log.reset("e".repeat(40), 0).unwrap();
+                let (_log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
+                writer.reset("e".repeat(40), 0).unwrap();
                 let mut at = 0;
                 while at < data.len() {
                     let n = rng.random_range(1..5000).min(data.len() - at);
-                    log.append(Bytes::copy_from_slice(&data[at..at + n])).unwrap();
+                    writer.append(Bytes::copy_from_slice(&data[at..at + n])).unwrap();
                     at += n;
                     boundaries.push(at);
                 }
@@ -875,7 +823,7 @@ mod tests {
                 file.write_all_at(&[byte[0] ^ 0x5a], cut).unwrap();
             }
             drop(file);
-            let (log, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
+            let (log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
             let s = log.summary();
             let recovered = read_all(&log, s.epoch, 0).unwrap();
             assert!(
@@ -885,7 +833,7 @@ mod tests {
             );
             assert_eq!(recovered, data[..recovered.len()], "round {round}");
             // The recovered log accepts appends where it ended.
-            log.append(Bytes::from_static(b"more")).unwrap();
+            writer.append(Bytes::from_static(b"more")).unwrap();
             assert_eq!(log.summary().end, recovered.len() as u64 + 4);
         }
     }

@@ -5,14 +5,23 @@
 //! only then renamed into place, so `snapshot.rdb` is always a complete RDB that the master produced at
 //! `snapshot.meta`'s offset. The store publishes the current snapshot through a `watch` so downstream
 //! full syncs see a new one as soon as it is in place.
+//!
+//! Every file operation goes through the [`FileSystem`](crate::fs::FileSystem) seam and runs on the
+//! blocking pool: the check of a cached RDB at open (call [`SnapshotStore::open`] there), the writes
+//! of a transfer (buffered, 1 MiB at a time), the install (fsync, renames, directory fsync) and
+//! the opening of the cached file for a full sync. The install lock is the store's only lock; it is
+//! taken alone.
 
 pub mod format;
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
+
+use crate::fs::SharedFs;
 
 use format::RdbVerifier;
 pub use format::{filter_rdb, KeyCount, RdbError, RdbFilter, SnapshotMeta};
@@ -34,9 +43,13 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io { path: path.to_path_buf(), source }
 }
 
+/// Bytes a transfer gathers before one write to the temporary file.
+const WRITE_BUFFER: usize = 1 << 20;
+
 /// The snapshot cache of one relay.
 pub struct SnapshotStore {
     dir: PathBuf,
+    fs: SharedFs,
     /// Held while a snapshot is installed (file, metadata, published value) and while a reader opens
     /// the file, so a reader never pairs one RDB with another's metadata, and two commits (main link
     /// and side fetch) never interleave.
@@ -48,10 +61,17 @@ pub struct SnapshotStore {
 
 impl SnapshotStore {
     /// Opens the cache in `dir`, adopting a snapshot already there when its metadata and file agree.
+    /// Blocks (it reads the whole RDB to check it): run it off the runtime.
     pub fn open(dir: &Path) -> Result<SnapshotStore, SnapshotError> {
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        Self::open_with(dir, crate::fs::real())
+    }
+
+    /// [`Self::open`] on the given file system.
+    pub fn open_with(dir: &Path, fs: SharedFs) -> Result<SnapshotStore, SnapshotError> {
+        fs.create_dir_all(dir).map_err(io_error(dir))?;
         let store = SnapshotStore {
             dir: dir.to_path_buf(),
+            fs,
             install: std::sync::Mutex::new(()),
             temp_counter: Default::default(),
             current: watch::channel(None).0,
@@ -70,7 +90,7 @@ impl SnapshotStore {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().contains(".tmp") {
-                let _ = std::fs::remove_file(entry.path());
+                let _ = self.fs.remove_file(&entry.path());
             }
         }
     }
@@ -86,7 +106,7 @@ impl SnapshotStore {
             .map_err(|e| SnapshotError::BadMeta { path: meta_path.clone(), reason: e.to_string() })?;
         let rdb_path = self.rdb_path();
         let mut verifier = RdbVerifier::default();
-        let mut file = std::fs::File::open(&rdb_path).map_err(io_error(&rdb_path))?;
+        let mut file = self.fs.open_read(&rdb_path).map_err(io_error(&rdb_path))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let n = std::io::Read::read(&mut file, &mut buf).map_err(io_error(&rdb_path))?;
@@ -126,9 +146,13 @@ impl SnapshotStore {
     pub async fn begin(&self, replid: &str, offset: u64, source: &str) -> Result<SnapshotWriter, SnapshotError> {
         let n = self.temp_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let temp_path = self.dir.join(format!("{RDB_FILE}.tmp-{}-{n}", std::process::id()));
-        let file = tokio::fs::File::create(&temp_path).await.map_err(io_error(&temp_path))?;
+        let (fs, path) = (self.fs.clone(), temp_path.clone());
+        let file = blocking(move || fs.create(&path)).await.map_err(io_error(&temp_path))?;
         Ok(SnapshotWriter {
-            file: Some(tokio::io::BufWriter::with_capacity(1 << 20, file)),
+            file: Some(Arc::new(file)),
+            fs: self.fs.clone(),
+            buffer: Vec::with_capacity(WRITE_BUFFER),
+            written: 0,
             temp_path,
             verifier: RdbVerifier::default(),
             replid: replid.to_string(),
@@ -138,15 +162,24 @@ impl SnapshotStore {
     }
 
     /// Verifies, syncs and installs a fully received RDB as the current snapshot.
-    pub async fn commit(&self, mut writer: SnapshotWriter) -> Result<SnapshotMeta, SnapshotError> {
-        let facts = std::mem::take(&mut writer.verifier).finish()?;
-        let mut file = writer.file.take().ok_or_else(|| SnapshotError::BadMeta {
+    pub async fn commit(self: &Arc<Self>, mut writer: SnapshotWriter) -> Result<SnapshotMeta, SnapshotError> {
+        let checked = match std::mem::take(&mut writer.verifier).finish() {
+            Ok(facts) => writer.flush().await.map(|()| facts),
+            Err(error) => Err(error.into()),
+        };
+        let facts = match checked {
+            Ok(facts) => facts,
+            Err(error) => {
+                // Deleted before the error is returned (not later, as a dropped writer does).
+                let (fs, path) = (self.fs.clone(), std::mem::take(&mut writer.temp_path));
+                let _ = blocking(move || fs.remove_file(&path)).await;
+                return Err(error);
+            }
+        };
+        let file = writer.file.take().ok_or_else(|| SnapshotError::BadMeta {
             path: writer.temp_path.clone(),
             reason: "snapshot writer already closed".into(),
         })?;
-        file.flush().await.map_err(io_error(&writer.temp_path))?;
-        file.get_ref().sync_all().await.map_err(io_error(&writer.temp_path))?;
-        drop(file);
         let meta = SnapshotMeta {
             replid: writer.replid.clone(),
             offset: writer.offset,
@@ -160,43 +193,89 @@ impl SnapshotStore {
         };
         let meta_text = serde_yaml_ng::to_string(&meta)
             .map_err(|e| SnapshotError::BadMeta { path: self.dir.join(META_FILE), reason: e.to_string() })?;
-        let meta_temp = PathBuf::from(format!("{}.meta", writer.temp_path.display()));
-        // Synchronous and under the install lock: no await point, so a cancelled caller cannot
-        // leave the file, the metadata and the published value disagreeing.
-        {
-            let _installing = self.install.lock().unwrap_or_else(|p| p.into_inner());
-            write_synced(&meta_temp, meta_text.as_bytes())?;
-            let rdb_path = self.rdb_path();
-            std::fs::rename(&writer.temp_path, &rdb_path).map_err(io_error(&rdb_path))?;
-            writer.temp_path = PathBuf::new();
-            let meta_path = self.dir.join(META_FILE);
-            std::fs::rename(&meta_temp, &meta_path).map_err(io_error(&meta_path))?;
-            std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_error(&self.dir))?;
-            self.current.send_replace(Some(meta.clone()));
-        }
+        // The temporary file is the install's from here: the writer's drop must not delete it.
+        let temp_path = std::mem::take(&mut writer.temp_path);
+        let store = self.clone();
+        let installed = meta.clone();
+        // On the blocking pool and to the end even if the caller is cancelled: the file, the
+        // metadata and the published value never disagree.
+        let install = tokio::task::spawn_blocking(move || {
+            let result = store.install(&file, &temp_path, &meta_text, installed);
+            if result.is_err() {
+                let _ = store.fs.remove_file(&temp_path);
+            }
+            result
+        });
+        install.await.map_err(|join| SnapshotError::Io { path: self.dir.clone(), source: join.into() })??;
         Ok(meta)
     }
 
-    /// Opens the cached RDB together with the metadata that describes it.
+    /// Fsyncs the received RDB and installs it with its metadata, under the install lock.
+    fn install(&self, file: &File, temp_path: &Path, meta_text: &str, meta: SnapshotMeta) -> Result<(), SnapshotError> {
+        self.fs.sync_all(file).map_err(io_error(temp_path))?;
+        let meta_temp = PathBuf::from(format!("{}.meta", temp_path.display()));
+        let _installing = self.install.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(error) = write_synced(&*self.fs, &meta_temp, meta_text.as_bytes()) {
+            let _ = self.fs.remove_file(&meta_temp);
+            return Err(error);
+        }
+        let rdb_path = self.rdb_path();
+        self.fs.rename(temp_path, &rdb_path).map_err(io_error(&rdb_path))?;
+        let meta_path = self.dir.join(META_FILE);
+        self.fs.rename(&meta_temp, &meta_path).map_err(io_error(&meta_path))?;
+        self.fs.sync_dir(&self.dir).map_err(io_error(&self.dir))?;
+        self.current.send_replace(Some(meta));
+        Ok(())
+    }
+
+    /// Opens the cached RDB together with the metadata that describes it. Blocks: see
+    /// [`Self::open_current_async`].
     pub fn open_current(&self) -> Option<(SnapshotMeta, std::fs::File)> {
         let _installing = self.install.lock().unwrap_or_else(|p| p.into_inner());
         let meta = self.current()?;
-        let file = std::fs::File::open(self.rdb_path()).ok()?;
+        let file = self.fs.open_read(&self.rdb_path()).ok()?;
         (file.metadata().ok()?.len() == meta.size).then_some((meta, file))
+    }
+
+    /// [`Self::open_current`] on the blocking pool.
+    pub async fn open_current_async(self: &Arc<Self>) -> Option<(SnapshotMeta, std::fs::File)> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.open_current()).await.ok().flatten()
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
-    use std::io::Write as _;
-    let mut file = std::fs::File::create(path).map_err(io_error(path))?;
-    file.write_all(bytes).map_err(io_error(path))?;
-    file.sync_all().map_err(io_error(path))
+/// Runs blocking file work on the blocking pool.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)?
+}
+
+fn write_synced(fs: &dyn crate::fs::FileSystem, path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let file = fs.create(path).map_err(io_error(path))?;
+    fs.write_all(&file, bytes).map_err(io_error(path))?;
+    fs.sync_all(&file).map_err(io_error(path))
+}
+
+/// Writes all of `bytes` at `offset`, continuing after short writes.
+fn write_all_at(fs: &dyn crate::fs::FileSystem, file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match fs.write_vectored_at(file, &[std::io::IoSlice::new(&bytes[written..])], offset + written as u64)? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => written += n,
+        }
+    }
+    Ok(())
 }
 
 /// An RDB being received. Dropped without [`SnapshotStore::commit`], it deletes its temporary file, so
 /// nothing from a failed transfer is ever cached.
 pub struct SnapshotWriter {
-    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    file: Option<Arc<File>>,
+    fs: SharedFs,
+    /// Received bytes not yet written to the file.
+    buffer: Vec<u8>,
+    /// Bytes in the file so far.
+    written: u64,
     temp_path: PathBuf,
     verifier: RdbVerifier,
     replid: String,
@@ -207,9 +286,23 @@ pub struct SnapshotWriter {
 impl SnapshotWriter {
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), SnapshotError> {
         self.verifier.update(bytes);
-        if let Some(file) = self.file.as_mut() {
-            file.write_all(bytes).await.map_err(io_error(&self.temp_path))?;
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= WRITE_BUFFER {
+            self.flush().await?;
         }
+        Ok(())
+    }
+
+    /// Writes the buffered bytes to the temporary file (on the blocking pool).
+    async fn flush(&mut self) -> Result<(), SnapshotError> {
+        let Some(file) = self.file.clone() else { return Ok(()) };
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let buffer = std::mem::replace(&mut self.buffer, Vec::with_capacity(WRITE_BUFFER));
+        let (fs, offset, len) = (self.fs.clone(), self.written, buffer.len() as u64);
+        blocking(move || write_all_at(&*fs, &file, &buffer, offset)).await.map_err(io_error(&self.temp_path))?;
+        self.written += len;
         Ok(())
     }
 
@@ -229,8 +322,14 @@ impl SnapshotWriter {
 
 impl Drop for SnapshotWriter {
     fn drop(&mut self) {
-        if !self.temp_path.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.temp_path);
+        if self.temp_path.as_os_str().is_empty() {
+            return;
+        }
+        let (fs, path) = (self.fs.clone(), std::mem::take(&mut self.temp_path));
+        // The unlink on the blocking pool when there is a runtime (a writer dropped by a task).
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || fs.remove_file(&path))),
+            Err(_) => drop(fs.remove_file(&path)),
         }
     }
 }
@@ -243,7 +342,7 @@ mod tests {
     #[tokio::test]
     async fn commit_installs_and_reopen_adopts() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open(dir.path()).unwrap();
+        let store = Arc::new(SnapshotStore::open(dir.path()).unwrap());
         assert!(store.current().is_none());
         let rdb = sample_rdb();
         let mut writer = store.begin(&"f".repeat(40), 42, "master").await.unwrap();
@@ -260,7 +359,7 @@ mod tests {
     #[tokio::test]
     async fn a_bad_rdb_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open(dir.path()).unwrap();
+        let store = Arc::new(SnapshotStore::open(dir.path()).unwrap());
         let mut rdb = sample_rdb();
         rdb[10] ^= 0x40;
         let mut writer = store.begin(&"f".repeat(40), 1, "master").await.unwrap();
@@ -274,7 +373,7 @@ mod tests {
     async fn a_corrupt_cached_file_without_trailer_checksum_is_not_adopted() {
         // A master with `rdbchecksum no` writes a zero trailer: the cache still checks the content.
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open(dir.path()).unwrap();
+        let store = Arc::new(SnapshotStore::open(dir.path()).unwrap());
         let mut rdb = sample_rdb();
         let n = rdb.len();
         rdb[n - 8..].fill(0);
@@ -292,7 +391,7 @@ mod tests {
     #[tokio::test]
     async fn a_corrupt_cached_file_is_not_adopted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open(dir.path()).unwrap();
+        let store = Arc::new(SnapshotStore::open(dir.path()).unwrap());
         let mut writer = store.begin(&"f".repeat(40), 1, "master").await.unwrap();
         writer.write(&sample_rdb()).await.unwrap();
         store.commit(writer).await.unwrap();

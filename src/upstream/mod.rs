@@ -22,7 +22,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::log::ReplicationLog;
+use crate::log::{ReplicationLog, WriterHandle};
 use crate::protocol::{encode_command, string2ll_str, ProtocolError};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use connection::MasterConnection;
@@ -193,8 +193,8 @@ pub enum LinkError {
     Truncated(String),
     #[error("rejected RDB from master: {0}")]
     Snapshot(#[from] SnapshotError),
-    #[error("replication log write failed: {0}")]
-    Log(#[from] crate::log::DiskError),
+    #[error("{0}")]
+    LogWriter(#[from] crate::log::WriterGone),
     #[error("holding the old dataset: the master's new history {0} is not followed until accepted")]
     HistoryHeld(String),
     #[error("TLS handshake with the master failed: {0}")]
@@ -205,6 +205,8 @@ pub enum LinkError {
 pub struct UpstreamLink {
     config: UpstreamConfig,
     log: Arc<ReplicationLog>,
+    /// The log's one writer (its thread): the link hands it the stream and waits when it is full.
+    writer: WriterHandle,
     snapshots: Arc<SnapshotStore>,
     status: watch::Sender<UpstreamStatus>,
 }
@@ -222,10 +224,11 @@ impl UpstreamLink {
     pub fn new(
         config: UpstreamConfig,
         log: Arc<ReplicationLog>,
+        writer: WriterHandle,
         snapshots: Arc<SnapshotStore>,
     ) -> (UpstreamLink, watch::Receiver<UpstreamStatus>) {
         let (status, receiver) = watch::channel(UpstreamStatus::default());
-        (UpstreamLink { config, log, snapshots, status }, receiver)
+        (UpstreamLink { config, log, writer, snapshots, status }, receiver)
     }
 
     /// The side-connection RDB fetcher that shares this link's master, log, snapshots and status,
@@ -339,6 +342,9 @@ impl UpstreamLink {
     }
 
     async fn link_once(&self, reached_stream: &mut Option<Instant>) -> Result<(), LinkError> {
+        // What the last link handed to the writer is in the log before the log's end is read for
+        // PSYNC (a failing disk holds the reconnect here, not the master's backlog).
+        self.writer.barrier().await?;
         self.set_state(LinkState::Connecting);
         let mut conn =
             MasterConnection::connect(&self.config.addr(), self.config.repl_timeout, self.config.tls.as_deref())
@@ -378,7 +384,7 @@ impl UpstreamLink {
             let current = summary.ids.as_ref().map(|ids| ids.replid.as_str()).unwrap_or("");
             if new_replid.len() == 40 && !new_replid.eq_ignore_ascii_case(current) {
                 tracing::info!("master continued under a new replication id {new_replid} (was {current})");
-                self.log.shift_replid(new_replid.to_string())?;
+                self.writer.shift_replid(new_replid.to_string()).await?;
             }
             self.status.send_modify(|s| {
                 s.partial_syncs += 1;
@@ -499,7 +505,7 @@ impl UpstreamLink {
         let meta = self.snapshots.commit(writer).await?;
         // Only a complete, verified RDB replaces the history (and, through the epoch, drops the
         // downstream replicas of the old one).
-        self.log.reset(replid.to_string(), offset)?;
+        self.writer.reset(replid.to_string(), offset).await?;
         self.status.send_modify(|s| s.history_held = None);
         tracing::info!(
             bytes = meta.size,
@@ -559,7 +565,8 @@ impl UpstreamLink {
                     let chunk: Bytes = conn.buf.split_to(scanned.appliable).freeze();
                     tracker.consumed(scanned.appliable);
                     *applied += chunk.len() as u64;
-                    self.log.append(chunk)?;
+                    // Waits while the writer's channel is full: the master's stream is then not read.
+                    self.writer.append(chunk).await?;
                 }
             }
             if last_published.elapsed() >= Duration::from_millis(100) {
