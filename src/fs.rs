@@ -7,6 +7,9 @@
 //! switched on and off while the store runs. Files are plain [`std::fs::File`]s: the seam intercepts
 //! the operations, not the handle type, so the stores keep using positioned reads on them.
 //!
+//! A directory is fsynced through a handle opened once (`sync_all` on it), so making a rename or a
+//! new file durable needs no new descriptor.
+//!
 //! Every method blocks: callers run them on the log writer's thread or the blocking pool, never on
 //! a runtime worker.
 
@@ -60,10 +63,6 @@ pub trait FileSystem: Send + Sync + 'static {
 
     fn sync_all(&self, file: &File) -> io::Result<()> {
         file.sync_all()
-    }
-
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        File::open(dir)?.sync_all()
     }
 
     fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
@@ -231,12 +230,6 @@ impl FileSystem for FaultyFs {
     fn sync_all(&self, file: &File) -> io::Result<()> {
         self.before_sync()?;
         RealFs.sync_all(file)
-    }
-
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        self.fail_if(Fault::NoDescriptors, libc::EMFILE)?;
-        self.before_sync()?;
-        RealFs.sync_dir(dir)
     }
 }
 

@@ -324,6 +324,7 @@ fn relay(context: &RelayContext, out: &mut String) {
     line(out, "listen_errors", context.listeners.bind_errors.load(std::sync::atomic::Ordering::Relaxed));
     line(out, "rdb_fetches", upstream.rdb_fetches);
     line(out, "rdb_rejected", upstream.rdb_rejected);
+    line(out, "snapshot_write_errors", upstream.snapshot_write_errors);
     line(out, "snapshot_offset", snapshot.as_ref().map(|s| s.offset as i64).unwrap_or(-1));
     line(out, "snapshot_size", snapshot.as_ref().map(|s| s.size).unwrap_or(0));
     line(out, "snapshot_replid", snapshot.as_ref().map(|s| s.replid.as_str()).unwrap_or(NO_REPLID));
@@ -341,6 +342,14 @@ fn relay(context: &RelayContext, out: &mut String) {
     line(out, "log_recovered_offset", recovery.history.as_ref().map(|_| recovery.end as i64).unwrap_or(-1));
     line(out, "log_recovery_dropped", recovery.dropped.as_ref().map(|d| d.kind.name()).unwrap_or("none"));
     line(out, "log_recovery_dropped_bytes", recovery.dropped.as_ref().map(|d| d.bytes).unwrap_or(0));
+    // Failed log writes and fsyncs (a full disk, EIO, no descriptors): retried until they succeed.
+    let faults = context.log.write_faults();
+    line(out, "log_write_errors", faults.total());
+    for (kind, count) in &faults.errors {
+        line(out, &format!("log_write_errors_{kind}"), *count);
+    }
+    line(out, "log_write_failing", u8::from(faults.failing));
+    line(out, "log_last_write_error", faults.last_error.replace(['\r', '\n'], " "));
     let keys = snapshot.as_ref().and_then(|s| s.keys);
     line(out, "snapshot_keys", keys.map(|k| k.keys as i64).unwrap_or(-1));
     line(out, "snapshot_keys_exact", u8::from(keys.is_some_and(|k| k.exact)));

@@ -145,13 +145,26 @@ pub struct SegmentStore {
     spare: Option<File>,
     /// A segment file was created or renamed and the directory not yet fsynced since.
     dir_unsynced: bool,
+    /// The directory, open for its fsyncs (so they need no new descriptor).
+    dir_handle: Arc<File>,
+    /// Whether a rotation fsyncs the finished segment and the directory itself (`always`, `no`), or
+    /// leaves them to the `everysec` syncer ([`Self::take_unsynced`]) so a slow fsync never holds
+    /// an append.
+    sync_on_rotate: bool,
+    /// Finished segments (and the directory) a rotation left for the syncer.
+    unsynced: Vec<Arc<File>>,
     segment_size: u64,
     _lock: File,
 }
 
 impl SegmentStore {
     /// Locks `dir`, then recovers: every record is read and checked; the log ends at the last good one.
-    pub fn open(dir: &Path, segment_size: u64, fs: SharedFs) -> Result<(SegmentStore, Recovery), DiskError> {
+    pub fn open(
+        dir: &Path,
+        segment_size: u64,
+        sync_on_rotate: bool,
+        fs: SharedFs,
+    ) -> Result<(SegmentStore, Recovery), DiskError> {
         fs.create_dir_all(dir).map_err(io_err(dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = std::fs::OpenOptions::new()
@@ -163,7 +176,11 @@ impl SegmentStore {
         if lock.try_lock().is_err() {
             return Err(DiskError::Locked(dir.to_path_buf()));
         }
+        let dir_handle = Arc::new(fs.open_read(dir).map_err(io_err(dir))?);
         let mut store = SegmentStore {
+            dir_handle,
+            sync_on_rotate,
+            unsynced: Vec::new(),
             dir: dir.to_path_buf(),
             fs,
             segments: Vec::new(),
@@ -220,7 +237,7 @@ impl SegmentStore {
     }
 
     fn sync_dir(&self) -> Result<(), DiskError> {
-        self.fs.sync_dir(&self.dir).map_err(io_err(&self.dir))
+        self.fs.sync_all(&self.dir_handle).map_err(io_err(&self.dir))
     }
 
     fn segment_files(&self) -> Result<Vec<(u64, PathBuf)>, DiskError> {
@@ -312,8 +329,8 @@ impl SegmentStore {
     pub fn prepare_spare(&mut self) -> Result<(), DiskError> {
         if self.spare.is_none() {
             let path = self.dir.join(SPARE_FILE);
+            // Not made durable in the directory: only its rename to a segment's name needs to be.
             self.spare = Some(self.fs.create(&path).map_err(io_err(&path))?);
-            self.dir_unsynced = true;
         }
         Ok(())
     }
@@ -323,7 +340,9 @@ impl SegmentStore {
     /// A failure leaves the store as it was, so the append can be tried again.
     fn rotate(&mut self, start: u64) -> Result<(), DiskError> {
         if let (Some((file, _)), Some(last)) = (&self.active, self.segments.last()) {
-            self.fs.sync_data(file).map_err(io_err(&last.path))?;
+            if self.sync_on_rotate {
+                self.fs.sync_data(file).map_err(io_err(&last.path))?;
+            }
         }
         self.prepare_spare()?;
         let spare_path = self.dir.join(SPARE_FILE);
@@ -334,7 +353,16 @@ impl SegmentStore {
         write_record_at(&*self.fs, file, &header, &[], 0).map_err(io_err(&spare_path))?;
         let path = self.dir.join(format::segment_file_name(start));
         self.fs.rename(&spare_path, &path).map_err(io_err(&path))?;
-        self.dir_unsynced = true;
+        if self.sync_on_rotate {
+            self.dir_unsynced = true;
+        } else {
+            if let Some((finished, _)) = self.active.take() {
+                self.unsynced.push(finished);
+            }
+            if !self.unsynced.iter().any(|f| Arc::ptr_eq(f, &self.dir_handle)) {
+                self.unsynced.push(self.dir_handle.clone());
+            }
+        }
         let file = self.spare.take().map(Arc::new);
         self.active = file.map(|file| (file, SEGMENT_HEADER_LEN as u64));
         self.segments.push(Segment {
@@ -385,11 +413,20 @@ impl SegmentStore {
 
     /// Fsyncs the active segment: everything appended so far is then durable (finished segments were
     /// fsynced when the log rotated out of them, the directory before the first record of a new one).
-    pub fn sync(&self) -> Result<(), DiskError> {
+    pub fn sync(&mut self) -> Result<(), DiskError> {
+        while let Some(file) = self.unsynced.first() {
+            self.fs.sync_all(file).map_err(io_err(&self.dir))?;
+            self.unsynced.remove(0);
+        }
         if let (Some((file, _)), Some(last)) = (&self.active, self.segments.last()) {
             self.fs.sync_data(file).map_err(io_err(&last.path))?;
         }
         Ok(())
+    }
+
+    /// The files rotations left unsynced (finished segments, the directory), for the syncer.
+    pub fn take_unsynced(&mut self) -> Vec<Arc<File>> {
+        std::mem::take(&mut self.unsynced)
     }
 
     /// The file to fsync for durability of everything appended so far.

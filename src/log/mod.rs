@@ -164,6 +164,8 @@ struct Inner {
     disk: DiskIndex,
     /// The active segment, which the `everysec` syncer fsyncs.
     active_file: Option<Arc<std::fs::File>>,
+    /// Finished segments and the directory, fsynced by the `everysec` syncer before the active one.
+    pending_sync: Vec<Arc<std::fs::File>>,
 }
 
 /// The log handle shared by the writer thread and the downstream readers: a read-only view of the
@@ -300,7 +302,8 @@ impl ReplicationLog {
         options: LogOptions,
         fs: SharedFs,
     ) -> Result<(Arc<ReplicationLog>, LogWriter, Recovery), DiskError> {
-        let (store, recovery) = SegmentStore::open(dir, options.effective_segment_size(), fs.clone())?;
+        let sync_on_rotate = options.fsync != FsyncPolicy::EverySec;
+        let (store, recovery) = SegmentStore::open(dir, options.effective_segment_size(), sync_on_rotate, fs.clone())?;
         let ids = recovery.history.as_ref().map(|h| ReplIds {
             replid: h.replid.clone(),
             replid2: h.replid2.clone(),
@@ -319,6 +322,7 @@ impl ReplicationLog {
                 memory_start: recovery.end,
                 disk,
                 active_file: store.active_file(),
+                pending_sync: Vec::new(),
             }),
             tip,
             options,

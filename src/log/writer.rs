@@ -54,7 +54,7 @@ enum Command {
         replid: String,
         done: oneshot::Sender<()>,
     },
-    /// Answered once every command before it is done.
+    /// Answered once every command before it is done (and, under `always`, fsynced).
     Barrier(oneshot::Sender<()>),
 }
 
@@ -88,7 +88,8 @@ impl WriterHandle {
         finished.await.map_err(|_| WriterGone)
     }
 
-    /// Returns once everything handed over before is in the log (so its end is the next PSYNC's).
+    /// Returns once everything handed over before is in the log (so its end is the next PSYNC's) and,
+    /// under `always`, fsynced.
     pub async fn barrier(&self) -> Result<(), WriterGone> {
         let (done, finished) = oneshot::channel();
         self.commands.send(Command::Barrier(done)).await.map_err(|_| WriterGone)?;
@@ -214,6 +215,7 @@ impl LogWriter {
             }
             inner.disk.sync_from(&self.store);
             inner.active_file = self.store.active_file();
+            inner.pending_sync.extend(self.store.take_unsynced());
             if options.fsync == FsyncPolicy::No {
                 self.log.durable.send_replace(self.end);
             }
@@ -266,6 +268,7 @@ impl LogWriter {
             inner.chunks.clear();
             inner.disk.clear();
             inner.active_file = None;
+            inner.pending_sync.clear();
             // Under the view's lock: the syncer never moves it on for the old history after this.
             self.log.durable.send_replace(offset);
             LogTip { epoch: self.epoch, end: offset }
@@ -325,9 +328,16 @@ impl LogWriter {
                     Err(_) => break,
                 }
             }
+            // Barriers are answered once the batch is done, its `always` fsync included.
+            let mut barriers = Vec::new();
             for command in batch {
-                if !self.execute(command, &commands) {
-                    break 'commands;
+                match command {
+                    Command::Barrier(done) => barriers.push(done),
+                    command => {
+                        if !self.execute(command, &commands) {
+                            break 'commands;
+                        }
+                    }
                 }
             }
             if log.options.fsync == FsyncPolicy::Always
@@ -343,11 +353,14 @@ impl LogWriter {
                      next append): {error}"
                 );
             }
+            for done in barriers {
+                let _ = done.send(());
+            }
         }
         if let Some(syncer) = syncer {
             syncer.stop();
             // A graceful stop leaves everything appended on stable storage.
-            if let Err(error) = self.sync() {
+            if let Err(error) = log.sync_view() {
                 log.faults.record(&error);
                 tracing::error!("final fsync of the replication log failed: {error}");
             }
@@ -478,13 +491,23 @@ impl Syncer {
 }
 
 impl ReplicationLog {
-    /// Fsyncs the active segment as the view shows it, then moves the durable offset to what the view
-    /// held before the fsync (the `everysec` syncer). Finished segments were fsynced at rotation.
+    /// Fsyncs the segments rotations finished, the directory and the active segment as the view
+    /// shows them, then moves the durable offset to what the view held before (the `everysec` syncer).
     pub(super) fn sync_view(&self) -> Result<(), DiskError> {
-        let (file, end, epoch) = {
-            let inner = self.read_inner();
-            (inner.active_file.clone(), inner.end, inner.epoch)
+        let (pending, file, end, epoch) = {
+            let mut inner = self.write_inner();
+            (std::mem::take(&mut inner.pending_sync), inner.active_file.clone(), inner.end, inner.epoch)
         };
+        for (i, finished) in pending.iter().enumerate() {
+            if let Err(source) = self.fs.sync_all(finished) {
+                // Tried again next time, before anything newer counts as durable.
+                let mut inner = self.write_inner();
+                if inner.epoch == epoch {
+                    inner.pending_sync.splice(0..0, pending[i..].iter().cloned());
+                }
+                return Err(DiskError::Io { path: "log segment".into(), source });
+            }
+        }
         if let Some(file) = file {
             self.fs.sync_data(&file).map_err(|source| DiskError::Io { path: "log segment".into(), source })?;
         }
@@ -577,5 +600,192 @@ mod tests {
         }
         let blocked = tokio::time::timeout(Duration::from_millis(200), handle.append(Bytes::from_static(b"y"))).await;
         assert!(blocked.is_err(), "the 65th chunk waits for room");
+    }
+
+    use crate::fs::{Fault, FaultyFs};
+
+    async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn errors_of(log: &ReplicationLog, kind: &str) -> u64 {
+        log.write_faults().errors.iter().find(|(k, _)| *k == kind).map(|(_, n)| *n).unwrap_or(0)
+    }
+
+    async fn started(
+        fs: &Arc<FaultyFs>,
+        options: LogOptions,
+    ) -> (tempfile::TempDir, Arc<ReplicationLog>, WriterHandle) {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, writer, _) = ReplicationLog::open_with(dir.path(), options, fs.clone()).unwrap();
+        let writer = writer.spawn().unwrap();
+        writer.reset("f".repeat(40), 0).await.unwrap();
+        (dir, log, writer)
+    }
+
+    async fn append_all(writer: &WriterHandle, data: &[u8]) {
+        for piece in data.chunks(1000) {
+            writer.append(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+    }
+
+    /// Feeds `data` from a task, which returns the handle once all of it is handed over.
+    fn feed(writer: WriterHandle, data: Vec<u8>) -> tokio::task::JoinHandle<WriterHandle> {
+        tokio::spawn(async move {
+            append_all(&writer, &data).await;
+            writer
+        })
+    }
+
+    async fn stop_and_reopen(
+        dir: &tempfile::TempDir,
+        log: Arc<ReplicationLog>,
+        writer: WriterHandle,
+        options: LogOptions,
+    ) -> u64 {
+        drop(writer);
+        tokio::time::timeout(Duration::from_secs(20), log.writer_stopped()).await.expect("the writer ends");
+        let (reopened, _, recovery) = ReplicationLog::open(dir.path(), options).unwrap();
+        assert!(recovery.dropped.is_none(), "{:?}", recovery.dropped);
+        reopened.summary().end
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_stops_appends_and_the_sender_then_resumes_without_a_loss() {
+        let fs = FaultyFs::new();
+        // A small memory tail: most reads go to the disk records.
+        let opts = LogOptions { memory: 4096, ..options(FsyncPolicy::No) };
+        let (dir, log, writer) = started(&fs, opts).await;
+        let data = pattern(400_000, 1);
+        append_all(&writer, &data[..200_000]).await;
+        writer.barrier().await.unwrap();
+        fs.set(Fault::NoSpace, true);
+        let feeder = feed(writer, data[200_000..].to_vec());
+        wait_until("the writer fails and has retried", || log.write_faults().failing && fs.injected() >= 3).await;
+        // 200 chunks, a channel of 64 and a writer stuck on its first: the sender waits.
+        assert!(!feeder.is_finished(), "the upstream side is held back");
+        assert_eq!(log.summary().end, 200_000, "nothing is published that was not written whole");
+        assert!(read_all(&log, 0).await.unwrap() == data[..200_000], "readers get exactly what was written");
+        assert!(errors_of(&log, "enospc") >= 3);
+        assert!(log.write_faults().last_error.starts_with("enospc"), "{}", log.write_faults().last_error);
+        fs.set(Fault::NoSpace, false);
+        let writer = tokio::time::timeout(Duration::from_secs(20), feeder).await.expect("the sender resumes").unwrap();
+        writer.barrier().await.unwrap();
+        assert_eq!(log.summary().end, 400_000);
+        assert!(!log.write_faults().failing);
+        assert!(read_all(&log, 0).await.unwrap() == data, "nothing lost, nothing doubled");
+        assert_eq!(stop_and_reopen(&dir, log, writer, opts).await, 400_000, "the half-written record was cut back");
+    }
+
+    #[tokio::test]
+    async fn eio_on_fsync_holds_the_durable_offset_and_appends_until_an_fsync_succeeds() {
+        let fs = FaultyFs::new();
+        let opts = options(FsyncPolicy::Always);
+        let (dir, log, writer) = started(&fs, opts).await;
+        let data = pattern(300_000, 2);
+        append_all(&writer, &data[..100_000]).await;
+        writer.barrier().await.unwrap();
+        assert_eq!(log.durable_offset(), 100_000);
+        fs.set(Fault::SyncIo, true);
+        let feeder = feed(writer, data[100_000..].to_vec());
+        wait_until("the fsync fails and is retried", || log.write_faults().failing && errors_of(&log, "eio") >= 3)
+            .await;
+        assert_eq!(log.durable_offset(), 100_000, "the durable offset (what the ACK covers) stands still");
+        assert!(!feeder.is_finished(), "appends wait for the fsync under appendfsync always");
+        let end = log.summary().end;
+        assert!(read_all(&log, 0).await.unwrap() == data[..end as usize], "what readers get was written whole");
+        fs.set(Fault::SyncIo, false);
+        let writer = tokio::time::timeout(Duration::from_secs(20), feeder).await.expect("the sender resumes").unwrap();
+        writer.barrier().await.unwrap();
+        let mut durable = log.subscribe_durable();
+        let reached = tokio::time::timeout(Duration::from_secs(20), durable.wait_for(|d| *d == 300_000)).await.is_ok();
+        assert!(reached, "durable catches up once fsync works");
+        assert!(!log.write_faults().failing);
+        assert_eq!(stop_and_reopen(&dir, log, writer, opts).await, 300_000);
+    }
+
+    #[tokio::test]
+    async fn under_everysec_a_failing_or_stalled_fsync_never_delays_appends() {
+        for fault in [Fault::SyncIo, Fault::StalledSync] {
+            let fs = FaultyFs::new();
+            let opts = options(FsyncPolicy::EverySec);
+            let (dir, log, writer) = started(&fs, opts).await;
+            let data = pattern(300_000, 3);
+            append_all(&writer, &data[..100_000]).await;
+            writer.barrier().await.unwrap();
+            wait_until("the first fsync", || log.durable_offset() == 100_000).await;
+            fs.set(fault, true);
+            wait_until("the fsync fails or stalls", || fs.injected() >= 1).await;
+            // Far more than the channel holds: appends go on while fsync is failing or stalled.
+            append_all(&writer, &data[100_000..]).await;
+            writer.barrier().await.unwrap();
+            assert_eq!(log.summary().end, 300_000, "{fault:?}");
+            assert!(read_all(&log, 0).await.unwrap() == data, "{fault:?}");
+            assert!(log.durable_offset() <= 100_000, "{fault:?}: nothing new is durable");
+            if fault == Fault::SyncIo {
+                wait_until("the fault is reported", || log.write_faults().failing).await;
+            }
+            fs.set(fault, false);
+            wait_until("durable catches up", || log.durable_offset() == 300_000).await;
+            wait_until("the fault is over", || !log.write_faults().failing).await;
+            assert_eq!(stop_and_reopen(&dir, log, writer, opts).await, 300_000);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_fsync_under_always_never_blocks_readers() {
+        let fs = FaultyFs::new();
+        let opts = LogOptions { memory: 1 << 20, ..options(FsyncPolicy::Always) };
+        let (dir, log, writer) = started(&fs, opts).await;
+        let data = pattern(200_000, 4);
+        append_all(&writer, &data[..100_000]).await;
+        writer.barrier().await.unwrap();
+        fs.set(Fault::StalledSync, true);
+        writer.append(Bytes::copy_from_slice(&data[100_000..101_000])).await.unwrap();
+        wait_until("the writer's fsync stalls", || fs.stalled_syncs() == 1).await;
+        // The writer is inside fsync: readers and INFO are answered at once (no lock across it).
+        let summary = tokio::time::timeout(Duration::from_secs(2), async { log.summary() }).await.unwrap();
+        assert_eq!(summary.end, 101_000);
+        assert_eq!(summary.durable, 100_000);
+        let read = tokio::time::timeout(Duration::from_secs(2), read_all(&log, 0)).await.expect("reads are not held");
+        assert!(read.unwrap() == data[..101_000]);
+        let feeder = feed(writer, data[101_000..].to_vec());
+        wait_until("the sender waits", || fs.injected() >= 1 && !feeder.is_finished()).await;
+        fs.set(Fault::StalledSync, false);
+        let writer = tokio::time::timeout(Duration::from_secs(20), feeder).await.expect("the sender resumes").unwrap();
+        writer.barrier().await.unwrap();
+        wait_until("durable reaches the end", || log.durable_offset() == 200_000).await;
+        assert_eq!(stop_and_reopen(&dir, log, writer, opts).await, 200_000);
+    }
+
+    #[tokio::test]
+    async fn out_of_descriptors_the_log_rotates_into_the_segment_opened_ahead() {
+        let fs = FaultyFs::new();
+        let opts = options(FsyncPolicy::No);
+        let (dir, log, writer) = started(&fs, opts).await;
+        let data = pattern(300_000, 5);
+        append_all(&writer, &data[..10_000]).await;
+        writer.barrier().await.unwrap();
+        assert!(dir.path().join(disk::SPARE_FILE).exists());
+        fs.set(Fault::NoDescriptors, true);
+        // Past the 64 KiB segment: one rotation, into the spare; no new descriptor needed.
+        append_all(&writer, &data[10_000..100_000]).await;
+        writer.barrier().await.unwrap();
+        assert_eq!(log.summary().end, 100_000, "the log went on across the rotation");
+        assert_eq!(disk::segment_paths(dir.path()).len(), 2);
+        wait_until("the failed spare is counted", || errors_of(&log, "emfile") >= 1).await;
+        // The next rotation has no spare: it waits for a descriptor.
+        let feeder = feed(writer, data[100_000..].to_vec());
+        wait_until("the rotation fails", || log.write_faults().failing).await;
+        assert!(log.summary().end < 300_000);
+        fs.set(Fault::NoDescriptors, false);
+        let writer = tokio::time::timeout(Duration::from_secs(20), feeder).await.expect("the sender resumes").unwrap();
+        writer.barrier().await.unwrap();
+        assert!(read_all(&log, 0).await.unwrap() == data);
+        assert_eq!(stop_and_reopen(&dir, log, writer, opts).await, 300_000);
     }
 }

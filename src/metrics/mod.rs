@@ -209,6 +209,12 @@ fn sample(context: &RelayContext) {
     gauge!("redis_relay_log_disk_bytes", &labels).set(log.disk_bytes as f64);
     gauge!("redis_relay_log_memory_bytes", &labels).set(log.memory_bytes as f64);
     gauge!("redis_relay_log_retention_bytes", &labels).set(log.capacity as f64);
+    let faults = context.log.write_faults();
+    for (kind, count) in &faults.errors {
+        let labels = [("relay", relay.clone()), ("kind", kind.to_string())];
+        counter!("redis_relay_log_write_errors_total", &labels).absolute(*count);
+    }
+    gauge!("redis_relay_log_write_failing", &labels).set(f64::from(u8::from(faults.failing)));
 
     let snapshot = context.snapshots.current();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -222,6 +228,7 @@ fn sample(context: &RelayContext) {
     gauge!("redis_relay_history_reset_held", &labels).set(f64::from(u8::from(upstream.history_held.is_some())));
     counter!("redis_relay_rdb_fetches_total", &labels).absolute(upstream.rdb_fetches);
     counter!("redis_relay_rdb_rejected_total", &labels).absolute(upstream.rdb_rejected);
+    counter!("redis_relay_snapshot_write_errors_total", &labels).absolute(upstream.snapshot_write_errors);
 
     let fetcher = context.fetcher_status.borrow().clone();
     for (source, value) in [("replica", fetcher.refreshes_replica), ("master", fetcher.refreshes_master)] {

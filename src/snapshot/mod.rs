@@ -50,6 +50,8 @@ const WRITE_BUFFER: usize = 1 << 20;
 pub struct SnapshotStore {
     dir: PathBuf,
     fs: SharedFs,
+    /// The directory, open for its fsyncs (so they need no new descriptor).
+    dir_handle: File,
     /// Held while a snapshot is installed (file, metadata, published value) and while a reader opens
     /// the file, so a reader never pairs one RDB with another's metadata, and two commits (main link
     /// and side fetch) never interleave.
@@ -69,7 +71,9 @@ impl SnapshotStore {
     /// [`Self::open`] on the given file system.
     pub fn open_with(dir: &Path, fs: SharedFs) -> Result<SnapshotStore, SnapshotError> {
         fs.create_dir_all(dir).map_err(io_error(dir))?;
+        let dir_handle = fs.open_read(dir).map_err(io_error(dir))?;
         let store = SnapshotStore {
+            dir_handle,
             dir: dir.to_path_buf(),
             fs,
             install: std::sync::Mutex::new(()),
@@ -223,7 +227,7 @@ impl SnapshotStore {
         self.fs.rename(temp_path, &rdb_path).map_err(io_error(&rdb_path))?;
         let meta_path = self.dir.join(META_FILE);
         self.fs.rename(&meta_temp, &meta_path).map_err(io_error(&meta_path))?;
-        self.fs.sync_dir(&self.dir).map_err(io_error(&self.dir))?;
+        self.fs.sync_all(&self.dir_handle).map_err(io_error(&self.dir))?;
         self.current.send_replace(Some(meta));
         Ok(())
     }
@@ -399,5 +403,43 @@ mod tests {
         bytes[11] ^= 1;
         std::fs::write(store.rdb_path(), bytes).unwrap();
         assert!(SnapshotStore::open(dir.path()).unwrap().current().is_none());
+    }
+
+    #[tokio::test]
+    async fn disk_faults_keep_the_snapshot_in_place_and_leave_no_temporary_file() {
+        use crate::fs::{Fault, FaultyFs};
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultyFs::new();
+        let store = Arc::new(SnapshotStore::open_with(dir.path(), fs.clone()).unwrap());
+        let rdb = sample_rdb();
+        let mut writer = store.begin(&"a".repeat(40), 10, "master").await.unwrap();
+        writer.write(&rdb).await.unwrap();
+        let first = store.commit(writer).await.unwrap();
+        let files = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into())
+                .collect();
+            names.sort();
+            names
+        };
+        let installed = files();
+        for fault in [Fault::NoSpace, Fault::SyncIo, Fault::NoDescriptors] {
+            fs.set(fault, true);
+            let result = async {
+                let mut writer = store.begin(&"b".repeat(40), 20, "master").await?;
+                writer.write(&rdb).await?;
+                store.commit(writer).await
+            }
+            .await;
+            fs.set(fault, false);
+            assert!(matches!(result, Err(SnapshotError::Io { .. })), "{fault:?}: {result:?}");
+            assert_eq!(store.current(), Some(first.clone()), "{fault:?}: the installed snapshot stays");
+            assert_eq!(files(), installed, "{fault:?}: nothing of the failed one is left");
+            assert_eq!(std::fs::read(store.rdb_path()).unwrap(), rdb);
+        }
+        let mut writer = store.begin(&"b".repeat(40), 20, "master").await.unwrap();
+        writer.write(&rdb).await.unwrap();
+        assert_eq!(store.commit(writer).await.unwrap().offset, 20, "the fault cleared, a snapshot installs again");
     }
 }

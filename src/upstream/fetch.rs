@@ -40,7 +40,7 @@ use crate::config::{SnapshotSource, SnapshotSourcing};
 use crate::downstream::{ReplicaState, ReplicaTable};
 use crate::log::{LogSummary, ReplicationLog};
 use crate::protocol::{encode_command, string2ll_str};
-use crate::snapshot::{SnapshotMeta, SnapshotStore};
+use crate::snapshot::{SnapshotError, SnapshotMeta, SnapshotStore};
 use crate::tls::TlsConnector;
 
 /// How long a replica that failed as a source is not asked again.
@@ -463,6 +463,8 @@ impl RdbFetcher {
             refuse("transfer", e.to_string())
         })?;
         rdb::receive(&mut conn, &mut writer, &mut |_, _| {}).await.map_err(|e| match e {
+            // The cache's own disk failing is not the source's fault either.
+            LinkError::Snapshot(SnapshotError::Io { .. }) => refuse("transfer", e.to_string()),
             LinkError::Snapshot(_) | LinkError::BadPayload(_) => refuse("corrupt", e.to_string()),
             LinkError::MasterAborted(_) => refuse("refused", e.to_string()),
             other => refuse("transfer", other.to_string()),
@@ -471,11 +473,21 @@ impl RdbFetcher {
         if source.is_replica() {
             self.check_acceptable(replid, offset, purpose)?;
         }
-        let result = self.snapshots.commit(writer).await;
-        if *source == Source::Master && result.is_err() {
-            self.status.send_modify(|s| s.rdb_rejected += 1);
+        match self.snapshots.commit(writer).await {
+            Ok(meta) => Ok(meta),
+            // The relay's own disk: counted as such, not as a corrupt RDB.
+            Err(e @ SnapshotError::Io { .. }) => {
+                self.status.send_modify(|s| s.snapshot_write_errors += 1);
+                tracing::error!("installing a fetched snapshot failed: {e}");
+                Err(refuse("transfer", e.to_string()))
+            }
+            Err(e) => {
+                if *source == Source::Master {
+                    self.status.send_modify(|s| s.rdb_rejected += 1);
+                }
+                Err(refuse("corrupt", e.to_string()))
+            }
         }
-        result.map_err(|e| refuse("corrupt", e.to_string()))
     }
 
     /// A replica's `+FULLRESYNC` is usable only in the log's current history, inside the log, and not

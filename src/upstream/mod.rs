@@ -142,6 +142,8 @@ pub struct UpstreamStatus {
     pub last_error: Option<String>,
     /// Failed TLS handshakes with the master (a wrong CA, an expired or misnamed certificate).
     pub tls_failures: u64,
+    /// Full syncs lost to the relay's own disk (writing or installing the snapshot failed).
+    pub snapshot_write_errors: u64,
 }
 
 impl Default for UpstreamStatus {
@@ -162,6 +164,7 @@ impl Default for UpstreamStatus {
             history_held: None,
             last_error: None,
             tls_failures: 0,
+            snapshot_write_errors: 0,
         }
     }
 }
@@ -191,7 +194,7 @@ pub enum LinkError {
     BadPayload(String),
     #[error("rejected RDB from master: {0}")]
     Truncated(String),
-    #[error("rejected RDB from master: {0}")]
+    #[error("{}", describe_snapshot_error(.0))]
     Snapshot(#[from] SnapshotError),
     #[error("{0}")]
     LogWriter(#[from] crate::log::WriterGone),
@@ -199,6 +202,14 @@ pub enum LinkError {
     HistoryHeld(String),
     #[error("TLS handshake with the master failed: {0}")]
     Tls(String),
+}
+
+/// A snapshot error as the link reports it: the relay's own disk, or an RDB the master sent.
+fn describe_snapshot_error(error: &SnapshotError) -> String {
+    match error {
+        SnapshotError::Io { .. } => format!("writing the snapshot cache failed: {error}"),
+        _ => format!("rejected RDB from master: {error}"),
+    }
 }
 
 /// The upstream link task of one relay.
@@ -292,6 +303,11 @@ impl UpstreamLink {
             if let Err(error) = result {
                 match &error {
                     LinkError::HistoryHeld(_) => {}
+                    // The relay's own disk failed, not the master's RDB: not a rejection.
+                    LinkError::Snapshot(SnapshotError::Io { .. }) => {
+                        self.status.send_modify(|s| s.snapshot_write_errors += 1);
+                        tracing::error!(master = %self.config.addr(), "{error}");
+                    }
                     LinkError::Snapshot(_) | LinkError::BadPayload(_) | LinkError::Truncated(_) => {
                         self.status.send_modify(|s| s.rdb_rejected += 1);
                         tracing::warn!(master = %self.config.addr(), "{error}");
