@@ -3,7 +3,7 @@
 //! [`FileSystem`], so tests can inject the faults a real disk has (a full disk, `EIO` on fsync,
 //! descriptor exhaustion, a stalled fsync) into a running store.
 //!
-//! [`RealFs`] is the one production implementation; [`FaultyFs`] wraps it for tests, with faults
+//! [`RealFs`] is the one production implementation; `FaultyFs` (built for tests only) wraps it, with faults
 //! switched on and off while the store runs. Files are plain [`std::fs::File`]s: the seam intercepts
 //! the operations, not the handle type, so the stores keep using positioned reads on them.
 //!

@@ -16,7 +16,9 @@
 //!   much smaller history (a master restarted empty) until an operator accepts it.
 //! - [`log`]: the replication log, the one fan-out buffer, addressed by master offset, with the
 //!   replication ids of its history: an in-memory tail of shared chunks over checksummed segment
-//!   files ([`log::format`](mod@log::format) is the on-disk format, [`log::disk`] the segments and their recovery).
+//!   files ([`log::format`](mod@log::format) is the on-disk format, [`log::disk`] the segments and their recovery,
+//!   [`log::writer`] the one writer, on its own thread). [`fs`]: the file-system seam of the log and
+//!   the snapshot cache (a fault-injecting implementation for tests).
 //! - [`snapshot`]: the on-disk cache of the master's RDB; [`snapshot::format`] holds the RDB checks
 //!   and the streaming key count.
 //! - [`downstream`]: the listener: client commands (`INFO`, `ROLE`, ...; the node commands tools
