@@ -370,6 +370,11 @@ impl ReplicationLog {
         }
     }
 
+    /// The last offset written to the log (`appended`), as last published.
+    pub fn appended(&self) -> u64 {
+        self.tip.borrow().end
+    }
+
     /// Watches the durable offset (what the fsync policy has made durable).
     pub fn subscribe_durable(&self) -> watch::Receiver<u64> {
         self.durable.subscribe()

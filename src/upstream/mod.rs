@@ -541,6 +541,9 @@ impl UpstreamLink {
     /// what K replicas below have ACKed, and `None` (no ACK at all, so the master sees the relay
     /// lag) while fewer than K replicas ACK.
     fn ack(&self, applied: u64) -> Option<Bytes> {
+        // Applied means written to the log: not the chunks still in the writer's channel, which a
+        // kill of the relay would lose.
+        let applied = applied.min(self.log.appended());
         let acked = match self.config.ack_replicas {
             0 => applied,
             k => self.config.replicas.acked_by(k)?.min(applied),
@@ -572,17 +575,21 @@ impl UpstreamLink {
         loop {
             if !conn.buf.is_empty() {
                 let scanned = tracker.scan(&conn.buf, *applied)?;
-                if let Some(before) = scanned.getack_before {
-                    if let Some(ack) = self.ack(*applied + before as u64) {
-                        conn.send(&ack).await?;
-                    }
-                }
+                let getack_at = scanned.getack_before.map(|before| *applied + before as u64);
                 if scanned.appliable > 0 {
                     let chunk: Bytes = conn.buf.split_to(scanned.appliable).freeze();
                     tracker.consumed(scanned.appliable);
                     *applied += chunk.len() as u64;
                     // Waits while the writer's channel is full: the master's stream is then not read.
                     self.writer.append(chunk).await?;
+                }
+                if let Some(offset) = getack_at {
+                    // The answer covers the bytes before the GETACK once they are in the log (the
+                    // ACK never counts what is still on its way to the writer).
+                    self.writer.barrier().await?;
+                    if let Some(ack) = self.ack(offset) {
+                        conn.send(&ack).await?;
+                    }
                 }
             }
             if last_published.elapsed() >= Duration::from_millis(100) {
