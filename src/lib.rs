@@ -30,13 +30,17 @@
 //!   `NOPERM` check.
 //! - [`tls`]: TLS both ways (rustls): certificates from PEM files, the one `Stream` type of plain
 //!   and TLS connections.
-//! - [`relay`]: wires one relay together and stops it; [`config`]: CLI and YAML (many relays per
+//! - [`relay`]: only composes: wires one relay's pieces together and stops them; [`context`]: the
+//!   state they share ([`context::RelayContext`], each field with its one writer);
+//!   [`shutdown`]: the relay's one stop signal; `util`: ids and transfer progress logs.
+//! - [`config`]: the one configuration pipeline (YAML file and flags merged, many relays per
 //!   process); [`metrics`]: the Prometheus endpoint and the per-relay collector.
 //!
 //! Every relay has one shutdown signal (a `watch`); the binary supervises relays by name and
 //! reloads them on SIGHUP.
 
 pub mod config;
+pub mod context;
 pub mod downstream;
 pub mod fs;
 pub mod limits;
@@ -44,6 +48,8 @@ pub mod log;
 pub mod metrics;
 pub mod protocol;
 pub mod relay;
+pub mod shutdown;
 pub mod snapshot;
 pub mod tls;
 pub mod upstream;
+pub(crate) mod util;

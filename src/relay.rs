@@ -4,7 +4,7 @@
 //! the snapshot store are written by the upstream link only; the upstream status is a `watch` the link
 //! publishes; the replica table is written by each replica's own task).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -12,111 +12,17 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+pub use crate::context::{RelayContext, ServedStats};
+use crate::util::random_hex_id;
+
 use crate::config::RelayConfig;
 use crate::downstream::clients::ClientTable;
 use crate::downstream::pubsub::PubSub;
 use crate::downstream::{self, ReplicaTable};
-use crate::log::{DropKind, Recovery, ReplicationLog};
+use crate::log::{DropKind, ReplicationLog};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use crate::tls::{TlsAcceptor, TlsConnector, UpstreamTls};
-use crate::upstream::fetch::{FetchRequests, FetcherStatus};
-use crate::upstream::version::MasterVersion;
-use crate::upstream::{UpstreamConfig, UpstreamLink, UpstreamStatus};
-
-/// Counters of what the relay served below it, as `INFO stats` names them.
-#[derive(Debug, Default)]
-pub struct ServedStats {
-    pub connections: AtomicU64,
-    pub commands: AtomicU64,
-    pub sync_full: AtomicU64,
-    pub sync_partial_ok: AtomicU64,
-    pub sync_partial_err: AtomicU64,
-    pub repl_output_bytes: AtomicU64,
-    /// rdb-only requests (`redis-cli --rdb`) answered with a snapshot taken for them.
-    pub rdb_only_fresh: AtomicU64,
-    /// rdb-only requests answered from the cache because no source could give a fresh snapshot.
-    pub rdb_only_cached: AtomicU64,
-    /// Age in seconds of the cached snapshot the last such request got.
-    pub rdb_only_last_cached_age: AtomicU64,
-    /// Connections refused because of `maxclients` (INFO `rejected_connections`).
-    pub rejected_connections: AtomicU64,
-    /// Accepts on the listen port that failed (EMFILE and the like; INFO `accept_errors`).
-    pub accept_errors: AtomicU64,
-    /// Failed `AUTH`s and `HELLO ... AUTH`s (Redis 7.2's INFO `acl_access_denied_auth`).
-    pub acl_denied_auth: AtomicU64,
-    /// Commands refused with `NOPERM` (Redis 7.2's INFO `acl_access_denied_cmd`).
-    pub acl_denied_cmd: AtomicU64,
-}
-
-impl ServedStats {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-}
-
-/// What the downstream side of a relay can see and use.
-pub struct RelayContext {
-    pub config: RelayConfig,
-    pub log: Arc<ReplicationLog>,
-    pub snapshots: Arc<SnapshotStore>,
-    pub upstream: watch::Receiver<UpstreamStatus>,
-    pub upstream_config: UpstreamConfig,
-    /// Where the upstream link connects; `REPLICAOF host port` sends a new address here.
-    pub upstream_target: watch::Sender<String>,
-    /// `RELAY HISTORY ACCEPT` sends the held history's replid here; the upstream link follows it.
-    pub history_accept: watch::Sender<Option<String>>,
-    pub run_id: String,
-    pub started: Instant,
-    pub stats: ServedStats,
-    pub replicas: Arc<ReplicaTable>,
-    /// Every client session of the listener (`CLIENT ID`, `CLIENT KILL`).
-    pub clients: Arc<ClientTable>,
-    /// Channel and pattern subscriptions of the listener's clients.
-    pub pubsub: Arc<PubSub>,
-    pub fetcher: FetchRequests,
-    /// Where snapshots came from and why some were refused (the fetcher publishes it).
-    pub fetcher_status: watch::Receiver<FetcherStatus>,
-    /// What the log's recovery found at start (INFO shows it).
-    pub log_recovery: Recovery,
-    /// The TLS listener's certificates, reloaded on SIGHUP (the link's are in `upstream_config`).
-    pub tls_acceptor: Option<Arc<TlsAcceptor>>,
-    /// The same certificates as a client, for snapshot requests to replicas that came in through
-    /// the TLS listener; reloaded with them.
-    pub replica_tls: Option<Arc<TlsConnector>>,
-    /// The master's version, read after each connect (`redis_version` in INFO and HELLO).
-    pub master_version: watch::Receiver<Option<MasterVersion>>,
-    /// When the relay started, as a Unix time (`LASTSAVE` before any snapshot).
-    pub started_unix: u64,
-    /// Connected clients and replicas against `maxclients`.
-    pub client_slots: Arc<crate::limits::ClientSlots>,
-    /// Whether the listeners are bound (their tasks write it).
-    pub listeners: crate::downstream::ListenerStatus,
-    /// The clients' buffers against `maxmemory-clients` and `client-query-buffer-limit`.
-    pub client_memory: Arc<crate::downstream::memory::ClientMemoryBudget>,
-    /// The RDB version guard: full syncs refused to replicas that cannot load the snapshot.
-    pub sync_guard: crate::downstream::guard::SyncGuard,
-}
-
-impl RelayContext {
-    /// Reads the relay's certificate files again (SIGHUP): new connections on either side use them.
-    /// Runs file I/O: call it off the runtime's workers.
-    pub fn reload_tls(&self) -> Result<(), crate::tls::TlsError> {
-        if let Some(connector) = &self.upstream_config.tls {
-            connector.reload()?;
-        }
-        if let Some(acceptor) = &self.tls_acceptor {
-            acceptor.reload()?;
-        }
-        if let Some(connector) = &self.replica_tls {
-            connector.reload()?;
-        }
-        Ok(())
-    }
-}
+use crate::upstream::{UpstreamConfig, UpstreamLink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -126,13 +32,6 @@ pub enum RelayError {
     Log { name: String, source: crate::log::DiskError },
     #[error("relay {name}: TLS: {source}")]
     Tls { name: String, source: crate::tls::TlsError },
-}
-
-/// Random 40-hex-character id, the form of Redis's run_id and replids.
-pub fn random_hex_id() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    (0..40).map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0')).collect()
 }
 
 /// A started relay: its tasks and the one signal that stops them.
@@ -281,7 +180,7 @@ pub async fn start(
         log,
         snapshots,
         upstream,
-        upstream_config,
+        upstream_tls: upstream_config.tls.clone(),
         upstream_target,
         history_accept,
         run_id: random_hex_id(),
@@ -390,38 +289,3 @@ async fn load_tls(config: &RelayConfig) -> Result<LoadedTls, RelayError> {
     }
 }
 
-/// Resolves once `shutdown` is set (or its sender is gone). Holds no borrow of the value after.
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-/// Logs the progress of a long transfer every few seconds: bytes, percent when the size is known,
-/// and the rate since the start.
-pub struct TransferProgress {
-    what: &'static str,
-    peer: String,
-    started: Instant,
-    last_logged: Instant,
-}
-
-impl TransferProgress {
-    const PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
-
-    pub fn new(what: &'static str, peer: impl Into<String>) -> TransferProgress {
-        let now = Instant::now();
-        TransferProgress { what, peer: peer.into(), started: now, last_logged: now }
-    }
-
-    /// `total` is -1 when unknown (EOF-marked payloads).
-    pub fn update(&mut self, done: u64, total: i64) {
-        if self.last_logged.elapsed() < Self::PERIOD {
-            return;
-        }
-        self.last_logged = Instant::now();
-        let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate_mb = done as f64 / seconds / (1024.0 * 1024.0);
-        let percent =
-            if total > 0 { format!("{:.1}%", done as f64 * 100.0 / total as f64) } else { "size unknown".to_string() };
-        tracing::info!(peer = %self.peer, bytes = done, total, "{} in progress: {percent}, {rate_mb:.1} MB/s", self.what);
-    }
-}

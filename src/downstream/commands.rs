@@ -10,8 +10,8 @@ use bytes::Bytes;
 
 use super::clients::{ClientType, ReplyMode};
 use super::{wrong_arity, Session};
+use crate::context::RelayContext;
 use crate::protocol::{string2ll, ClientCommand, Reply};
-use crate::relay::RelayContext;
 
 /// `databases`: SELECT takes 0 to 15, like a default redis-server (every database is empty).
 pub(crate) const DATABASES: u32 = 16;
@@ -543,7 +543,7 @@ fn command_command(command: &ClientCommand) -> Reply {
 fn config_values(context: &RelayContext, admin: bool) -> Vec<(&'static str, String)> {
     let config = &context.config;
     let yes_no = |on: bool| if on { "yes" } else { "no" }.to_string();
-    let upstream = &context.upstream_config;
+    let (master_host, master_port) = context.master_host_port();
     vec![
         ("appendonly", "no".into()),
         ("bind", config.bind_addr().map(|a| a.ip().to_string()).unwrap_or_default()),
@@ -560,12 +560,12 @@ fn config_values(context: &RelayContext, admin: bool) -> Vec<(&'static str, Stri
         ("repl-diskless-sync", yes_no(config.downstream_eof_form)),
         ("repl-timeout", config.repl_timeout.as_secs().to_string()),
         ("replica-read-only", "yes".into()),
-        ("replicaof", format!("{} {}", upstream.host(), upstream.port())),
+        ("replicaof", format!("{master_host} {master_port}")),
         // As redis-server does, an admin may read it (with the default user nopass, everyone is).
         ("requirepass", if admin { config.requirepass.clone().unwrap_or_default() } else { String::new() }),
         ("save", String::new()),
         ("slave-read-only", "yes".into()),
-        ("slaveof", format!("{} {}", upstream.host(), upstream.port())),
+        ("slaveof", format!("{master_host} {master_port}")),
         ("timeout", config.timeout.as_secs().to_string()),
         ("tls-port", config.tls.as_ref().map(|t| t.listen.port()).unwrap_or(0).to_string()),
     ]

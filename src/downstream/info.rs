@@ -7,9 +7,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::ReplicaState;
+use crate::context::{RelayContext, ServedStats};
 use crate::log::NO_REPLID;
 use crate::protocol::Reply;
-use crate::relay::{RelayContext, ServedStats};
 use crate::upstream::fetch::REFUSAL_REASONS;
 use crate::upstream::history::HistoryResetPolicy;
 use crate::upstream::version::FALLBACK_REDIS_VERSION;
@@ -217,8 +217,9 @@ fn replication(context: &RelayContext, out: &mut String) {
     let link_up = upstream.state == LinkState::Connected;
     out.push_str("# Replication\r\n");
     line(out, "role", "slave");
-    line(out, "master_host", context.upstream_config.host());
-    line(out, "master_port", context.upstream_config.port());
+    let (master_host, master_port) = context.master_host_port();
+    line(out, "master_host", master_host);
+    line(out, "master_port", master_port);
     line(out, "master_link_status", if link_up { "up" } else { "down" });
     line(out, "master_last_io_seconds_ago", upstream.last_io.map(|t| t.elapsed().as_secs() as i64).unwrap_or(-1));
     line(out, "master_sync_in_progress", u8::from(upstream.state == LinkState::Sync));
@@ -401,10 +402,11 @@ fn policy_name(policy: HistoryResetPolicy) -> &'static str {
 pub fn role(context: &RelayContext) -> Reply {
     let upstream = context.upstream.borrow().clone();
     let offset = if upstream.ever_connected { context.log.summary().end as i64 } else { -1 };
+    let (master_host, master_port) = context.master_host_port();
     Reply::Array(vec![
         Reply::bulk("slave"),
-        Reply::bulk(context.upstream_config.host().to_string()),
-        Reply::Integer(context.upstream_config.port() as i64),
+        Reply::bulk(master_host),
+        Reply::Integer(i64::from(master_port)),
         Reply::bulk(upstream.state.role_name()),
         Reply::Integer(offset),
     ])

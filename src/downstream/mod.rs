@@ -26,8 +26,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::context::{RelayContext, ServedStats};
 use crate::protocol::{string2ll_str, ClientCommand, CommandLimits, Reply};
-use crate::relay::{RelayContext, ServedStats};
 use crate::tls::{Stream, TlsAcceptor};
 use clients::{ClientHandle, ClientType, KillFilter, KillType};
 pub use connection::{ClientConnection, ClientError};
@@ -252,7 +252,7 @@ pub async fn listen(
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(BIND_RETRY) => {}
-                        _ = crate::relay::stopped(&mut shutdown) => return,
+                        _ = crate::shutdown::stopped(&mut shutdown) => return,
                     }
                 }
             }
@@ -338,8 +338,8 @@ pub async fn serve(
                             result = session.run(shutdown) => if let Err(error) = result {
                                 tracing::debug!(addr = %peer, "client connection ended: {error}");
                             },
-                            _ = crate::relay::stopped(&mut stop) => {}
-                            _ = crate::relay::stopped(&mut killed) => {
+                            _ = crate::shutdown::stopped(&mut stop) => {}
+                            _ = crate::shutdown::stopped(&mut killed) => {
                                 tracing::debug!(addr = %peer, "client connection killed");
                             }
                         }
@@ -354,7 +354,7 @@ pub async fn serve(
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             },
-            _ = crate::relay::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
         }
     }
 }
@@ -471,7 +471,7 @@ impl Session {
                     self.flush().await?;
                     continue;
                 }
-                _ = crate::relay::stopped(&mut shutdown) => return Ok(()),
+                _ = crate::shutdown::stopped(&mut shutdown) => return Ok(()),
             };
             // Messages published before this command go out before its reply.
             self.queue_waiting_messages();

@@ -16,12 +16,13 @@ use tracing::Instrument;
 use super::connection::{read_more, write_all_vectored};
 use super::guard::Ask;
 use super::{ClientError, ReplicaEntry, ReplicaRow, ReplicaState, Session};
+use crate::context::{RelayContext, ServedStats};
 use crate::log::{LogSummary, ReadError};
 use crate::protocol::{parse_command, string2ll, ClientCommand, CommandLimits, Reply};
-use crate::relay::{random_hex_id, RelayContext, ServedStats, TransferProgress};
 use crate::snapshot::SnapshotMeta;
 use crate::tls::Stream;
 use crate::upstream::fetch::snapshot_is_current;
+use crate::util::{random_hex_id, TransferProgress};
 
 /// How a replica session ended.
 pub enum Outcome {
@@ -301,7 +302,7 @@ async fn full_sync(
         tokio::select! {
             _ = keepalive.tick() => write_flushed(&mut session.conn.stream, b"\n").await?,
             changed = snapshots.changed() => if changed.is_err() { return Err(Disconnect::Shutdown) },
-            _ = crate::relay::stopped(shutdown) => return Err(Disconnect::Shutdown),
+            _ = crate::shutdown::stopped(shutdown) => return Err(Disconnect::Shutdown),
             closed = wait_closed(&mut session.conn.stream) => return Err(closed),
         }
     };
@@ -353,7 +354,7 @@ async fn fresh_snapshot(
                 return Ok(result.unwrap_or_else(|_| Err("the snapshot fetcher stopped".into())));
             }
             _ = keepalive.tick() => session.conn.stream.write_all(b"\n").await?,
-            _ = crate::relay::stopped(shutdown) => return Err(Disconnect::Shutdown),
+            _ = crate::shutdown::stopped(shutdown) => return Err(Disconnect::Shutdown),
             closed = wait_closed(&mut session.conn.stream) => return Err(closed),
         }
     }
@@ -579,6 +580,6 @@ async fn stream_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         result = read_acks => result,
         result = write_stream => result,
         reason = watch_acks => Err(reason),
-        _ = crate::relay::stopped(shutdown) => Err(Disconnect::Shutdown),
+        _ = crate::shutdown::stopped(shutdown) => Err(Disconnect::Shutdown),
     }
 }

@@ -19,8 +19,9 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use metrics_util::MetricKindMask;
 use tokio::sync::watch;
 
+use crate::context::{RelayContext, ServedStats};
 use crate::downstream::ReplicaState;
-use crate::relay::{stopped, RelayContext, ServedStats};
+use crate::shutdown::stopped;
 use crate::upstream::fetch::REFUSAL_REASONS;
 use crate::upstream::LinkState;
 

@@ -214,7 +214,7 @@ impl RdbFetcher {
                 },
                 _ = tick.tick() => {}
                 changed = installed.changed() => if changed.is_err() { return },
-                _ = crate::relay::stopped(&mut shutdown) => return,
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
             }
             self.update_pin();
             let waiters: Vec<FreshReply> = std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|p| p.into_inner()));
@@ -242,7 +242,7 @@ impl RdbFetcher {
                 let wait = (last + MIN_ROUND_INTERVAL).saturating_duration_since(Instant::now());
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = crate::relay::stopped(&mut shutdown) => return,
+                    _ = crate::shutdown::stopped(&mut shutdown) => return,
                 }
             }
             last_round = Some(Instant::now());

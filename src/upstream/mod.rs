@@ -63,12 +63,11 @@ impl UpstreamConfig {
     }
 
     pub fn host(&self) -> String {
-        let addr = self.addr();
-        addr.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or(addr)
+        crate::util::split_host_port(&self.addr()).0
     }
 
     pub fn port(&self) -> u16 {
-        self.addr().rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
+        crate::util::split_host_port(&self.addr()).1
     }
 }
 
@@ -275,7 +274,7 @@ impl UpstreamLink {
             let connected_to = target.borrow_and_update().clone();
             let result = tokio::select! {
                 result = self.link_once(&mut reached_stream) => result,
-                _ = crate::relay::stopped(&mut shutdown) => return,
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
                 changed = target.changed() => {
                     if changed.is_ok() {
                         // Like replicationSetMaster: keep the log and the replicas, PSYNC the new master.
@@ -336,7 +335,7 @@ impl UpstreamLink {
                     _ = tokio::time::sleep(HOLD_RECHECK) => {}
                     _ = accept.changed() => tracing::info!("history reset accepted by an operator: following the master"),
                     _ = target.changed() => {}
-                    _ = crate::relay::stopped(&mut shutdown) => return,
+                    _ = crate::shutdown::stopped(&mut shutdown) => return,
                 }
                 continue;
             }
@@ -348,7 +347,7 @@ impl UpstreamLink {
                     tracing::info!(master = %self.config.addr(), "switching to a new master (REPLICAOF)");
                     backoff = Duration::ZERO;
                 },
-                _ = crate::relay::stopped(&mut shutdown) => return,
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
             }
         }
     }
@@ -505,7 +504,7 @@ impl UpstreamLink {
         let started = Instant::now();
         let mut writer = self.snapshots.begin(replid, offset, "master").await?;
         let status = &self.status;
-        let mut log_progress = crate::relay::TransferProgress::new("RDB receipt from the master", self.config.addr());
+        let mut log_progress = crate::util::TransferProgress::new("RDB receipt from the master", self.config.addr());
         let mut progress = |total: i64, read: u64| {
             log_progress.update(read, total);
             status.send_modify(|s| {

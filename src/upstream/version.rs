@@ -94,7 +94,7 @@ pub async fn follow(
         was_connected = connected;
         tokio::select! {
             changed = status.changed() => if changed.is_err() { return },
-            _ = crate::relay::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
         }
     }
 }
