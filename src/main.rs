@@ -317,11 +317,7 @@ impl Supervisor {
             .filter(|(name, running)| wanted.get(name.as_str()).is_none_or(|w| **w != running.config))
             .map(|(name, _)| name.clone())
             .collect();
-        for name in stale {
-            if let Some(running) = self.relays.remove(&name) {
-                running.stop().await;
-            }
-        }
+        stop_concurrently(stale.iter().filter_map(|name| self.relays.remove(name))).await;
         let mut failures = Vec::new();
         for relay in &config.relays {
             if self.relays.contains_key(&relay.name) {
@@ -355,10 +351,18 @@ impl Supervisor {
     }
 
     async fn stop_all(&mut self) {
-        for (_, running) in std::mem::take(&mut self.relays) {
-            running.stop().await;
-        }
+        stop_concurrently(std::mem::take(&mut self.relays).into_values()).await;
     }
+}
+
+/// Stops relays side by side (each drains its sessions and fsyncs its log), so a stop takes as
+/// long as the slowest relay, not their sum.
+async fn stop_concurrently(relays: impl Iterator<Item = RunningRelay>) {
+    let mut stopping = tokio::task::JoinSet::new();
+    for running in relays {
+        stopping.spawn(running.stop());
+    }
+    while stopping.join_next().await.is_some() {}
 }
 
 #[tokio::main]

@@ -4,7 +4,6 @@
 //! the snapshot store are written by the upstream link only; the upstream status is a `watch` the link
 //! publishes; the replica table is written by each replica's own task).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -60,12 +59,10 @@ impl RunningRelay {
 
     async fn drain(mut self) {
         self.shutdown.send_replace(true);
+        // The listener tasks wait for their sessions: once every task has ended, nothing of the
+        // relay runs and its address is free.
         let drain = async {
             while self.tasks.join_next().await.is_some() {}
-            // Client and replica sessions hold the context; they end on the same signal.
-            while Arc::strong_count(&self.context) > 1 {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
             // The log writer ends when the upstream link (its one sender) is gone, after writing
             // what it was given; then the directory is unlocked for a restart.
             self.context.log.writer_stopped().await;
@@ -93,11 +90,11 @@ pub async fn start(
     // `downstream::listen`): the rest of this relay, and the other relays, run meanwhile.
     let listeners = crate::downstream::ListenerStatus::default();
     let listener = match config.listen {
-        Some(addr) => first_bind(addr, &listeners).await,
+        Some(addr) => downstream::bind_now(addr, &listeners).await,
         None => None,
     };
     let tls_listener = match &config.tls {
-        Some(tls) => first_bind(tls.listen, &listeners).await,
+        Some(tls) => downstream::bind_now(tls.listen, &listeners).await,
         None => None,
     };
     let LoadedTls { upstream: upstream_tls, acceptor: tls_acceptor, replicas: replica_tls } = load_tls(&config).await?;
@@ -229,22 +226,6 @@ pub async fn start(
         tasks.spawn(downstream::listen(listener, listen, None, context.clone(), shutdown).instrument(span.clone()));
     }
     Ok(context)
-}
-
-/// The first attempt to bind a listener; a failure is an ERROR here and counted, and the listener
-/// task tries again.
-async fn first_bind(
-    addr: std::net::SocketAddr,
-    status: &crate::downstream::ListenerStatus,
-) -> Option<tokio::net::TcpListener> {
-    match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => Some(listener),
-        Err(error) => {
-            status.bind_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%addr, "cannot listen: {error}; retrying every second");
-            None
-        }
-    }
 }
 
 /// The relay's TLS configurations, read from their files.

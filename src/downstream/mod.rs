@@ -215,9 +215,22 @@ pub struct ListenerStatus {
 impl ListenerStatus {
     /// Listeners configured but not bound.
     pub fn unbound(&self, config: &crate::config::RelayConfig) -> u64 {
-        let plain = u64::from(!self.plain_bound.load(Ordering::Relaxed));
+        let plain = u64::from(config.listen.is_some() && !self.plain_bound.load(Ordering::Relaxed));
         let tls = u64::from(config.tls.is_some() && !self.tls_bound.load(Ordering::Relaxed));
         plain + tls
+    }
+}
+
+/// The first attempt to bind a listener, at the relay's start; a failure is an ERROR here and
+/// counted, and [`listen`] tries again.
+pub async fn bind_now(addr: SocketAddr, status: &ListenerStatus) -> Option<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            status.bind_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%addr, "cannot listen: {error}; retrying every second");
+            None
+        }
     }
 }
 
@@ -276,8 +289,13 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut accept_errors = crate::limits::LogThrottle::new(std::time::Duration::from_secs(1));
+    // Every session of this listener: waited for at shutdown, so that once `serve` returns no
+    // session holds the relay's context, address or directory any more.
+    let mut sessions = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
+            // Reaps finished sessions as they end.
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     ServedStats::add(&context.stats.connections, 1);
@@ -295,7 +313,7 @@ pub async fn serve(
                     let shutdown = shutdown.clone();
                     let tls = tls.clone();
                     let (laddr, fd) = (tcp.local_addr().ok(), std::os::fd::AsRawFd::as_raw_fd(&tcp).into());
-                    tokio::spawn(async move {
+                    sessions.spawn(async move {
                         let _slot = slot;
                         let stream = match tls {
                             None => Stream::Plain(tcp),
@@ -354,9 +372,13 @@ pub async fn serve(
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             },
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => break,
         }
     }
+    // Sessions end on the same signal; the listener goes first so that the port is free as soon as
+    // the last of them has closed.
+    drop(listener);
+    while sessions.join_next().await.is_some() {}
 }
 
 /// A client connection that has not (yet) become a replica.

@@ -187,7 +187,10 @@ fn sample(context: &RelayContext) {
     let up = upstream.state == LinkState::Connected;
     gauge!("redis_relay_upstream_link_up", &labels).set(f64::from(u8::from(up)));
     let listeners = &context.listeners;
-    let mut kinds = vec![("plain", &listeners.plain_bound)];
+    let mut kinds = Vec::new();
+    if context.config.listen.is_some() {
+        kinds.push(("plain", &listeners.plain_bound));
+    }
     if context.config.tls.is_some() {
         kinds.push(("tls", &listeners.tls_bound));
     }
