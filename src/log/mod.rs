@@ -280,11 +280,17 @@ impl LogSummary {
         if psync_offset < 1 {
             return false;
         }
-        let id_matches = replid.eq_ignore_ascii_case(&ids.replid)
-            || (ids.second_repl_offset >= 0
-                && replid.eq_ignore_ascii_case(&ids.replid2)
-                && psync_offset <= ids.second_repl_offset);
-        id_matches && self.covers(psync_offset as u64 - 1)
+        // The replica holds the dataset up to position `psync_offset - 1`: the same rule as a snapshot's.
+        let position = psync_offset as u64 - 1;
+        ids.holds(replid, position) && self.covers(position)
+    }
+
+    /// Whether a snapshot taken at `offset` under `replid` can serve full syncs from this log: it
+    /// is of this history ([`ReplIds::holds`]) and the log holds, or will hold once the link reaches
+    /// it, the stream right after it.
+    pub fn serves_snapshot(&self, replid: &str, offset: u64) -> bool {
+        let Some(ids) = &self.ids else { return false };
+        ids.holds(replid, offset) && offset + 1 >= self.first_byte_offset
     }
 }
 

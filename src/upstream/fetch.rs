@@ -62,8 +62,7 @@ pub const REFUSAL_REASONS: [&str; 7] = ["replid", "offset", "older", "transfer",
 /// Whether `snapshot` can still serve full syncs: the log holds (or will hold, once the main link
 /// reaches it) the stream right after it, in the same history.
 pub fn snapshot_is_current(snapshot: &SnapshotMeta, log: &LogSummary) -> bool {
-    let Some(ids) = &log.ids else { return false };
-    ids.holds(&snapshot.replid, snapshot.offset) && snapshot.offset + 1 >= log.first_byte_offset
+    log.serves_snapshot(&snapshot.replid, snapshot.offset)
 }
 
 /// Whether the log is close to dropping the stream right after `snapshot`: more than three quarters
