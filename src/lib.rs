@@ -32,7 +32,8 @@
 //!   and TLS connections.
 //! - [`relay`]: only composes: wires one relay's pieces together and stops them; [`context`]: the
 //!   state they share ([`context::RelayContext`], each field with its one writer);
-//!   [`shutdown`]: the relay's one stop signal; `util`: ids and transfer progress logs.
+//!   [`shutdown`]: the relay's one stop signal; `util`: ids and transfer progress logs;
+//!   `report`: the figures INFO and the metrics both render (`RelayReport`).
 //! - [`config`]: the one configuration pipeline (YAML file and flags merged, many relays per
 //!   process); [`metrics`]: the Prometheus endpoint and the per-relay collector.
 //!
@@ -48,6 +49,7 @@ pub mod log;
 pub mod metrics;
 pub mod protocol;
 pub mod relay;
+pub(crate) mod report;
 pub mod shutdown;
 pub mod snapshot;
 pub mod tls;

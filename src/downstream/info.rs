@@ -6,10 +6,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use super::ReplicaState;
 use crate::context::{RelayContext, ServedStats};
 use crate::log::NO_REPLID;
 use crate::protocol::Reply;
+use crate::report::RelayReport;
 use crate::upstream::fetch::REFUSAL_REASONS;
 use crate::upstream::history::HistoryResetPolicy;
 use crate::upstream::version::FALLBACK_REDIS_VERSION;
@@ -39,6 +39,8 @@ pub fn render(context: &RelayContext, args: &[Bytes]) -> String {
     let everything =
         requested.is_empty() || requested.iter().any(|r| r == "all" || r == "everything" || r == "default");
     let mut out = String::new();
+    // One gathering for every section, so that the figures of one reply are of one moment.
+    let report = RelayReport::gather(context);
     for section in SECTIONS {
         if !(everything || requested.iter().any(|r| r == section)) {
             continue;
@@ -52,7 +54,7 @@ pub fn render(context: &RelayContext, args: &[Bytes]) -> String {
             "memory" => memory(context, &mut out),
             "persistence" => persistence(context, &mut out),
             "stats" => stats(context, &mut out),
-            "replication" => replication(context, &mut out),
+            "replication" => replication(context, &report, &mut out),
             "cpu" => cpu(&mut out),
             "modules" => out.push_str("# Modules\r\n"),
             "cluster" => {
@@ -61,7 +63,7 @@ pub fn render(context: &RelayContext, args: &[Bytes]) -> String {
             }
             // The relay holds no keys: no `db0:keys=...` line, as on an empty redis-server.
             "keyspace" => out.push_str("# Keyspace\r\n"),
-            _ => relay(context, &mut out),
+            _ => relay(context, &report, &mut out),
         }
     }
     out
@@ -210,11 +212,10 @@ fn server(context: &RelayContext, out: &mut String) {
     line(out, "executable", std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default());
 }
 
-fn replication(context: &RelayContext, out: &mut String) {
-    let upstream = context.upstream.borrow().clone();
-    let log = context.log.summary();
+fn replication(context: &RelayContext, report: &RelayReport, out: &mut String) {
+    let (upstream, log) = (&report.upstream, &report.log);
     let ids = log.ids.clone();
-    let link_up = upstream.state == LinkState::Connected;
+    let link_up = report.link_up();
     out.push_str("# Replication\r\n");
     line(out, "role", "slave");
     let (master_host, master_port) = context.master_host_port();
@@ -223,7 +224,7 @@ fn replication(context: &RelayContext, out: &mut String) {
     line(out, "master_link_status", if link_up { "up" } else { "down" });
     line(out, "master_last_io_seconds_ago", upstream.last_io.map(|t| t.elapsed().as_secs() as i64).unwrap_or(-1));
     line(out, "master_sync_in_progress", u8::from(upstream.state == LinkState::Sync));
-    line(out, "slave_read_repl_offset", if link_up { upstream.read_offset.max(log.end) } else { log.end });
+    line(out, "slave_read_repl_offset", report.read_offset());
     line(out, "slave_repl_offset", log.end);
     if upstream.state == LinkState::Sync {
         line(out, "master_sync_total_bytes", upstream.sync_total_bytes);
@@ -253,10 +254,10 @@ fn replication(context: &RelayContext, out: &mut String) {
     line(out, "slave_priority", 0);
     line(out, "slave_read_only", 1);
     line(out, "replica_announced", 1);
-    let replicas = context.replicas.snapshot();
+    let replicas = &report.replicas;
     line(out, "connected_slaves", replicas.len());
     for (i, replica) in replicas.iter().enumerate() {
-        let lag = if replica.state == ReplicaState::Online { replica.ack_time.elapsed().as_secs() } else { 0 };
+        let lag = report.replica_lag_seconds(replica) as u64;
         let _ = write!(
             out,
             "slave{i}:ip={},port={},state={},offset={},lag={}\r\n",
@@ -306,10 +307,8 @@ fn stats(context: &RelayContext, out: &mut String) {
     line(out, "acl_access_denied_cmd", ServedStats::get(&s.acl_denied_cmd));
 }
 
-fn relay(context: &RelayContext, out: &mut String) {
-    let upstream = context.upstream.borrow().clone();
-    let snapshot = context.snapshots.current();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+fn relay(context: &RelayContext, report: &RelayReport, out: &mut String) {
+    let (upstream, snapshot, now) = (&report.upstream, &report.snapshot, report.now_unix);
     out.push_str("# Relay\r\n");
     line(out, "relay_name", &context.config.name);
     line(out, "upstream_link_state", upstream.state.role_name());
@@ -326,19 +325,15 @@ fn relay(context: &RelayContext, out: &mut String) {
     line(out, "rdb_fetches", upstream.rdb_fetches);
     line(out, "rdb_rejected", upstream.rdb_rejected);
     line(out, "snapshot_write_errors", upstream.snapshot_write_errors);
-    line(out, "snapshot_offset", snapshot.as_ref().map(|s| s.offset as i64).unwrap_or(-1));
-    line(out, "snapshot_size", snapshot.as_ref().map(|s| s.size).unwrap_or(0));
+    line(out, "snapshot_offset", report.snapshot_offset());
+    line(out, "snapshot_size", report.snapshot_size());
     line(out, "snapshot_replid", snapshot.as_ref().map(|s| s.replid.as_str()).unwrap_or(NO_REPLID));
     line(out, "snapshot_rdb_version", snapshot.as_ref().map(|s| s.rdb_version).unwrap_or(0));
     let guard = &context.sync_guard;
     line(out, "sync_refused_rdb_version", guard.refused_rdb_version.load(std::sync::atomic::Ordering::Relaxed));
     line(out, "sync_refused_resync_loop", guard.refused_resync_loop.load(std::sync::atomic::Ordering::Relaxed));
     line(out, "replicas_in_resync_backoff", guard.in_backoff());
-    line(
-        out,
-        "snapshot_age_seconds",
-        snapshot.as_ref().map(|s| now.saturating_sub(s.created_unix) as i64).unwrap_or(-1),
-    );
+    line(out, "snapshot_age_seconds", report.snapshot_age_seconds());
     let recovery = &context.log_recovery;
     line(out, "log_recovered_offset", recovery.history.as_ref().map(|_| recovery.end as i64).unwrap_or(-1));
     line(out, "log_recovery_dropped", recovery.dropped.as_ref().map(|d| d.kind.name()).unwrap_or("none"));
@@ -352,7 +347,7 @@ fn relay(context: &RelayContext, out: &mut String) {
     line(out, "log_write_failing", u8::from(faults.failing));
     line(out, "log_last_write_error", faults.last_error.replace(['\r', '\n'], " "));
     let keys = snapshot.as_ref().and_then(|s| s.keys);
-    line(out, "snapshot_keys", keys.map(|k| k.keys as i64).unwrap_or(-1));
+    line(out, "snapshot_keys", report.snapshot_keys());
     line(out, "snapshot_keys_exact", u8::from(keys.is_some_and(|k| k.exact)));
     line(out, "history_reset_policy", policy_name(context.config.history_reset));
     line(out, "history_reset_held", u8::from(upstream.history_held.is_some()));
@@ -369,13 +364,13 @@ fn relay(context: &RelayContext, out: &mut String) {
     line(out, "snapshot_source", source.unwrap_or("none"));
     let sources: Vec<&str> = context.config.snapshot.sources.iter().map(|s| s.name()).collect();
     line(out, "snapshot_sources", sources.join(","));
-    let fetcher = context.fetcher_status.borrow().clone();
+    let fetcher = &report.fetcher;
     line(out, "snapshot_refreshes_replica", fetcher.refreshes_replica);
     line(out, "snapshot_refreshes_master", fetcher.refreshes_master);
     let refusals: u64 = fetcher.refusals.values().sum();
     line(out, "snapshot_refusals", refusals);
     for reason in REFUSAL_REASONS {
-        line(out, &format!("snapshot_refusals_{reason}"), fetcher.refusals.get(reason).copied().unwrap_or(0));
+        line(out, &format!("snapshot_refusals_{reason}"), report.snapshot_refusals(reason));
     }
     line(out, "snapshot_last_refusal", &fetcher.last_refusal);
     line(out, "snapshot_fetching_from", fetcher.fetching_from.as_deref().unwrap_or("none"));

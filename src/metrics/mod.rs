@@ -12,7 +12,7 @@ pub mod http;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -21,9 +21,9 @@ use tokio::sync::watch;
 
 use crate::context::{RelayContext, ServedStats};
 use crate::downstream::ReplicaState;
+use crate::report::RelayReport;
 use crate::shutdown::stopped;
 use crate::upstream::fetch::REFUSAL_REASONS;
-use crate::upstream::LinkState;
 
 /// Connections the metrics endpoint serves at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -182,10 +182,9 @@ pub async fn collect(context: Arc<RelayContext>, mut shutdown: watch::Receiver<b
 fn sample(context: &RelayContext) {
     let relay = context.config.name.clone();
     let labels = [("relay", relay.clone())];
-    let upstream = context.upstream.borrow().clone();
-    let log = context.log.summary();
-    let up = upstream.state == LinkState::Connected;
-    gauge!("redis_relay_upstream_link_up", &labels).set(f64::from(u8::from(up)));
+    let report = RelayReport::gather(context);
+    let (upstream, log) = (&report.upstream, &report.log);
+    gauge!("redis_relay_upstream_link_up", &labels).set(f64::from(u8::from(report.link_up())));
     let listeners = &context.listeners;
     let mut kinds = Vec::new();
     if context.config.listen.is_some() {
@@ -199,12 +198,10 @@ fn sample(context: &RelayContext) {
         gauge!("redis_relay_listener_up", &labels).set(f64::from(u8::from(bound.load(Ordering::Relaxed))));
     }
     counter!("redis_relay_listen_errors_total", &labels).absolute(listeners.bind_errors.load(Ordering::Relaxed));
-    let read_offset = if up { upstream.read_offset.max(log.end) } else { log.end };
-    gauge!("redis_relay_upstream_offset_bytes", &labels).set(read_offset as f64);
+    gauge!("redis_relay_upstream_offset_bytes", &labels).set(report.read_offset() as f64);
     gauge!("redis_relay_offset_bytes", &labels).set(log.end as f64);
-    gauge!("redis_relay_upstream_lag_bytes", &labels).set((read_offset - log.end) as f64);
-    let last_io = upstream.last_io.map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
-    gauge!("redis_relay_upstream_last_io_seconds", &labels).set(last_io);
+    gauge!("redis_relay_upstream_lag_bytes", &labels).set(report.upstream_lag() as f64);
+    gauge!("redis_relay_upstream_last_io_seconds", &labels).set(report.last_io_seconds().unwrap_or(-1.0));
     counter!("redis_relay_upstream_reconnects_total", &labels).absolute(upstream.reconnects);
     counter!("redis_relay_upstream_received_bytes_total", &labels).absolute(upstream.input_bytes);
     gauge!("redis_relay_log_first_offset_bytes", &labels).set(log.first_byte_offset as f64);
@@ -220,32 +217,26 @@ fn sample(context: &RelayContext) {
     }
     gauge!("redis_relay_log_write_failing", &labels).set(f64::from(u8::from(faults.failing)));
 
-    let snapshot = context.snapshots.current();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    gauge!("redis_relay_snapshot_offset_bytes", &labels)
-        .set(snapshot.as_ref().map(|s| s.offset as f64).unwrap_or(-1.0));
-    gauge!("redis_relay_snapshot_size_bytes", &labels).set(snapshot.as_ref().map(|s| s.size as f64).unwrap_or(0.0));
-    let age = snapshot.as_ref().map(|s| now.saturating_sub(s.created_unix) as f64).unwrap_or(-1.0);
-    gauge!("redis_relay_snapshot_age_seconds", &labels).set(age);
-    let keys = snapshot.as_ref().and_then(|s| s.keys).map(|k| k.keys as f64).unwrap_or(-1.0);
-    gauge!("redis_relay_snapshot_keys", &labels).set(keys);
+    gauge!("redis_relay_snapshot_offset_bytes", &labels).set(report.snapshot_offset() as f64);
+    gauge!("redis_relay_snapshot_size_bytes", &labels).set(report.snapshot_size() as f64);
+    gauge!("redis_relay_snapshot_age_seconds", &labels).set(report.snapshot_age_seconds() as f64);
+    gauge!("redis_relay_snapshot_keys", &labels).set(report.snapshot_keys() as f64);
     gauge!("redis_relay_history_reset_held", &labels).set(f64::from(u8::from(upstream.history_held.is_some())));
     counter!("redis_relay_rdb_fetches_total", &labels).absolute(upstream.rdb_fetches);
     counter!("redis_relay_rdb_rejected_total", &labels).absolute(upstream.rdb_rejected);
     counter!("redis_relay_snapshot_write_errors_total", &labels).absolute(upstream.snapshot_write_errors);
 
-    let fetcher = context.fetcher_status.borrow().clone();
+    let fetcher = &report.fetcher;
     for (source, value) in [("replica", fetcher.refreshes_replica), ("master", fetcher.refreshes_master)] {
         let labels = [("relay", relay.clone()), ("source", source.to_string())];
         counter!("redis_relay_snapshot_refreshes_total", &labels).absolute(value);
     }
     for reason in REFUSAL_REASONS {
         let labels = [("relay", relay.clone()), ("reason", reason.to_string())];
-        counter!("redis_relay_snapshot_refusals_total", &labels)
-            .absolute(fetcher.refusals.get(reason).copied().unwrap_or(0));
+        counter!("redis_relay_snapshot_refusals_total", &labels).absolute(report.snapshot_refusals(reason));
     }
     counter!("redis_relay_snapshot_master_rate_limited_total", &labels).absolute(fetcher.master_rate_limited);
-    gauge!("redis_relay_log_held_for_snapshot_bytes", &labels).set(context.log.held_beyond_retention() as f64);
+    gauge!("redis_relay_log_held_for_snapshot_bytes", &labels).set(report.held_for_snapshot as f64);
 
     let stats = &context.stats;
     for (kind, value) in [("fresh", &stats.rdb_only_fresh), ("cached", &stats.rdb_only_cached)] {
@@ -277,16 +268,14 @@ fn sample(context: &RelayContext) {
         counter!("redis_relay_acl_denied_total", &labels).absolute(ServedStats::get(value));
     }
 
-    let replicas = context.replicas.snapshot();
     for state in [ReplicaState::WaitBgsave, ReplicaState::SendBulk, ReplicaState::Online] {
-        let count = replicas.iter().filter(|r| r.state == state).count();
         let labels = [("relay", relay.clone()), ("state", state.name().to_string())];
-        gauge!("redis_relay_replicas", &labels).set(count as f64);
+        gauge!("redis_relay_replicas", &labels).set(report.replicas_in(state) as f64);
     }
-    for replica in replicas.iter().filter(|r| r.state == ReplicaState::Online) {
-        let labels = [("relay", relay.clone()), ("replica", format!("{}:{}", replica.ip, replica.port))];
+    for replica in report.replicas.iter().filter(|r| r.state == ReplicaState::Online) {
+        let labels = [("relay", relay.clone()), ("replica", RelayReport::replica_name(replica))];
         gauge!("redis_relay_replica_ack_offset_bytes", &labels).set(replica.ack_offset as f64);
-        gauge!("redis_relay_replica_lag_bytes", &labels).set(log.end.saturating_sub(replica.ack_offset) as f64);
-        gauge!("redis_relay_replica_lag_seconds", &labels).set(replica.ack_time.elapsed().as_secs_f64());
+        gauge!("redis_relay_replica_lag_bytes", &labels).set(report.replica_lag_bytes(replica) as f64);
+        gauge!("redis_relay_replica_lag_seconds", &labels).set(report.replica_lag_seconds(replica));
     }
 }
