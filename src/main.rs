@@ -393,7 +393,7 @@ async fn main() -> anyhow::Result<()> {
                 .context("metrics endpoint TLS")?;
             metrics_acceptor = Some(Arc::new(acceptor));
         }
-        redis_relay::metrics::install(addr, config.metrics_auth.clone(), metrics_acceptor.clone())?;
+        redis_relay::install_metrics(addr, config.metrics_auth.clone(), metrics_acceptor.clone())?;
         let scheme = if metrics_acceptor.is_some() { "https" } else { "http" };
         tracing::info!(%addr, scheme, "metrics endpoint listening on /metrics");
     }

@@ -61,14 +61,6 @@ impl UpstreamConfig {
     pub fn addr(&self) -> String {
         self.target.borrow().clone()
     }
-
-    pub fn host(&self) -> String {
-        crate::util::split_host_port(&self.addr()).0
-    }
-
-    pub fn port(&self) -> u16 {
-        crate::util::split_host_port(&self.addr()).1
-    }
 }
 
 /// What the relay ACKs to its master (`upstream_ack`).
