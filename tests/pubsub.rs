@@ -181,6 +181,11 @@ fn client_kill_type_normal_ends_other_clients_and_skipme_no_the_caller_after_its
     let mut killer = relay.conn();
     let id: i64 = redis::cmd("CLIENT").arg("ID").query(&mut killer).unwrap();
     assert!(id > 0);
+    // The start-up probe's connection may still be closing on the relay's side: count only ours.
+    wait_until(SYNC_TIMEOUT, "only the victim and the killer connected", || {
+        let info: String = redis::cmd("INFO").arg("clients").query(&mut killer).unwrap_or_default();
+        parse_info_field(&info, "connected_clients").as_deref() == Some("2")
+    });
     // As Sentinel sends it: inside MULTI, after SLAVEOF.
     let replies: Vec<i64> = redis::pipe()
         .atomic()
