@@ -269,4 +269,3 @@ async fn load_tls(config: &RelayConfig) -> Result<LoadedTls, RelayError> {
         Err(join) => Err(RelayError::Tls { name, source: crate::tls::TlsError::Config(join.to_string()) }),
     }
 }
-
