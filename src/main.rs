@@ -37,6 +37,10 @@ struct Cli {
     /// Data directory: replication log and snapshot cache (or set REDIS_RELAY_DIR).
     #[arg(long, value_name = "PATH", env = "REDIS_RELAY_DIR")]
     dir: Option<Text>,
+    /// Worker threads serving every relay's clients and replicas: a number, or auto (one per four
+    /// CPUs, at least one, so the master beside the relay keeps its cores) [default: auto].
+    #[arg(long, value_name = "N|auto")]
+    threads: Option<Text>,
     /// Prometheus endpoint, HOST:PORT, serving /metrics (or set REDIS_RELAY_METRICS).
     #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_METRICS")]
     metrics: Option<Text>,
@@ -220,6 +224,7 @@ fn overrides(cli: Cli, matches: &ArgMatches, with_file: bool) -> config::Overrid
         announce_version: cli.upstream_announce_version,
     };
     config::Overrides {
+        threads: cli.threads,
         metrics: config::MetricsSettings {
             listen: keep("metrics", cli.metrics),
             auth: keep("metrics_auth", cli.metrics_auth),
@@ -365,8 +370,9 @@ async fn stop_concurrently(relays: impl Iterator<Item = RunningRelay>) {
     while stopping.join_next().await.is_some() {}
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Reads the command line and the configuration, then runs the relays on a runtime of `threads`
+/// workers (the log writers and blocking I/O have threads of their own).
+fn main() -> anyhow::Result<()> {
     redis_relay::limits::return_large_buffers_to_the_system();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
@@ -383,7 +389,19 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(&log_format)?;
-    let mut config = Config::load(file.as_deref(), &overrides)?;
+    let config = Config::load(file.as_deref(), &overrides)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads)
+        .thread_name("relay-worker")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    tracing::info!(threads = config.threads, "runtime started");
+    runtime.block_on(serve(config, file, overrides))
+}
+
+/// Runs the relays of `config` until SIGTERM or SIGINT, reloading `file` on SIGHUP.
+async fn serve(mut config: Config, file: Option<PathBuf>, overrides: config::Overrides) -> anyhow::Result<()> {
     let mut metrics_acceptor = None;
     if let Some(addr) = config.metrics {
         if let Some(tls) = &config.metrics_tls {
@@ -427,6 +445,9 @@ async fn main() -> anyhow::Result<()> {
                             || new_config.metrics_tls != config.metrics_tls
                         {
                             tracing::warn!("metrics.listen, metrics.auth or the metrics TLS files changed: it takes effect at the next restart");
+                        }
+                        if new_config.threads != config.threads {
+                            tracing::warn!(threads = new_config.threads, "threads changed: it takes effect at the next restart");
                         }
                         tracing::info!(file = %file.display(), relays = new_config.relays.len(), "reloading the configuration");
                         adjust_open_files_limit(&new_config);
