@@ -158,21 +158,6 @@ impl LogThrottle {
     }
 }
 
-/// Allocations at least this large get their own mapping, returned to the system when freed.
-const MMAP_THRESHOLD: i32 = 256 * 1024;
-
-/// Makes the allocator give large buffers back to the system when they are freed. glibc raises its
-/// mmap threshold after each large free (up to 32 MiB), after which a burst of client buffers
-/// stays in its heaps: the probe in issue 11 saw 2.2 GB retained after a burst. A fixed threshold
-/// keeps every buffer over 256 KiB (query buffers, MULTI queues, large replies) in its own mapping.
-pub fn return_large_buffers_to_the_system() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tunables; it is called before the relays start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-    }
-}
-
 static TRIM_PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// When the last trim was asked for, in milliseconds since [`trim_clock`]'s start.
 static TRIM_ASKED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

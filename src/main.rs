@@ -373,7 +373,6 @@ async fn stop_concurrently(relays: impl Iterator<Item = RunningRelay>) {
 /// Reads the command line and the configuration, then runs the relays on a runtime of `threads`
 /// workers (the log writers and blocking I/O have threads of their own).
 fn main() -> anyhow::Result<()> {
-    redis_relay::limits::return_large_buffers_to_the_system();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
     let check = cli.command.as_ref().map(|Command::CheckConfig { file }| file.clone());
