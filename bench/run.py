@@ -843,14 +843,19 @@ def latency_case(opts, load_rate):
         return results
 
 
+def steady_writer(opts, port, name):
+    """A background load on the master: 500 SETs/s of 100 bytes over 10,000 keys `<name>:...`."""
+    return Tool(
+        opts.sink_bin,
+        ["write", "--addr", f"127.0.0.1:{port}", "--rate", "500", "--prefix", f"{name}:",
+         "--keyspace", "10000", "--value-size", "100"],
+        f"{name}-load",
+    )
+
+
 def storm_case(opts, mode, order):
     with Cluster(opts, mode, populate=(opts.storm_keys, opts.storm_value)) as cl:
-        load = Tool(
-            opts.sink_bin,
-            ["write", "--addr", f"127.0.0.1:{cl.master.port}", "--rate", "500", "--prefix", "storm:",
-             "--keyspace", "10000", "--value-size", "100"],
-            "storm-load",
-        )
+        load = steady_writer(opts, cl.master.port, "storm")
         cl.others.append(load.finish)
         pinger = Tool(opts.sink_bin, ["ping", "--addr", f"127.0.0.1:{cl.master.port}", "--interval-ms", "5"], "ping")
         cl.others.append(pinger.finish)
@@ -965,12 +970,7 @@ def longrun_case(opts, mode):
         replicas = ReplicaSet(cl.upstream, 1)
         cl.others.append(replicas.stop)
         replicas.wait_online(600)
-        load = Tool(
-            opts.sink_bin,
-            ["write", "--addr", f"127.0.0.1:{cl.master.port}", "--rate", "500", "--prefix", "longrun:",
-             "--keyspace", "10000", "--value-size", "100"],
-            "longrun-load",
-        )
+        load = steady_writer(opts, cl.master.port, "longrun")
         cl.others.append(load.finish)
         m0 = cl.master.info("stats")
         mid0 = cl.middle.info("stats")
