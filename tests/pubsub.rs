@@ -66,7 +66,13 @@ fn subscribe_replies_are_byte_exact_with_redis_server() {
         for port in [replica.port(), relay.port()] {
             run_script(port, "CLIENT KILL TYPE normal\r\nQUIT\r\n");
         }
-        let _bystanders = [replica.conn(), relay.conn()];
+        // A round trip each, so both servers have registered their bystander before the script
+        // counts clients (a connection the server has not accepted yet is not killed by TYPE normal).
+        let mut bystanders = [replica.conn(), relay.conn()];
+        for bystander in &mut bystanders {
+            let pong: String = redis::cmd("PING").query(bystander).expect("bystander PING");
+            assert_eq!(pong, "PONG");
+        }
         let expected = run_script(replica.port(), script);
         let got = run_script(relay.port(), script);
         assert_eq!(
