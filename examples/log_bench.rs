@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
             // `everysec`, its syncer thread).
             let (log, writer, _) = ReplicationLog::open(&dir, options)?;
             let writer = writer.spawn()?;
-            writer.reset("a".repeat(40), 0).await?;
+            writer.reset("a".repeat(40), redis_relay::offset::Position::ZERO).await?;
             let started = Instant::now();
             let mut written = 0;
             while written < bytes {
@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let (reopened, _writer, recovery) = ReplicationLog::open(&dir, options)?;
         let reopen = started.elapsed();
-        assert_eq!(reopened.summary().end, written, "recovered everything");
+        assert_eq!(reopened.summary().end.get(), written, "recovered everything");
         assert!(recovery.dropped.is_none());
         let rate = written as f64 / (1 << 20) as f64 / elapsed.as_secs_f64();
         println!("| {} ({} MB) | {rate:.0} | {:.2} |", policy.name(), bytes >> 20, reopen.as_secs_f64());

@@ -19,6 +19,8 @@
 //!   files ([`log::format`](mod@log::format) is the on-disk format, [`log::disk`] the segments and their recovery,
 //!   [`log::writer`] the one writer, on its own thread). [`fs`]: the file-system seam of the log and
 //!   the snapshot cache (a fault-injecting implementation for tests).
+//! - [`offset`]: [`offset::Position`], the offset of the last byte held, and its conversions to
+//!   Redis's next-byte offsets (`PSYNC`, `second_repl_offset`): the one place with the ±1.
 //! - [`snapshot`]: the on-disk cache of the master's RDB; [`snapshot::format`] holds the RDB checks
 //!   and the streaming key count.
 //! - `downstream`: the listener: client commands (`INFO`, `ROLE`, ...; the node commands tools
@@ -46,6 +48,7 @@ pub mod config;
 pub mod fs;
 pub mod limits;
 pub mod log;
+pub mod offset;
 pub mod protocol;
 pub mod relay;
 pub mod snapshot;

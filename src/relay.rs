@@ -124,7 +124,7 @@ pub async fn start(
     if let Some(history) = &recovery.history {
         tracing::info!(
             replid = %history.replid,
-            first_byte_offset = recovery.start + 1,
+            first_byte_offset = crate::offset::Position::new(recovery.start).next_offset(),
             offset = recovery.end,
             segments = recovery.segments,
             "replication log recovered"

@@ -45,15 +45,15 @@ impl RelayReport {
     /// behind what the log holds.
     pub fn read_offset(&self) -> u64 {
         if self.link_up() {
-            self.upstream.read_offset.max(self.log.end)
+            self.upstream.read_offset.max(self.log.end.get())
         } else {
-            self.log.end
+            self.log.end.get()
         }
     }
 
     /// Bytes read from the master and not yet applied.
     pub fn upstream_lag(&self) -> u64 {
-        self.read_offset() - self.log.end
+        self.read_offset() - self.log.end.get()
     }
 
     /// Seconds since the last byte from the master; `None` before any.
@@ -90,7 +90,7 @@ impl RelayReport {
 
     /// The relay's offset minus what the replica ACKed.
     pub fn replica_lag_bytes(&self, replica: &ReplicaEntry) -> u64 {
-        self.log.end.saturating_sub(replica.ack_offset)
+        self.log.end.get().saturating_sub(replica.ack_offset)
     }
 
     /// Seconds since the replica's last ACK (online replicas; 0 otherwise, as INFO shows it).

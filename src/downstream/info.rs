@@ -275,7 +275,7 @@ fn replication(context: &RelayContext, report: &RelayReport, out: &mut String) {
     line(out, "second_repl_offset", ids.as_ref().map(|i| i.second_repl_offset).unwrap_or(-1));
     line(out, "repl_backlog_active", u8::from(ids.is_some()));
     line(out, "repl_backlog_size", log.capacity);
-    line(out, "repl_backlog_first_byte_offset", log.first_byte_offset);
+    line(out, "repl_backlog_first_byte_offset", log.first_byte_offset());
     line(out, "repl_backlog_histlen", log.histlen());
 }
 
@@ -396,7 +396,7 @@ fn policy_name(policy: HistoryResetPolicy) -> &'static str {
 /// `ROLE` as a replica: `slave`, master host, port, link state, applied offset.
 pub fn role(context: &RelayContext) -> Reply {
     let upstream = context.upstream.borrow().clone();
-    let offset = if upstream.ever_connected { context.log.summary().end as i64 } else { -1 };
+    let offset = if upstream.ever_connected { context.log.summary().end.get() as i64 } else { -1 };
     let (master_host, master_port) = context.master_host_port();
     Reply::Array(vec![
         Reply::bulk("slave"),

@@ -18,6 +18,7 @@ use super::guard::Ask;
 use super::{ClientError, ReplicaEntry, ReplicaRow, ReplicaState, Session};
 use crate::context::{RelayContext, ServedStats};
 use crate::log::{LogSummary, ReadError};
+use crate::offset::Position;
 use crate::protocol::{parse_command, string2ll, ClientCommand, CommandLimits, Reply};
 use crate::snapshot::SnapshotMeta;
 use crate::tls::Stream;
@@ -52,7 +53,7 @@ enum Disconnect {
     #[error("no ACK for longer than repl-timeout")]
     AckTimeout,
     #[error("replica fell off the start of the log (position {0}); it will full-sync")]
-    FellOff(u64),
+    FellOff(Position),
     #[error("the log's history changed (new full sync or replication id upstream)")]
     HistoryChanged,
     #[error("replica sent {0:?} on the replication link")]
@@ -108,7 +109,9 @@ async fn replicate(
             return refuse(session, "ERR value is not an integer or out of range").await;
         };
         let summary = wait_if_ahead(&context, &requested_id, offset, summary).await;
-        if !session.handshake.rdb_only && summary.can_continue(&requested_id, offset) {
+        let continue_from = Position::from_psync_offset(offset)
+            .filter(|&position| !session.handshake.rdb_only && summary.can_continue_from(&requested_id, position));
+        if let Some(position) = continue_from {
             ServedStats::add(&context.stats.sync_partial_ok, 1);
             let line = if session.handshake.capa_psync2 {
                 format!("+CONTINUE {}\r\n", ids.replid)
@@ -117,13 +120,12 @@ async fn replicate(
             };
             session.conn.queue_raw(line.as_bytes());
             session.conn.flush().await?;
-            let position = offset as u64 - 1;
-            tracing::info!(position, "partial resynchronization accepted");
+            tracing::info!(%position, "partial resynchronization accepted");
             let row = context.replicas.register(ReplicaEntry {
                 ip,
                 port,
                 state: ReplicaState::Online,
-                ack_offset: position,
+                ack_offset: position.get(),
                 ack_time: Instant::now(),
                 acked: false,
                 tls: session.conn.stream.is_tls(),
@@ -181,14 +183,14 @@ async fn replicate(
 /// or is still catching up) is given a few seconds for the log to reach it, rather than a full sync.
 async fn wait_if_ahead(context: &RelayContext, replid: &str, offset: i64, summary: LogSummary) -> LogSummary {
     let same_history = summary.ids.as_ref().is_some_and(|ids| ids.replid.eq_ignore_ascii_case(replid));
-    if !same_history || offset < 1 || (offset as u64) <= summary.end + 1 {
+    let Some(target) = Position::from_psync_offset(offset).filter(|&target| same_history && target > summary.end)
+    else {
         return summary;
-    }
-    let target = offset as u64 - 1;
+    };
     let mut tip = context.log.subscribe();
     let reached = tokio::time::timeout(CATCH_UP_WAIT, tip.wait_for(|t| t.end >= target)).await;
     if reached.is_ok() {
-        tracing::info!(target, "a replica ahead of the log waited for it to catch up");
+        tracing::info!(%target, "a replica ahead of the log waited for it to catch up");
     }
     context.log.summary()
 }
@@ -236,7 +238,8 @@ async fn full_sync(
         // A relay above wants our snapshot as a source: only one the log covers, and at once (it
         // may be the master we would fetch from, so it must never wait on us).
         let summary = context.log.summary();
-        let usable = context.snapshots.current().is_some_and(|s| summary.can_continue(&s.replid, s.offset as i64 + 1));
+        let usable =
+            context.snapshots.current().is_some_and(|s| summary.can_continue_from(&s.replid, Position::new(s.offset)));
         if !usable {
             session.conn.stream.write_all(b"-NOSNAPSHOT no cached snapshot covered by the log\r\n").await?;
             return Ok(());
@@ -266,7 +269,7 @@ async fn full_sync(
             tracing::warn!(
                 age_seconds = age,
                 offset = snapshot.offset,
-                relay_offset = context.log.summary().end,
+                relay_offset = %context.log.summary().end,
                 "rdb-only request answered from the cache, {age} s old: no source could give a fresh snapshot ({reason})"
             );
             let replid = snapshot.replid.clone();
@@ -283,7 +286,7 @@ async fn full_sync(
         let summary = context.log.summary();
         let current = snapshots.borrow_and_update().clone();
         if let (Some(snapshot), Some(ids)) = (current, summary.ids.clone()) {
-            if summary.can_continue(&snapshot.replid, snapshot.offset as i64 + 1) {
+            if summary.can_continue_from(&snapshot.replid, Position::new(snapshot.offset)) {
                 match context.snapshots.open_current_async().await {
                     Some((opened, file)) if opened == snapshot => {
                         break (snapshot, summary.epoch, ids.replid, tokio::fs::File::from_std(file));
@@ -337,7 +340,7 @@ async fn full_sync(
         r.state = ReplicaState::Online;
         r.ack_time = Instant::now();
     });
-    stream(session, row, epoch, snapshot.offset, !is_psync, shutdown).await
+    stream(session, row, epoch, Position::new(snapshot.offset), !is_psync, shutdown).await
 }
 
 /// Asks the fetcher for a snapshot taken now (an rdb-only client), with newline keepalives while it
@@ -489,7 +492,7 @@ async fn stream(
     session: &mut Session,
     row: &ReplicaRow,
     epoch: u64,
-    position: u64,
+    position: Position,
     pre_psync: bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Disconnect> {
@@ -516,7 +519,7 @@ async fn stream_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     pending: BytesMut,
     row: &ReplicaRow,
     epoch: u64,
-    position: u64,
+    position: Position,
     pre_psync: bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Disconnect> {

@@ -5,8 +5,9 @@
 //! shared [`Bytes`] slices out of it, so the stream is held once however many replicas follow it.
 //!
 //! Offsets follow Redis: the log holds the bytes at offsets `first_byte_offset ..= end`, where `end` is
-//! the relay's `master_repl_offset`. A cursor is a *position*: the offset of the last byte it has, so
-//! a replica asking `PSYNC <id> <n>` reads from position `n - 1`.
+//! the relay's `master_repl_offset`. A cursor is a [`Position`]: the offset of the last byte it has, so
+//! a replica asking `PSYNC <id> <n>` reads from position `n - 1` ([`Position::from_psync_offset`];
+//! the ±1 between positions and Redis's next-byte offsets lives only in [`crate::offset`]).
 //!
 //! The log also owns the replication ids (replid, replid2, second_repl_offset) because they describe
 //! its history: whether a PSYNC may continue is a question about this log.
@@ -40,6 +41,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::fs::SharedFs;
+pub use crate::offset::Position;
 pub use disk::{DiskError, DropKind, Dropped, Recovery};
 use disk::{DiskIndex, DiskRange, SegmentStore};
 use format::HistoryMeta;
@@ -108,7 +110,8 @@ pub const NO_REPLID: &str = "0000000000000000000000000000000000000000";
 pub struct ReplIds {
     pub replid: String,
     pub replid2: String,
-    /// Highest offset + 1 up to which `replid2` is valid; -1 when there is no replid2.
+    /// As INFO shows it: the first PSYNC offset `replid2` no longer covers (the position it is valid
+    /// through + 1, [`Position::second_repl_offset`]); -1 when there is no replid2.
     pub second_repl_offset: i64,
 }
 
@@ -117,13 +120,13 @@ impl ReplIds {
         ReplIds { replid, replid2: NO_REPLID.into(), second_repl_offset: -1 }
     }
 
-    /// Whether a dataset the master produced at `offset` under `replid` (a snapshot, a `+FULLRESYNC`)
-    /// belongs to this history: the current id, or the previous one up to where it was valid.
-    pub fn holds(&self, replid: &str, offset: u64) -> bool {
+    /// Whether a dataset the master produced at `position` under `replid` (a snapshot, a
+    /// `+FULLRESYNC`, a replica's PSYNC) belongs to this history: the current id, or the previous
+    /// one up to where it was valid.
+    pub fn holds(&self, replid: &str, position: Position) -> bool {
         replid.eq_ignore_ascii_case(&self.replid)
-            || (self.second_repl_offset >= 0
-                && replid.eq_ignore_ascii_case(&self.replid2)
-                && (offset + 1) as i64 <= self.second_repl_offset)
+            || (replid.eq_ignore_ascii_case(&self.replid2)
+                && Position::from_second_repl_offset(self.second_repl_offset).is_some_and(|last| position <= last))
     }
 }
 
@@ -133,14 +136,14 @@ impl ReplIds {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogTip {
     pub epoch: u64,
-    pub end: u64,
+    pub end: Position,
 }
 
 /// Why a cursor cannot read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
     #[error("the log no longer holds position {0}: it starts after it")]
-    Trimmed(u64),
+    Trimmed(Position),
     #[error("the log's history changed (epoch {0})")]
     EpochChanged(u64),
     #[error("a log record failed its check and is not served: {0}")]
@@ -179,7 +182,7 @@ pub struct ReplicationLog {
     tip: watch::Sender<LogTip>,
     options: LogOptions,
     /// `durable`: the highest position known to be on stable storage (per the fsync policy).
-    durable: watch::Sender<u64>,
+    durable: watch::Sender<Position>,
     /// Verified records recently read from disk, shared by the cursors behind the memory tail.
     disk_cache: std::sync::Mutex<RecordCache>,
     /// Disk reads in flight, to tell a lone cursor from cursors trailing together.
@@ -255,42 +258,50 @@ pub enum Chunks {
 pub struct LogSummary {
     pub ids: Option<ReplIds>,
     pub epoch: u64,
-    pub first_byte_offset: u64,
-    pub end: u64,
+    /// The position before the first byte held (INFO shows [`Self::first_byte_offset`]).
+    pub start: Position,
+    /// The last byte held: the relay's `master_repl_offset`.
+    pub end: Position,
     pub capacity: u64,
     pub memory_bytes: u64,
     pub disk_bytes: u64,
-    pub durable: u64,
+    pub durable: Position,
 }
 
 impl LogSummary {
+    /// `repl_backlog_first_byte_offset`: the offset of the first byte held.
+    pub fn first_byte_offset(&self) -> u64 {
+        self.start.next_offset()
+    }
+
     pub fn histlen(&self) -> u64 {
-        self.end + 1 - self.first_byte_offset
+        self.end.bytes_since(self.start)
     }
 
     /// Whether the log holds everything after `position` (inclusive of "nothing yet to send").
-    pub fn covers(&self, position: u64) -> bool {
-        self.first_byte_offset <= position + 1 && position <= self.end
+    pub fn covers(&self, position: Position) -> bool {
+        self.start <= position && position <= self.end
     }
 
     /// `masterTryPartialResynchronization`'s test: may a replica that asks `PSYNC replid offset`
     /// continue from this log?
     pub fn can_continue(&self, replid: &str, psync_offset: i64) -> bool {
+        Position::from_psync_offset(psync_offset).is_some_and(|position| self.can_continue_from(replid, position))
+    }
+
+    /// [`Self::can_continue`] for a replica holding the dataset up to `position` (a snapshot's):
+    /// the same history rule as a snapshot's, and the log holds the stream after it.
+    pub fn can_continue_from(&self, replid: &str, position: Position) -> bool {
         let Some(ids) = &self.ids else { return false };
-        if psync_offset < 1 {
-            return false;
-        }
-        // The replica holds the dataset up to position `psync_offset - 1`: the same rule as a snapshot's.
-        let position = psync_offset as u64 - 1;
         ids.holds(replid, position) && self.covers(position)
     }
 
-    /// Whether a snapshot taken at `offset` under `replid` can serve full syncs from this log: it
+    /// Whether a snapshot taken at `position` under `replid` can serve full syncs from this log: it
     /// is of this history ([`ReplIds::holds`]) and the log holds, or will hold once the link reaches
     /// it, the stream right after it.
-    pub fn serves_snapshot(&self, replid: &str, offset: u64) -> bool {
+    pub fn serves_snapshot(&self, replid: &str, position: Position) -> bool {
         let Some(ids) = &self.ids else { return false };
-        ids.holds(replid, offset) && offset + 1 >= self.first_byte_offset
+        ids.holds(replid, position) && position >= self.start
     }
 }
 
@@ -315,7 +326,7 @@ impl ReplicationLog {
             replid2: h.replid2.clone(),
             second_repl_offset: h.second_repl_offset,
         });
-        let (tip, _) = watch::channel(LogTip { epoch: 0, end: recovery.end });
+        let (tip, _) = watch::channel(LogTip { epoch: 0, end: Position::new(recovery.end) });
         let mut disk = DiskIndex::default();
         disk.sync_from(&store);
         let log = Arc::new(ReplicationLog {
@@ -332,7 +343,7 @@ impl ReplicationLog {
             }),
             tip,
             options,
-            durable: watch::channel(recovery.end).0,
+            durable: watch::channel(Position::new(recovery.end)).0,
             disk_cache: Default::default(),
             disk_readers: Default::default(),
             pinned: AtomicU64::new(u64::MAX),
@@ -367,8 +378,8 @@ impl ReplicationLog {
         LogSummary {
             ids: inner.ids.clone(),
             epoch: inner.epoch,
-            first_byte_offset: inner.start + 1,
-            end: inner.end,
+            start: Position::new(inner.start),
+            end: Position::new(inner.end),
             capacity: self.options.retention,
             memory_bytes: inner.end - inner.memory_start,
             disk_bytes: inner.disk.bytes_on_disk(),
@@ -377,12 +388,12 @@ impl ReplicationLog {
     }
 
     /// The last offset written to the log (`appended`), as last published.
-    pub fn appended(&self) -> u64 {
+    pub fn appended(&self) -> Position {
         self.tip.borrow().end
     }
 
     /// Watches the durable offset (what the fsync policy has made durable).
-    pub fn subscribe_durable(&self) -> watch::Receiver<u64> {
+    pub fn subscribe_durable(&self) -> watch::Receiver<Position> {
         self.durable.subscribe()
     }
 
@@ -399,8 +410,8 @@ impl ReplicationLog {
 
     /// Asks retention to keep the stream after `position` (the cached snapshot's offset) beyond
     /// `log_size`, up to `log_max_size`; `None` releases it.
-    pub fn pin(&self, position: Option<u64>) {
-        self.pinned.store(position.unwrap_or(u64::MAX), Ordering::Release);
+    pub fn pin(&self, position: Option<Position>) {
+        self.pinned.store(position.map_or(u64::MAX, Position::get), Ordering::Release);
     }
 
     /// Bytes held beyond `log_size` because of the pin (0 when retention is at its normal size).
@@ -410,7 +421,7 @@ impl ReplicationLog {
     }
 
     /// The highest offset safe to ACK upstream under the fsync policy.
-    pub fn durable_offset(&self) -> u64 {
+    pub fn durable_offset(&self) -> Position {
         *self.durable.borrow()
     }
 
@@ -425,18 +436,19 @@ impl ReplicationLog {
 
     /// Finds up to `max_bytes` (at least one record's or chunk's worth) after `position`: shared
     /// chunks from the memory tail, or a plan of checksummed records to read from disk.
-    pub fn read(&self, epoch: u64, position: u64, max_bytes: usize) -> Result<Chunks, ReadError> {
+    pub fn read(&self, epoch: u64, at: Position, max_bytes: usize) -> Result<Chunks, ReadError> {
+        let position = at.get();
         let inner = self.read_inner();
         if inner.epoch != epoch {
             return Err(ReadError::EpochChanged(inner.epoch));
         }
         if position < inner.start || position > inner.end {
-            return Err(ReadError::Trimmed(position));
+            return Err(ReadError::Trimmed(at));
         }
         if position < inner.memory_start {
             return match inner.disk.plan_read(position, max_bytes) {
                 Some(range) => Ok(Chunks::Disk(range)),
-                None => Err(ReadError::Trimmed(position)),
+                None => Err(ReadError::Trimmed(at)),
             };
         }
         let mut out = Vec::new();
@@ -461,8 +473,9 @@ impl ReplicationLog {
     /// [`Self::read`], doing any disk reads on the blocking pool. Bytes from disk are only returned
     /// once their record checksums match. Records read from disk are kept in a small shared cache,
     /// so replicas trailing the memory tail together read each record once, not once each.
-    pub async fn read_async(&self, epoch: u64, position: u64, max_bytes: usize) -> Result<Vec<Bytes>, ReadError> {
-        let range = match self.read(epoch, position, max_bytes)? {
+    pub async fn read_async(&self, epoch: u64, at: Position, max_bytes: usize) -> Result<Vec<Bytes>, ReadError> {
+        let position = at.get();
+        let range = match self.read(epoch, at, max_bytes)? {
             Chunks::Memory(chunks) => return Ok(chunks),
             Chunks::Disk(range) => range,
         };
@@ -478,7 +491,7 @@ impl ReplicationLog {
             let records = joined.map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
             let records = match records {
                 Ok(records) => records,
-                Err(disk::DiskReadError::Gone) => return Err(ReadError::Trimmed(position)),
+                Err(disk::DiskReadError::Gone) => return Err(ReadError::Trimmed(at)),
                 Err(other) => return Err(ReadError::Corrupt(other.to_string())),
             };
             let mut cache = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -524,14 +537,14 @@ mod tests {
         }
     }
 
-    fn read_all(log: &ReplicationLog, epoch: u64, mut position: u64) -> Result<Vec<u8>, ReadError> {
+    fn read_all(log: &ReplicationLog, epoch: u64, mut position: Position) -> Result<Vec<u8>, ReadError> {
         let mut out = Vec::new();
         loop {
             let chunks = match log.read(epoch, position, 1 << 20)? {
                 Chunks::Memory(chunks) => chunks,
                 Chunks::Disk(range) => slices_after(
                     disk::read_range(&crate::fs::RealFs, &range).map_err(|e| ReadError::Corrupt(e.to_string()))?,
-                    position,
+                    position.get(),
                 ),
             };
             if chunks.is_empty() {
@@ -552,22 +565,21 @@ mod tests {
     fn reads_from_memory_and_disk_and_trims() {
         let dir = tempfile::tempdir().unwrap();
         let (log, mut writer, _) = ReplicationLog::open(dir.path(), options(256 * 1024, 16 * 1024)).unwrap();
-        writer.reset("a".repeat(40), 100).unwrap();
+        writer.reset("a".repeat(40), Position::new(100)).unwrap();
         let data = pattern(1_000_000, 7);
         for piece in data.chunks(1000) {
             writer.append(Bytes::copy_from_slice(piece)).unwrap();
         }
         let summary = log.summary();
-        assert_eq!(summary.end, 100 + 1_000_000);
+        assert_eq!(summary.end.get(), 100 + 1_000_000);
         assert!(summary.histlen() >= 256 * 1024 && summary.histlen() <= 256 * 1024 + 64 * 1024, "{summary:?}");
         assert!(summary.memory_bytes >= 16 * 1024 && summary.memory_bytes < 17 * 1024, "{summary:?}");
-        for from in
-            [summary.first_byte_offset - 1, summary.first_byte_offset + 122, summary.end - 5000, summary.end - 3]
-        {
+        for from in [summary.start, summary.start + 123, summary.end.back(5000), summary.end.back(3)] {
             let got = read_all(&log, summary.epoch, from).unwrap();
-            assert_eq!(got, data[(from - 100) as usize..], "from {from}");
+            assert_eq!(got, data[from.bytes_since(Position::new(100)) as usize..], "from {from}");
         }
-        assert!(matches!(log.read(summary.epoch, 100, 10), Err(ReadError::Trimmed(100))));
+        let trimmed = Position::new(100);
+        assert!(matches!(log.read(summary.epoch, trimmed, 10), Err(ReadError::Trimmed(p)) if p == trimmed));
         assert!(matches!(log.read(summary.epoch + 1, summary.end, 10), Err(ReadError::EpochChanged(_))));
     }
 
@@ -576,25 +588,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = LogOptions { max_size: 1 << 20, ..options(256 * 1024, 16 * 1024) };
         let (log, mut writer, _) = ReplicationLog::open(dir.path(), opts).unwrap();
-        writer.reset("p".repeat(40), 0).unwrap();
-        log.pin(Some(0));
+        writer.reset("p".repeat(40), Position::new(0)).unwrap();
+        log.pin(Some(Position::ZERO));
         let data = pattern(600_000, 1);
         for piece in data.chunks(1000) {
             writer.append(Bytes::copy_from_slice(piece)).unwrap();
         }
-        assert_eq!(log.summary().first_byte_offset, 1, "the pinned position stays in the log");
+        assert_eq!(log.summary().first_byte_offset(), 1, "the pinned position stays in the log");
         assert!(log.held_beyond_retention() > 0);
         for piece in data.chunks(1000) {
             writer.append(Bytes::copy_from_slice(piece)).unwrap();
         }
         let s = log.summary();
-        assert!(s.first_byte_offset > 1, "past the cap the pin no longer holds: {s:?}");
+        assert!(s.first_byte_offset() > 1, "past the cap the pin no longer holds: {s:?}");
         assert!(s.histlen() <= (1 << 20) + 64 * 1024, "the cap, plus at most a segment: {s:?}");
-        log.pin(Some(s.end - 100_000));
+        log.pin(Some(s.end.back(100_000)));
         writer.append(Bytes::from_static(b"x")).unwrap();
         let s = log.summary();
         assert!(s.histlen() <= 256 * 1024 + 64 * 1024, "a newer pin lets retention trim to log_size: {s:?}");
-        assert!(s.covers(s.end - 100_000));
+        assert!(s.covers(s.end.back(100_000)));
     }
 
     #[test]
@@ -604,7 +616,7 @@ mod tests {
         assert!(!log.summary().can_continue("?", -1));
         let old = "a".repeat(40);
         let new = "b".repeat(40);
-        writer.reset(old.clone(), 1000).unwrap();
+        writer.reset(old.clone(), Position::new(1000)).unwrap();
         writer.append(Bytes::from_static(b"0123456789")).unwrap();
         let s = log.summary();
         assert!(s.can_continue(&old, 1001));
@@ -622,12 +634,23 @@ mod tests {
     }
 
     #[test]
+    fn replid2_holds_up_to_the_position_before_second_repl_offset() {
+        let ids = ReplIds { replid: "n".repeat(40), replid2: "o".repeat(40), second_repl_offset: 1011 };
+        assert!(ids.holds(&"o".repeat(40), Position::new(1010)), "PSYNC o 1011 continues in Redis");
+        assert!(!ids.holds(&"o".repeat(40), Position::new(1011)), "PSYNC o 1012 does not");
+        assert!(ids.holds(&"N".repeat(40), Position::new(u64::MAX)), "the current id has no bound");
+        let none = ReplIds::new("n".repeat(40));
+        assert_eq!(none.second_repl_offset, -1);
+        assert!(!none.holds(NO_REPLID, Position::ZERO), "no replid2: the all-zero id holds nothing");
+    }
+
+    #[test]
     fn reopening_recovers_history_and_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let data = pattern(300_000, 3);
         {
             let (_log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 20, 4096)).unwrap();
-            writer.reset("c".repeat(40), 5).unwrap();
+            writer.reset("c".repeat(40), Position::new(5)).unwrap();
             for piece in data.chunks(777) {
                 writer.append(Bytes::copy_from_slice(piece)).unwrap();
             }
@@ -636,13 +659,13 @@ mod tests {
         let (log, _writer, recovery) = ReplicationLog::open(dir.path(), options(1 << 20, 4096)).unwrap();
         assert!(recovery.dropped.is_none());
         let s = log.summary();
-        assert_eq!((s.first_byte_offset, s.end), (6, 5 + data.len() as u64));
+        assert_eq!((s.first_byte_offset(), s.end.get()), (6, 5 + data.len() as u64));
         let ids = s.ids.clone().unwrap();
         assert_eq!(
             (ids.replid, ids.replid2, ids.second_repl_offset),
-            ("d".repeat(40), "c".repeat(40), s.end as i64 + 1)
+            ("d".repeat(40), "c".repeat(40), s.end.get() as i64 + 1)
         );
-        assert_eq!(read_all(&log, s.epoch, 5).unwrap(), data);
+        assert_eq!(read_all(&log, s.epoch, Position::new(5)).unwrap(), data);
     }
 
     #[test]
@@ -657,7 +680,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (_log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
-            writer.reset("f".repeat(40), 0).unwrap();
+            writer.reset("f".repeat(40), Position::new(0)).unwrap();
             for piece in pattern(300_000, 9).chunks(10_000) {
                 writer.append(Bytes::copy_from_slice(piece)).unwrap();
             }
@@ -674,8 +697,8 @@ mod tests {
         let left = disk::segment_paths(dir.path());
         assert_eq!(left.len(), 1, "only the active segment is left: {left:?}");
         let s = log.summary();
-        assert_eq!(s.end, 300_005);
-        assert!(s.first_byte_offset > 200_000, "{s:?}");
+        assert_eq!(s.end.get(), 300_005);
+        assert!(s.first_byte_offset() > 200_000, "{s:?}");
     }
 
     #[test]
@@ -684,26 +707,26 @@ mod tests {
         let data = pattern(2_000_000, 11);
         {
             let (log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
-            writer.reset("h".repeat(40), 0).unwrap();
+            writer.reset("h".repeat(40), Position::new(0)).unwrap();
             for piece in data.chunks(20) {
                 writer.append(Bytes::copy_from_slice(piece)).unwrap();
             }
             // 100,000 records, but one index entry per 64 KiB of stream (plus one per segment).
             assert!(log.read_inner().disk.index_entries() < 2_000_000 / (64 * 1024) + 40);
             let epoch = log.summary().epoch;
-            assert!(read_all(&log, epoch, 123_457).unwrap() == data[123_457..]);
+            assert!(read_all(&log, epoch, Position::new(123_457)).unwrap() == data[123_457..]);
         }
         let (log, _writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
         assert!(log.read_inner().disk.index_entries() < 2_000_000 / (64 * 1024) + 40, "after recovery too");
         let epoch = log.summary().epoch;
-        assert!(read_all(&log, epoch, 999_999).unwrap() == data[999_999..]);
+        assert!(read_all(&log, epoch, Position::new(999_999)).unwrap() == data[999_999..]);
     }
 
     #[tokio::test]
     async fn disk_reads_return_checked_bytes_and_never_serve_a_bad_record() {
         let dir = tempfile::tempdir().unwrap();
         let (log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
-        writer.reset("g".repeat(40), 0).unwrap();
+        writer.reset("g".repeat(40), Position::new(0)).unwrap();
         let data = pattern(200_000, 5);
         for piece in data.chunks(1000) {
             writer.append(Bytes::copy_from_slice(piece)).unwrap();
@@ -718,7 +741,7 @@ mod tests {
             let mut out = Vec::new();
             let start = position;
             while position < until {
-                for chunk in log.read_async(epoch, position, 10_000).await? {
+                for chunk in log.read_async(epoch, Position::new(position), 10_000).await? {
                     position += chunk.len() as u64;
                     out.extend_from_slice(&chunk);
                 }
@@ -761,7 +784,7 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let write_log = |dir: &Path| {
             let (_log, mut writer, _) = ReplicationLog::open(dir, options(1 << 30, 4096)).unwrap();
-            writer.reset("f".repeat(40), 0).unwrap();
+            writer.reset("f".repeat(40), Position::new(0)).unwrap();
             for piece in pattern(200_000, 9).chunks(1000) {
                 writer.append(Bytes::copy_from_slice(piece)).unwrap();
             }
@@ -814,7 +837,7 @@ mod tests {
             let mut boundaries = vec![0usize];
             {
                 let (_log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
-                writer.reset("e".repeat(40), 0).unwrap();
+                writer.reset("e".repeat(40), Position::new(0)).unwrap();
                 let mut at = 0;
                 while at < data.len() {
                     let n = rng.random_range(1..5000).min(data.len() - at);
@@ -840,7 +863,7 @@ mod tests {
             drop(file);
             let (log, mut writer, _) = ReplicationLog::open(dir.path(), options(1 << 30, 4096)).unwrap();
             let s = log.summary();
-            let recovered = read_all(&log, s.epoch, 0).unwrap();
+            let recovered = read_all(&log, s.epoch, Position::ZERO).unwrap();
             assert!(
                 boundaries.contains(&recovered.len()),
                 "round {round}: {} is not a record boundary",
@@ -849,7 +872,7 @@ mod tests {
             assert_eq!(recovered, data[..recovered.len()], "round {round}");
             // The recovered log accepts appends where it ended.
             writer.append(Bytes::from_static(b"more")).unwrap();
-            assert_eq!(log.summary().end, recovered.len() as u64 + 4);
+            assert_eq!(log.summary().end.get(), recovered.len() as u64 + 4);
         }
     }
 }

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::disk::{self, DiskError, SegmentStore};
-use super::{FsyncPolicy, LogTip, ReplIds, ReplicationLog};
+use super::{FsyncPolicy, LogTip, Position, ReplIds, ReplicationLog};
 
 /// Chunks the upstream may have in flight to the writer: the bound of the backpressure.
 const CHANNEL_CHUNKS: usize = 64;
@@ -47,7 +47,7 @@ enum Command {
     Append(Bytes),
     Reset {
         replid: String,
-        offset: u64,
+        offset: Position,
         done: oneshot::Sender<()>,
     },
     ShiftReplid {
@@ -75,7 +75,7 @@ impl WriterHandle {
 
     /// Starts a new history at `offset` with `replid` (after a full sync): everything held is
     /// dropped. Returns once done.
-    pub async fn reset(&self, replid: String, offset: u64) -> Result<(), WriterGone> {
+    pub async fn reset(&self, replid: String, offset: Position) -> Result<(), WriterGone> {
         let (done, finished) = oneshot::channel();
         self.commands.send(Command::Reset { replid, offset, done }).await.map_err(|_| WriterGone)?;
         finished.await.map_err(|_| WriterGone)
@@ -217,9 +217,9 @@ impl LogWriter {
             inner.active_file = self.store.active_file();
             inner.pending_sync.extend(self.store.take_unsynced());
             if options.fsync == FsyncPolicy::No {
-                self.log.durable.send_replace(self.end);
+                self.log.durable.send_replace(Position::new(self.end));
             }
-            LogTip { epoch: inner.epoch, end: self.end }
+            LogTip { epoch: inner.epoch, end: Position::new(self.end) }
         };
         self.log.tip.send_replace(tip);
         // Readers no longer plan reads of the dropped segments: their files can go.
@@ -240,9 +240,10 @@ impl LogWriter {
         self.store.sync()?;
         self.unsynced = false;
         let _inner = self.log.read_inner();
+        let end = Position::new(self.end);
         self.log.durable.send_if_modified(|durable| {
-            let moved = *durable < self.end;
-            *durable = (*durable).max(self.end);
+            let moved = *durable < end;
+            *durable = (*durable).max(end);
             moved
         });
         Ok(())
@@ -250,7 +251,8 @@ impl LogWriter {
 
     /// Starts a new history at `offset` with `replid` (after a full sync): everything held is
     /// dropped, on disk first (no lock held), then in the view.
-    pub fn reset(&mut self, replid: String, offset: u64) -> Result<(), DiskError> {
+    pub fn reset(&mut self, replid: String, at: Position) -> Result<(), DiskError> {
+        let offset = at.get();
         let ids = ReplIds::new(replid);
         self.store.reset(&ReplicationLog::history(&ids, offset))?;
         self.ids = Some(ids.clone());
@@ -270,8 +272,8 @@ impl LogWriter {
             inner.active_file = None;
             inner.pending_sync.clear();
             // Under the view's lock: the syncer never moves it on for the old history after this.
-            self.log.durable.send_replace(offset);
-            LogTip { epoch: self.epoch, end: offset }
+            self.log.durable.send_replace(at);
+            LogTip { epoch: self.epoch, end: at }
         };
         self.log.tip.send_replace(tip);
         Ok(())
@@ -282,7 +284,12 @@ impl LogWriter {
     pub fn shift_replid(&mut self, new_replid: String) -> Result<(), DiskError> {
         let ids = match &self.ids {
             Some(old) => {
-                ReplIds { replid: new_replid, replid2: old.replid.clone(), second_repl_offset: self.end as i64 + 1 }
+                let valid_through = Some(Position::new(self.end));
+                ReplIds {
+                    replid: new_replid,
+                    replid2: old.replid.clone(),
+                    second_repl_offset: Position::second_repl_offset(valid_through),
+                }
             }
             None => ReplIds::new(new_replid),
         };
@@ -293,7 +300,7 @@ impl LogWriter {
             let mut inner = self.log.write_inner();
             inner.ids = Some(ids);
             inner.epoch = self.epoch;
-            LogTip { epoch: self.epoch, end: self.end }
+            LogTip { epoch: self.epoch, end: Position::new(self.end) }
         };
         self.log.tip.send_replace(tip);
         Ok(())
@@ -515,6 +522,7 @@ impl ReplicationLog {
         // belongs to the old one and says nothing about the new.
         let inner = self.read_inner();
         if inner.epoch == epoch {
+            let end = Position::new(end);
             self.durable.send_if_modified(|durable| {
                 let moved = *durable < end;
                 *durable = (*durable).max(end);
@@ -543,10 +551,10 @@ mod tests {
 
     pub(crate) async fn read_all(log: &ReplicationLog, mut position: u64) -> Result<Vec<u8>, ReadError> {
         let epoch = log.summary().epoch;
-        let end = log.summary().end;
+        let end = log.summary().end.get();
         let mut out = Vec::new();
         while position < end {
-            for chunk in log.read_async(epoch, position, 1 << 20).await? {
+            for chunk in log.read_async(epoch, Position::new(position), 1 << 20).await? {
                 position += chunk.len() as u64;
                 out.extend_from_slice(&chunk);
             }
@@ -566,16 +574,17 @@ mod tests {
             let writer = writer.spawn().unwrap();
             let mut tip = log.subscribe();
             let mut durable = log.subscribe_durable();
-            writer.reset("w".repeat(40), 10).await.unwrap();
+            writer.reset("w".repeat(40), Position::new(10)).await.unwrap();
             let data = pattern(500_000, 3);
             for piece in data.chunks(3000) {
                 writer.append(Bytes::copy_from_slice(piece)).await.unwrap();
             }
             writer.barrier().await.unwrap();
             let end = 10 + data.len() as u64;
-            assert_eq!(tip.borrow_and_update().end, end, "{policy:?}: appended is published");
+            assert_eq!(tip.borrow_and_update().end.get(), end, "{policy:?}: appended is published");
             // `everysec` moves the durable offset within about a second, the others at once.
-            let reached = tokio::time::timeout(Duration::from_secs(10), durable.wait_for(|d| *d == end)).await.is_ok();
+            let reached =
+                tokio::time::timeout(Duration::from_secs(10), durable.wait_for(|d| d.get() == end)).await.is_ok();
             assert!(reached, "{policy:?}: durable reaches the end");
             assert_eq!(read_all(&log, 10).await.unwrap(), data, "{policy:?}");
             assert!(dir.path().join(disk::SPARE_FILE).exists(), "the next segment is ready ahead of time");
@@ -583,7 +592,7 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), log.writer_stopped()).await.expect("the writer ends");
             let (reopened, _, recovery) = ReplicationLog::open(dir.path(), options(policy)).unwrap();
             assert!(recovery.dropped.is_none());
-            assert_eq!(reopened.summary().end, end, "{policy:?}: the directory is unlocked and whole");
+            assert_eq!(reopened.summary().end.get(), end, "{policy:?}: the directory is unlocked and whole");
         }
     }
 
@@ -623,7 +632,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, writer, _) = ReplicationLog::open_with(dir.path(), options, fs.clone()).unwrap();
         let writer = writer.spawn().unwrap();
-        writer.reset("f".repeat(40), 0).await.unwrap();
+        writer.reset("f".repeat(40), Position::new(0)).await.unwrap();
         (dir, log, writer)
     }
 
@@ -651,7 +660,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(20), log.writer_stopped()).await.expect("the writer ends");
         let (reopened, _, recovery) = ReplicationLog::open(dir.path(), options).unwrap();
         assert!(recovery.dropped.is_none(), "{:?}", recovery.dropped);
-        reopened.summary().end
+        reopened.summary().end.get()
     }
 
     #[tokio::test]
@@ -668,14 +677,14 @@ mod tests {
         wait_until("the writer fails and has retried", || log.write_faults().failing && fs.injected() >= 3).await;
         // 200 chunks, a channel of 64 and a writer stuck on its first: the sender waits.
         assert!(!feeder.is_finished(), "the upstream side is held back");
-        assert_eq!(log.summary().end, 200_000, "nothing is published that was not written whole");
+        assert_eq!(log.summary().end.get(), 200_000, "nothing is published that was not written whole");
         assert!(read_all(&log, 0).await.unwrap() == data[..200_000], "readers get exactly what was written");
         assert!(errors_of(&log, "enospc") >= 3);
         assert!(log.write_faults().last_error.starts_with("enospc"), "{}", log.write_faults().last_error);
         fs.set(Fault::NoSpace, false);
         let writer = tokio::time::timeout(Duration::from_secs(20), feeder).await.expect("the sender resumes").unwrap();
         writer.barrier().await.unwrap();
-        assert_eq!(log.summary().end, 400_000);
+        assert_eq!(log.summary().end.get(), 400_000);
         assert!(!log.write_faults().failing);
         assert!(read_all(&log, 0).await.unwrap() == data, "nothing lost, nothing doubled");
         assert_eq!(stop_and_reopen(&dir, log, writer, opts).await, 400_000, "the half-written record was cut back");
@@ -689,20 +698,21 @@ mod tests {
         let data = pattern(300_000, 2);
         append_all(&writer, &data[..100_000]).await;
         writer.barrier().await.unwrap();
-        assert_eq!(log.durable_offset(), 100_000);
+        assert_eq!(log.durable_offset().get(), 100_000);
         fs.set(Fault::SyncIo, true);
         let feeder = feed(writer, data[100_000..].to_vec());
         wait_until("the fsync fails and is retried", || log.write_faults().failing && errors_of(&log, "eio") >= 3)
             .await;
-        assert_eq!(log.durable_offset(), 100_000, "the durable offset (what the ACK covers) stands still");
+        assert_eq!(log.durable_offset().get(), 100_000, "the durable offset (what the ACK covers) stands still");
         assert!(!feeder.is_finished(), "appends wait for the fsync under appendfsync always");
-        let end = log.summary().end;
+        let end = log.summary().end.get();
         assert!(read_all(&log, 0).await.unwrap() == data[..end as usize], "what readers get was written whole");
         fs.set(Fault::SyncIo, false);
         let writer = tokio::time::timeout(Duration::from_secs(20), feeder).await.expect("the sender resumes").unwrap();
         writer.barrier().await.unwrap();
         let mut durable = log.subscribe_durable();
-        let reached = tokio::time::timeout(Duration::from_secs(20), durable.wait_for(|d| *d == 300_000)).await.is_ok();
+        let reached =
+            tokio::time::timeout(Duration::from_secs(20), durable.wait_for(|d| d.get() == 300_000)).await.is_ok();
         assert!(reached, "durable catches up once fsync works");
         assert!(!log.write_faults().failing);
         assert_eq!(stop_and_reopen(&dir, log, writer, opts).await, 300_000);
@@ -717,20 +727,20 @@ mod tests {
             let data = pattern(300_000, 3);
             append_all(&writer, &data[..100_000]).await;
             writer.barrier().await.unwrap();
-            wait_until("the first fsync", || log.durable_offset() == 100_000).await;
+            wait_until("the first fsync", || log.durable_offset().get() == 100_000).await;
             fs.set(fault, true);
             wait_until("the fsync fails or stalls", || fs.injected() >= 1).await;
             // Far more than the channel holds: appends go on while fsync is failing or stalled.
             append_all(&writer, &data[100_000..]).await;
             writer.barrier().await.unwrap();
-            assert_eq!(log.summary().end, 300_000, "{fault:?}");
+            assert_eq!(log.summary().end.get(), 300_000, "{fault:?}");
             assert!(read_all(&log, 0).await.unwrap() == data, "{fault:?}");
-            assert!(log.durable_offset() <= 100_000, "{fault:?}: nothing new is durable");
+            assert!(log.durable_offset().get() <= 100_000, "{fault:?}: nothing new is durable");
             if fault == Fault::SyncIo {
                 wait_until("the fault is reported", || log.write_faults().failing).await;
             }
             fs.set(fault, false);
-            wait_until("durable catches up", || log.durable_offset() == 300_000).await;
+            wait_until("durable catches up", || log.durable_offset().get() == 300_000).await;
             wait_until("the fault is over", || !log.write_faults().failing).await;
             assert_eq!(stop_and_reopen(&dir, log, writer, opts).await, 300_000);
         }
@@ -749,8 +759,8 @@ mod tests {
         wait_until("the writer's fsync stalls", || fs.stalled_syncs() == 1).await;
         // The writer is inside fsync: readers and INFO are answered at once (no lock across it).
         let summary = tokio::time::timeout(Duration::from_secs(2), async { log.summary() }).await.unwrap();
-        assert_eq!(summary.end, 101_000);
-        assert_eq!(summary.durable, 100_000);
+        assert_eq!(summary.end.get(), 101_000);
+        assert_eq!(summary.durable.get(), 100_000);
         let read = tokio::time::timeout(Duration::from_secs(2), read_all(&log, 0)).await.expect("reads are not held");
         assert!(read.unwrap() == data[..101_000]);
         let feeder = feed(writer, data[101_000..].to_vec());
@@ -758,7 +768,7 @@ mod tests {
         fs.set(Fault::StalledSync, false);
         let writer = tokio::time::timeout(Duration::from_secs(20), feeder).await.expect("the sender resumes").unwrap();
         writer.barrier().await.unwrap();
-        wait_until("durable reaches the end", || log.durable_offset() == 200_000).await;
+        wait_until("durable reaches the end", || log.durable_offset().get() == 200_000).await;
         assert_eq!(stop_and_reopen(&dir, log, writer, opts).await, 200_000);
     }
 
@@ -775,13 +785,13 @@ mod tests {
         // Past the 64 KiB segment: one rotation, into the spare; no new descriptor needed.
         append_all(&writer, &data[10_000..100_000]).await;
         writer.barrier().await.unwrap();
-        assert_eq!(log.summary().end, 100_000, "the log went on across the rotation");
+        assert_eq!(log.summary().end.get(), 100_000, "the log went on across the rotation");
         assert_eq!(disk::segment_paths(dir.path()).len(), 2);
         wait_until("the failed spare is counted", || errors_of(&log, "emfile") >= 1).await;
         // The next rotation has no spare: it waits for a descriptor.
         let feeder = feed(writer, data[100_000..].to_vec());
         wait_until("the rotation fails", || log.write_faults().failing).await;
-        assert!(log.summary().end < 300_000);
+        assert!(log.summary().end.get() < 300_000);
         fs.set(Fault::NoDescriptors, false);
         let writer = tokio::time::timeout(Duration::from_secs(20), feeder).await.expect("the sender resumes").unwrap();
         writer.barrier().await.unwrap();

@@ -199,14 +199,14 @@ fn sample(context: &RelayContext) {
     }
     counter!("redis_relay_listen_errors_total", &labels).absolute(listeners.bind_errors.load(Ordering::Relaxed));
     gauge!("redis_relay_upstream_offset_bytes", &labels).set(report.read_offset() as f64);
-    gauge!("redis_relay_offset_bytes", &labels).set(log.end as f64);
+    gauge!("redis_relay_offset_bytes", &labels).set(log.end.get() as f64);
     gauge!("redis_relay_upstream_lag_bytes", &labels).set(report.upstream_lag() as f64);
     gauge!("redis_relay_upstream_last_io_seconds", &labels).set(report.last_io_seconds().unwrap_or(-1.0));
     counter!("redis_relay_upstream_reconnects_total", &labels).absolute(upstream.reconnects);
     counter!("redis_relay_upstream_received_bytes_total", &labels).absolute(upstream.input_bytes);
-    gauge!("redis_relay_log_first_offset_bytes", &labels).set(log.first_byte_offset as f64);
-    gauge!("redis_relay_log_last_offset_bytes", &labels).set(log.end as f64);
-    gauge!("redis_relay_log_durable_offset_bytes", &labels).set(log.durable as f64);
+    gauge!("redis_relay_log_first_offset_bytes", &labels).set(log.first_byte_offset() as f64);
+    gauge!("redis_relay_log_last_offset_bytes", &labels).set(log.end.get() as f64);
+    gauge!("redis_relay_log_durable_offset_bytes", &labels).set(log.durable.get() as f64);
     gauge!("redis_relay_log_disk_bytes", &labels).set(log.disk_bytes as f64);
     gauge!("redis_relay_log_memory_bytes", &labels).set(log.memory_bytes as f64);
     gauge!("redis_relay_log_retention_bytes", &labels).set(log.capacity as f64);

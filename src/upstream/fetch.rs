@@ -39,6 +39,7 @@ use super::{handshake, rdb, LinkError, UpstreamConfig, UpstreamStatus};
 use crate::config::{SnapshotSource, SnapshotSourcing};
 use crate::downstream::{ReplicaState, ReplicaTable};
 use crate::log::{LogSummary, ReplicationLog};
+use crate::offset::Position;
 use crate::protocol::{encode_command, string2ll_str};
 use crate::snapshot::{SnapshotError, SnapshotMeta, SnapshotStore};
 use crate::tls::TlsConnector;
@@ -62,13 +63,13 @@ pub const REFUSAL_REASONS: [&str; 7] = ["replid", "offset", "older", "transfer",
 /// Whether `snapshot` can still serve full syncs: the log holds (or will hold, once the main link
 /// reaches it) the stream right after it, in the same history.
 pub fn snapshot_is_current(snapshot: &SnapshotMeta, log: &LogSummary) -> bool {
-    log.serves_snapshot(&snapshot.replid, snapshot.offset)
+    log.serves_snapshot(&snapshot.replid, Position::new(snapshot.offset))
 }
 
 /// Whether the log is close to dropping the stream right after `snapshot`: more than three quarters
 /// of `log_size` lies past it.
 fn snapshot_is_expiring(snapshot: &SnapshotMeta, log: &LogSummary) -> bool {
-    log.end.saturating_sub(snapshot.offset) > log.capacity / 4 * 3
+    log.end.bytes_since(Position::new(snapshot.offset)) > log.capacity / 4 * 3
 }
 
 /// What the fetcher publishes for INFO and metrics.
@@ -260,7 +261,8 @@ impl RdbFetcher {
     /// history (up to `log_max_size`).
     fn update_pin(&self) {
         let summary = self.log.summary();
-        let pin = self.snapshots.current().filter(|s| snapshot_is_current(s, &summary)).map(|s| s.offset);
+        let pin =
+            self.snapshots.current().filter(|s| snapshot_is_current(s, &summary)).map(|s| Position::new(s.offset));
         self.log.pin(pin);
     }
 
@@ -450,7 +452,7 @@ impl RdbFetcher {
             self.status.send_modify(|s| s.rdb_fetches += 1);
             // Another history is the main link's to judge (and maybe hold): a side fetch never
             // replaces the snapshot with it.
-            if self.log.summary().ids.is_some_and(|ids| !ids.holds(replid, offset)) {
+            if self.log.summary().ids.is_some_and(|ids| !ids.holds(replid, Position::new(offset))) {
                 return Err(refuse(
                     "replid",
                     format!("the master presents another history ({replid}); not cached, the main link decides"),
@@ -498,20 +500,16 @@ impl RdbFetcher {
         if !replid.eq_ignore_ascii_case(&current) {
             return Err(Refusal { reason: "replid", detail: format!("replid {replid}, the relay's is {current}") });
         }
-        if !summary.covers(offset) {
+        if !summary.covers(Position::new(offset)) {
             return Err(Refusal {
                 reason: "offset",
-                detail: format!(
-                    "offset {offset} is outside the log ({}..={})",
-                    summary.first_byte_offset.saturating_sub(1),
-                    summary.end
-                ),
+                detail: format!("offset {offset} is outside the log ({}..={})", summary.start, summary.end),
             });
         }
         if let Some(cached) = self.snapshots.current() {
             // For an rdb-only client the cached snapshot itself is as good when nothing was written
             // since; otherwise only a newer one is worth the transfer.
-            let cache_is_at_end = purpose == Purpose::Fresh && cached.offset == summary.end;
+            let cache_is_at_end = purpose == Purpose::Fresh && Position::new(cached.offset) == summary.end;
             let not_newer = if cache_is_at_end { cached.offset > offset } else { cached.offset >= offset };
             if snapshot_is_current(&cached, &summary) && not_newer {
                 return Err(Refusal {

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::log::{ReplicationLog, WriterHandle};
+use crate::offset::Position;
 use crate::protocol::{encode_command, string2ll_str, ProtocolError};
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use connection::MasterConnection;
@@ -313,7 +314,7 @@ impl UpstreamLink {
                 }
                 s.state = LinkState::Connect;
                 s.reconnects += 1;
-                s.read_offset = self.log.summary().end;
+                s.read_offset = self.log.summary().end.get();
             });
             // Reconnect at once after a link that streamed for a while (a killed link, a repoint);
             // back off when attempts fail early or keep failing right after PSYNC (a full disk, a
@@ -363,7 +364,7 @@ impl UpstreamLink {
         let summary = self.log.summary();
         let psync = match &summary.ids {
             Some(ids) => {
-                let next = (summary.end + 1).to_string();
+                let next = summary.end.next_offset().to_string();
                 encode_command(&[b"PSYNC", ids.replid.as_bytes(), next.as_bytes()])
             }
             None => encode_command(&[b"PSYNC", b"?", b"-1"]),
@@ -380,7 +381,7 @@ impl UpstreamLink {
             if replid.len() != 40 {
                 return Err(LinkError::BadPsyncReply(reply));
             }
-            let other_history = summary.ids.as_ref().is_some_and(|ids| !ids.holds(replid, offset));
+            let other_history = summary.ids.as_ref().is_some_and(|ids| !ids.holds(replid, Position::new(offset)));
             if other_history && self.refuses_again(replid) {
                 // The history already held: do not take its RDB again.
                 return Err(LinkError::HistoryHeld(replid.to_string()));
@@ -399,8 +400,8 @@ impl UpstreamLink {
                     tracing::warn!("the master continues the relay's history: the history-reset hold ends");
                 }
             });
-            tracing::info!(offset = summary.end, "partial resynchronization accepted by the master");
-            summary.end
+            tracing::info!(offset = %summary.end, "partial resynchronization accepted by the master");
+            summary.end.get()
         } else if reply.starts_with("-NOMASTERLINK") || reply.starts_with("-LOADING") {
             return Err(LinkError::TryLater(reply));
         } else {
@@ -512,7 +513,7 @@ impl UpstreamLink {
         let meta = self.snapshots.commit(writer).await?;
         // Only a complete, verified RDB replaces the history (and, through the epoch, drops the
         // downstream replicas of the old one).
-        self.writer.reset(replid.to_string(), offset).await?;
+        self.writer.reset(replid.to_string(), Position::new(offset)).await?;
         self.status.send_modify(|s| s.history_held = None);
         tracing::info!(
             bytes = meta.size,
@@ -534,12 +535,12 @@ impl UpstreamLink {
     fn ack(&self, applied: u64) -> Option<Bytes> {
         // Applied means written to the log: not the chunks still in the writer's channel, which a
         // kill of the relay would lose.
-        let applied = applied.min(self.log.appended());
+        let applied = applied.min(self.log.appended().get());
         let acked = match self.config.ack_replicas {
             0 => applied,
             k => self.config.replicas.acked_by(k)?.min(applied),
         };
-        Some(ack_command(self.config.ack, acked, self.log.durable_offset()))
+        Some(ack_command(self.config.ack, acked, self.log.durable_offset().get()))
     }
 
     fn publish_progress(&self, conn: &MasterConnection, applied: u64, published_read: &mut u64) {
