@@ -90,7 +90,7 @@ impl RelayReport {
 
     /// The relay's offset minus what the replica ACKed.
     pub fn replica_lag_bytes(&self, replica: &ReplicaEntry) -> u64 {
-        self.log.end.get().saturating_sub(replica.ack_offset)
+        self.log.end.bytes_since(replica.ack_offset)
     }
 
     /// Seconds since the replica's last ACK (online replicas; 0 otherwise, as INFO shows it).

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::context::{RelayContext, ServedStats};
+use crate::offset::Position;
 use crate::protocol::{string2ll_str, ClientCommand, CommandLimits, Reply};
 use crate::tls::{Stream, TlsAcceptor};
 use clients::{ClientHandle, ClientType, KillFilter, KillType};
@@ -77,7 +78,8 @@ pub struct ReplicaEntry {
     /// As announced (`REPLCONF listening-port`): redis-server keeps any integer, in a C `int`.
     pub port: i32,
     pub state: ReplicaState,
-    pub ack_offset: u64,
+    /// The last `REPLCONF ACK <offset>`: the position the replica holds.
+    pub ack_offset: Position,
     pub ack_time: Instant,
     /// Whether the replica ACKed on this link yet: a replica still loading its RDB does not, and
     /// cannot serve a snapshot either.
@@ -119,11 +121,11 @@ impl ReplicaTable {
 
     /// The offset at least `k` online replicas have ACKed within [`ACK_FRESHNESS`] (the k-th
     /// highest ACK offset); `None` when fewer than `k` replicas qualify.
-    pub fn acked_by(&self, k: usize) -> Option<u64> {
+    pub fn acked_by(&self, k: usize) -> Option<Position> {
         if k == 0 {
             return None;
         }
-        let mut offsets: Vec<u64> = self
+        let mut offsets: Vec<Position> = self
             .rows()
             .values()
             .filter(|r| r.state == ReplicaState::Online && r.ack_time.elapsed() <= ACK_FRESHNESS)
@@ -167,7 +169,7 @@ impl ReplicaRow {
     }
 
     /// Records `REPLCONF ACK <offset>` from the replica, and tells whoever watches the ACKs.
-    pub fn acked(&self, offset: u64) {
+    pub fn acked(&self, offset: Position) {
         self.update(|r| {
             r.ack_offset = r.ack_offset.max(offset);
             r.ack_time = Instant::now();

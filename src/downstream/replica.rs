@@ -125,7 +125,7 @@ async fn replicate(
                 ip,
                 port,
                 state: ReplicaState::Online,
-                ack_offset: position.get(),
+                ack_offset: position,
                 ack_time: Instant::now(),
                 acked: false,
                 tls: session.conn.stream.is_tls(),
@@ -161,7 +161,7 @@ async fn replicate(
         ip,
         port,
         state: ReplicaState::WaitBgsave,
-        ack_offset: 0,
+        ack_offset: Position::ZERO,
         ack_time: Instant::now(),
         acked: false,
         tls: session.conn.stream.is_tls(),
@@ -460,7 +460,7 @@ async fn wait_first_ack(session: &mut Session) -> Result<(), Disconnect> {
 }
 
 enum FromReplica {
-    Ack(u64),
+    Ack(Position),
     Keepalive,
     Other(String),
 }
@@ -475,7 +475,7 @@ fn classify(command: &ClientCommand) -> FromReplica {
             // redis-server: an unparsable offset is ignored, a negative one still counts as an
             // ACK (it refreshes the ACK time) but cannot lower the acknowledged offset.
             if let Some(offset) = command.args.get(2).and_then(|arg| string2ll(arg)) {
-                return FromReplica::Ack(offset.max(0) as u64);
+                return FromReplica::Ack(Position::new(offset.max(0) as u64));
             }
         }
         if option == "getack" || option == "ack" {

@@ -274,7 +274,7 @@ fn sample(context: &RelayContext) {
     }
     for replica in report.replicas.iter().filter(|r| r.state == ReplicaState::Online) {
         let labels = [("relay", relay.clone()), ("replica", RelayReport::replica_name(replica))];
-        gauge!("redis_relay_replica_ack_offset_bytes", &labels).set(replica.ack_offset as f64);
+        gauge!("redis_relay_replica_ack_offset_bytes", &labels).set(replica.ack_offset.get() as f64);
         gauge!("redis_relay_replica_lag_bytes", &labels).set(report.replica_lag_bytes(replica) as f64);
         gauge!("redis_relay_replica_lag_seconds", &labels).set(report.replica_lag_seconds(replica));
     }

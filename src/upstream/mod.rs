@@ -538,7 +538,7 @@ impl UpstreamLink {
         let applied = applied.min(self.log.appended().get());
         let acked = match self.config.ack_replicas {
             0 => applied,
-            k => self.config.replicas.acked_by(k)?.min(applied),
+            k => self.config.replicas.acked_by(k)?.get().min(applied),
         };
         Some(ack_command(self.config.ack, acked, self.log.durable_offset().get()))
     }
@@ -599,7 +599,7 @@ impl UpstreamLink {
                 Ok(()) = replica_acks.changed(), if end_to_end => {
                     // Pass a replica's ACK on as soon as it moves the K-th offset, so WAIT on the
                     // master returns when a replica below has the write.
-                    let quorum = self.config.replicas.acked_by(self.config.ack_replicas).map(|o| o.min(*applied));
+                    let quorum = self.config.replicas.acked_by(self.config.ack_replicas).map(|o| o.get().min(*applied));
                     if let Some(offset) = quorum.filter(|offset| *offset > passed_on) {
                         passed_on = offset;
                         if let Some(ack) = self.ack(*applied) {
