@@ -17,8 +17,9 @@ use std::fmt;
 
 /// The offset of the last byte of the master's stream that something holds (a log's end, a
 /// replica's cursor, a snapshot's dataset); 0 before the first byte. Printed as the number Redis
-/// prints for `master_repl_offset`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// prints for `master_repl_offset`, and stored as that number (`snapshot.meta`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Position(u64);
 
 impl Position {
@@ -32,6 +33,12 @@ impl Position {
     /// The number Redis prints for this position (`master_repl_offset`, `REPLCONF ACK`, ...).
     pub const fn get(self) -> u64 {
         self.0
+    }
+
+    /// A last-byte offset as Redis sends it (`+FULLRESYNC <replid> <offset>`, `REPLCONF ACK`);
+    /// `None` when negative.
+    pub fn from_last_byte_offset(offset: i64) -> Option<Position> {
+        u64::try_from(offset).ok().map(Position)
     }
 
     /// The position of a reader whose next wanted byte is at `offset` (`PSYNC`'s offset,
@@ -113,6 +120,8 @@ mod tests {
         assert_eq!(Position::from_psync_offset(i64::MIN), None);
         assert_eq!(Position::from_psync_offset(i64::MAX), Some(Position::new(i64::MAX as u64 - 1)));
         assert_eq!(Position::new(1000).next_offset(), 1001);
+        assert_eq!(Position::from_last_byte_offset(0), Some(Position::ZERO), "+FULLRESYNC id 0: no byte yet");
+        assert_eq!(Position::from_last_byte_offset(-1), None);
         assert_eq!(Position::ZERO.next_offset(), 1);
         for offset in [1, 2, 1001, i64::MAX] {
             let position = Position::from_psync_offset(offset).unwrap();

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::context::RelayContext;
 use crate::downstream::{ReplicaEntry, ReplicaState};
 use crate::log::LogSummary;
+use crate::offset::Position;
 use crate::snapshot::SnapshotMeta;
 use crate::upstream::fetch::FetcherStatus;
 use crate::upstream::{LinkState, UpstreamStatus};
@@ -43,17 +44,17 @@ impl RelayReport {
 
     /// The master offset read so far (`slave_read_repl_offset`): what the link read while up, never
     /// behind what the log holds.
-    pub fn read_offset(&self) -> u64 {
+    pub fn read_offset(&self) -> Position {
         if self.link_up() {
-            self.upstream.read_offset.max(self.log.end.get())
+            self.upstream.read_offset.max(self.log.end)
         } else {
-            self.log.end.get()
+            self.log.end
         }
     }
 
     /// Bytes read from the master and not yet applied.
     pub fn upstream_lag(&self) -> u64 {
-        self.read_offset() - self.log.end.get()
+        self.read_offset().bytes_since(self.log.end)
     }
 
     /// Seconds since the last byte from the master; `None` before any.
@@ -63,7 +64,7 @@ impl RelayReport {
 
     /// The cached snapshot's offset, -1 without one.
     pub fn snapshot_offset(&self) -> i64 {
-        self.snapshot.as_ref().map(|s| s.offset as i64).unwrap_or(-1)
+        self.snapshot.as_ref().map(|s| s.offset.get() as i64).unwrap_or(-1)
     }
 
     pub fn snapshot_size(&self) -> u64 {

@@ -238,8 +238,7 @@ async fn full_sync(
         // A relay above wants our snapshot as a source: only one the log covers, and at once (it
         // may be the master we would fetch from, so it must never wait on us).
         let summary = context.log.summary();
-        let usable =
-            context.snapshots.current().is_some_and(|s| summary.can_continue_from(&s.replid, Position::new(s.offset)));
+        let usable = context.snapshots.current().is_some_and(|s| summary.can_continue_from(&s.replid, s.offset));
         if !usable {
             session.conn.stream.write_all(b"-NOSNAPSHOT no cached snapshot covered by the log\r\n").await?;
             return Ok(());
@@ -254,7 +253,7 @@ async fn full_sync(
         match fresh_snapshot(session, &mut keepalive, shutdown).await? {
             Ok(meta) => {
                 ServedStats::add(&context.stats.rdb_only_fresh, 1);
-                tracing::info!(offset = meta.offset, source = %meta.source, "rdb-only request: a snapshot taken for it");
+                tracing::info!(offset = %meta.offset, source = %meta.source, "rdb-only request: a snapshot taken for it");
             }
             Err(reason) => cached_fallback = Some(reason),
         }
@@ -268,7 +267,7 @@ async fn full_sync(
             context.stats.rdb_only_last_cached_age.store(age, Ordering::Relaxed);
             tracing::warn!(
                 age_seconds = age,
-                offset = snapshot.offset,
+                offset = %snapshot.offset,
                 relay_offset = %context.log.summary().end,
                 "rdb-only request answered from the cache, {age} s old: no source could give a fresh snapshot ({reason})"
             );
@@ -286,7 +285,7 @@ async fn full_sync(
         let summary = context.log.summary();
         let current = snapshots.borrow_and_update().clone();
         if let (Some(snapshot), Some(ids)) = (current, summary.ids.clone()) {
-            if summary.can_continue_from(&snapshot.replid, Position::new(snapshot.offset)) {
+            if summary.can_continue_from(&snapshot.replid, snapshot.offset) {
                 match context.snapshots.open_current_async().await {
                     Some((opened, file)) if opened == snapshot => {
                         break (snapshot, summary.epoch, ids.replid, tokio::fs::File::from_std(file));
@@ -324,7 +323,7 @@ async fn full_sync(
     row.update(|r| r.state = ReplicaState::SendBulk);
     let eof_form = context.config.downstream_eof_form && session.handshake.capa_eof;
     tracing::info!(
-        offset = snapshot.offset,
+        offset = %snapshot.offset,
         bytes = snapshot.size,
         form = if eof_form { "eof" } else { "length" },
         "full resynchronization: sending the cached RDB"
@@ -340,7 +339,7 @@ async fn full_sync(
         r.state = ReplicaState::Online;
         r.ack_time = Instant::now();
     });
-    stream(session, row, epoch, Position::new(snapshot.offset), !is_psync, shutdown).await
+    stream(session, row, epoch, snapshot.offset, !is_psync, shutdown).await
 }
 
 /// Asks the fetcher for a snapshot taken now (an rdb-only client), with newline keepalives while it

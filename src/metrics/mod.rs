@@ -198,7 +198,7 @@ fn sample(context: &RelayContext) {
         gauge!("redis_relay_listener_up", &labels).set(f64::from(u8::from(bound.load(Ordering::Relaxed))));
     }
     counter!("redis_relay_listen_errors_total", &labels).absolute(listeners.bind_errors.load(Ordering::Relaxed));
-    gauge!("redis_relay_upstream_offset_bytes", &labels).set(report.read_offset() as f64);
+    gauge!("redis_relay_upstream_offset_bytes", &labels).set(report.read_offset().get() as f64);
     gauge!("redis_relay_offset_bytes", &labels).set(log.end.get() as f64);
     gauge!("redis_relay_upstream_lag_bytes", &labels).set(report.upstream_lag() as f64);
     gauge!("redis_relay_upstream_last_io_seconds", &labels).set(report.last_io_seconds().unwrap_or(-1.0));

@@ -8,6 +8,8 @@ use std::io::Read as _;
 use crc::{Crc, Digest, CRC_64_REDIS};
 use serde::{Deserialize, Serialize};
 
+use crate::offset::Position;
+
 static CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_REDIS);
 
 const REDIS_MAGIC: &[u8] = b"REDIS";
@@ -687,7 +689,7 @@ pub struct SnapshotMeta {
     /// The master's replid announced with `+FULLRESYNC`.
     pub replid: String,
     /// The master offset the RDB was produced at (the `+FULLRESYNC` offset).
-    pub offset: u64,
+    pub offset: Position,
     pub size: u64,
     pub rdb_version: u32,
     /// CRC-64 as stored in the RDB trailer (0 when the master does not checksum).

@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use crate::fs::SharedFs;
+use crate::offset::Position;
 
 use format::RdbVerifier;
 pub use format::{filter_rdb, KeyCount, RdbError, RdbFilter, SnapshotMeta};
@@ -147,7 +148,7 @@ impl SnapshotStore {
 
     /// Starts receiving a new RDB produced at `offset` under `replid` by `source` (`master`,
     /// `replica <ip:port>`).
-    pub async fn begin(&self, replid: &str, offset: u64, source: &str) -> Result<SnapshotWriter, SnapshotError> {
+    pub async fn begin(&self, replid: &str, offset: Position, source: &str) -> Result<SnapshotWriter, SnapshotError> {
         let n = self.temp_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let temp_path = self.dir.join(format!("{RDB_FILE}.tmp-{}-{n}", std::process::id()));
         let (fs, path) = (self.fs.clone(), temp_path.clone());
@@ -283,7 +284,7 @@ pub struct SnapshotWriter {
     temp_path: PathBuf,
     verifier: RdbVerifier,
     replid: String,
-    offset: u64,
+    offset: Position,
     source: String,
 }
 
@@ -310,7 +311,7 @@ impl SnapshotWriter {
         Ok(())
     }
 
-    pub fn offset(&self) -> u64 {
+    pub fn offset(&self) -> Position {
         self.offset
     }
 
@@ -349,12 +350,12 @@ mod tests {
         let store = Arc::new(SnapshotStore::open(dir.path()).unwrap());
         assert!(store.current().is_none());
         let rdb = sample_rdb();
-        let mut writer = store.begin(&"f".repeat(40), 42, "master").await.unwrap();
+        let mut writer = store.begin(&"f".repeat(40), Position::new(42), "master").await.unwrap();
         for piece in rdb.chunks(5) {
             writer.write(piece).await.unwrap();
         }
         let meta = store.commit(writer).await.unwrap();
-        assert_eq!(meta.offset, 42);
+        assert_eq!(meta.offset, Position::new(42));
         assert_eq!(std::fs::read(store.rdb_path()).unwrap(), rdb);
         let reopened = SnapshotStore::open(dir.path()).unwrap();
         assert_eq!(reopened.current(), Some(meta));
@@ -366,7 +367,7 @@ mod tests {
         let store = Arc::new(SnapshotStore::open(dir.path()).unwrap());
         let mut rdb = sample_rdb();
         rdb[10] ^= 0x40;
-        let mut writer = store.begin(&"f".repeat(40), 1, "master").await.unwrap();
+        let mut writer = store.begin(&"f".repeat(40), Position::new(1), "master").await.unwrap();
         writer.write(&rdb).await.unwrap();
         assert!(matches!(store.commit(writer).await, Err(SnapshotError::Rdb(RdbError::CrcMismatch { .. }))));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
@@ -381,7 +382,7 @@ mod tests {
         let mut rdb = sample_rdb();
         let n = rdb.len();
         rdb[n - 8..].fill(0);
-        let mut writer = store.begin(&"f".repeat(40), 1, "master").await.unwrap();
+        let mut writer = store.begin(&"f".repeat(40), Position::new(1), "master").await.unwrap();
         writer.write(&rdb).await.unwrap();
         store.commit(writer).await.unwrap();
         assert!(SnapshotStore::open(dir.path()).unwrap().current().is_some());
@@ -396,7 +397,7 @@ mod tests {
     async fn a_corrupt_cached_file_is_not_adopted() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SnapshotStore::open(dir.path()).unwrap());
-        let mut writer = store.begin(&"f".repeat(40), 1, "master").await.unwrap();
+        let mut writer = store.begin(&"f".repeat(40), Position::new(1), "master").await.unwrap();
         writer.write(&sample_rdb()).await.unwrap();
         store.commit(writer).await.unwrap();
         let mut bytes = std::fs::read(store.rdb_path()).unwrap();
@@ -412,7 +413,7 @@ mod tests {
         let fs = FaultyFs::new();
         let store = Arc::new(SnapshotStore::open_with(dir.path(), fs.clone()).unwrap());
         let rdb = sample_rdb();
-        let mut writer = store.begin(&"a".repeat(40), 10, "master").await.unwrap();
+        let mut writer = store.begin(&"a".repeat(40), Position::new(10), "master").await.unwrap();
         writer.write(&rdb).await.unwrap();
         let first = store.commit(writer).await.unwrap();
         let files = || {
@@ -427,7 +428,7 @@ mod tests {
         for fault in [Fault::NoSpace, Fault::SyncIo, Fault::NoDescriptors] {
             fs.set(fault, true);
             let result = async {
-                let mut writer = store.begin(&"b".repeat(40), 20, "master").await?;
+                let mut writer = store.begin(&"b".repeat(40), Position::new(20), "master").await?;
                 writer.write(&rdb).await?;
                 store.commit(writer).await
             }
@@ -438,8 +439,12 @@ mod tests {
             assert_eq!(files(), installed, "{fault:?}: nothing of the failed one is left");
             assert_eq!(std::fs::read(store.rdb_path()).unwrap(), rdb);
         }
-        let mut writer = store.begin(&"b".repeat(40), 20, "master").await.unwrap();
+        let mut writer = store.begin(&"b".repeat(40), Position::new(20), "master").await.unwrap();
         writer.write(&rdb).await.unwrap();
-        assert_eq!(store.commit(writer).await.unwrap().offset, 20, "the fault cleared, a snapshot installs again");
+        assert_eq!(
+            store.commit(writer).await.unwrap().offset,
+            Position::new(20),
+            "the fault cleared, a snapshot installs again"
+        );
     }
 }

@@ -63,13 +63,13 @@ pub const REFUSAL_REASONS: [&str; 7] = ["replid", "offset", "older", "transfer",
 /// Whether `snapshot` can still serve full syncs: the log holds (or will hold, once the main link
 /// reaches it) the stream right after it, in the same history.
 pub fn snapshot_is_current(snapshot: &SnapshotMeta, log: &LogSummary) -> bool {
-    log.serves_snapshot(&snapshot.replid, Position::new(snapshot.offset))
+    log.serves_snapshot(&snapshot.replid, snapshot.offset)
 }
 
 /// Whether the log is close to dropping the stream right after `snapshot`: more than three quarters
 /// of `log_size` lies past it.
 fn snapshot_is_expiring(snapshot: &SnapshotMeta, log: &LogSummary) -> bool {
-    log.end.bytes_since(Position::new(snapshot.offset)) > log.capacity / 4 * 3
+    log.end.bytes_since(snapshot.offset) > log.capacity / 4 * 3
 }
 
 /// What the fetcher publishes for INFO and metrics.
@@ -261,8 +261,7 @@ impl RdbFetcher {
     /// history (up to `log_max_size`).
     fn update_pin(&self) {
         let summary = self.log.summary();
-        let pin =
-            self.snapshots.current().filter(|s| snapshot_is_current(s, &summary)).map(|s| Position::new(s.offset));
+        let pin = self.snapshots.current().filter(|s| snapshot_is_current(s, &summary)).map(|s| s.offset);
         self.log.pin(pin);
     }
 
@@ -323,7 +322,7 @@ impl RdbFetcher {
                     Ok(meta) => {
                         tracing::info!(
                             source = %source.describe(),
-                            offset = meta.offset,
+                            offset = %meta.offset,
                             bytes = meta.size,
                             seconds = started.elapsed().as_secs_f64(),
                             "fresh RDB fetched and cached"
@@ -439,7 +438,7 @@ impl RdbFetcher {
             .map_err(|e| refuse("unreachable", e.to_string()))?;
         let mut parts = reply.strip_prefix("+FULLRESYNC").unwrap_or("").split_whitespace();
         let (Some(replid), Some(offset)) =
-            (parts.next(), parts.next().and_then(string2ll_str).and_then(|o| u64::try_from(o).ok()))
+            (parts.next(), parts.next().and_then(string2ll_str).and_then(Position::from_last_byte_offset))
         else {
             return Err(refuse("refused", format!("PSYNC answered {reply:?}")));
         };
@@ -452,7 +451,7 @@ impl RdbFetcher {
             self.status.send_modify(|s| s.rdb_fetches += 1);
             // Another history is the main link's to judge (and maybe hold): a side fetch never
             // replaces the snapshot with it.
-            if self.log.summary().ids.is_some_and(|ids| !ids.holds(replid, Position::new(offset))) {
+            if self.log.summary().ids.is_some_and(|ids| !ids.holds(replid, offset)) {
                 return Err(refuse(
                     "replid",
                     format!("the master presents another history ({replid}); not cached, the main link decides"),
@@ -494,13 +493,13 @@ impl RdbFetcher {
     /// A replica's `+FULLRESYNC` is usable only in the log's current history, inside the log, and not
     /// older than the snapshot already cached (for a refresh: newer, or it would be fetched again and
     /// again, as from a relay below that has the same snapshot).
-    fn check_acceptable(&self, replid: &str, offset: u64, purpose: Purpose) -> Result<(), Refusal> {
+    fn check_acceptable(&self, replid: &str, offset: Position, purpose: Purpose) -> Result<(), Refusal> {
         let summary = self.log.summary();
         let current = summary.ids.as_ref().map(|ids| ids.replid.clone()).unwrap_or_default();
         if !replid.eq_ignore_ascii_case(&current) {
             return Err(Refusal { reason: "replid", detail: format!("replid {replid}, the relay's is {current}") });
         }
-        if !summary.covers(Position::new(offset)) {
+        if !summary.covers(offset) {
             return Err(Refusal {
                 reason: "offset",
                 detail: format!("offset {offset} is outside the log ({}..={})", summary.start, summary.end),
@@ -509,7 +508,7 @@ impl RdbFetcher {
         if let Some(cached) = self.snapshots.current() {
             // For an rdb-only client the cached snapshot itself is as good when nothing was written
             // since; otherwise only a newer one is worth the transfer.
-            let cache_is_at_end = purpose == Purpose::Fresh && Position::new(cached.offset) == summary.end;
+            let cache_is_at_end = purpose == Purpose::Fresh && cached.offset == summary.end;
             let not_newer = if cache_is_at_end { cached.offset > offset } else { cached.offset >= offset };
             if snapshot_is_current(&cached, &summary) && not_newer {
                 return Err(Refusal {

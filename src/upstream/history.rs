@@ -38,7 +38,7 @@ pub const DEFAULT_MIN_KEY_RATIO: f64 = 0.5;
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeldHistory {
     pub new_replid: String,
-    pub new_offset: u64,
+    pub new_offset: crate::offset::Position,
     pub new_keys: KeyCount,
     pub old_replid: String,
     pub old_keys: u64,

@@ -118,7 +118,7 @@ pub struct UpstreamStatus {
     pub link_down_since: Option<Instant>,
     pub ever_connected: bool,
     /// Applied offset plus the unapplied bytes read (`slave_read_repl_offset`).
-    pub read_offset: u64,
+    pub read_offset: Position,
     /// Payload size of the transfer in progress (-1 for the EOF form).
     pub sync_total_bytes: i64,
     pub sync_read_bytes: u64,
@@ -145,7 +145,7 @@ impl Default for UpstreamStatus {
             last_io: None,
             link_down_since: None,
             ever_connected: false,
-            read_offset: 0,
+            read_offset: Position::ZERO,
             sync_total_bytes: -1,
             sync_read_bytes: 0,
             rdb_fetches: 0,
@@ -314,7 +314,7 @@ impl UpstreamLink {
                 }
                 s.state = LinkState::Connect;
                 s.reconnects += 1;
-                s.read_offset = self.log.summary().end.get();
+                s.read_offset = self.log.summary().end;
             });
             // Reconnect at once after a link that streamed for a while (a killed link, a repoint);
             // back off when attempts fail early or keep failing right after PSYNC (a full disk, a
@@ -374,14 +374,14 @@ impl UpstreamLink {
         let mut applied = if let Some(rest) = reply.strip_prefix("+FULLRESYNC") {
             let mut parts = rest.split_whitespace();
             let (Some(replid), Some(offset)) =
-                (parts.next(), parts.next().and_then(string2ll_str).and_then(|o| u64::try_from(o).ok()))
+                (parts.next(), parts.next().and_then(string2ll_str).and_then(Position::from_last_byte_offset))
             else {
                 return Err(LinkError::BadPsyncReply(reply));
             };
             if replid.len() != 40 {
                 return Err(LinkError::BadPsyncReply(reply));
             }
-            let other_history = summary.ids.as_ref().is_some_and(|ids| !ids.holds(replid, Position::new(offset)));
+            let other_history = summary.ids.as_ref().is_some_and(|ids| !ids.holds(replid, offset));
             if other_history && self.refuses_again(replid) {
                 // The history already held: do not take its RDB again.
                 return Err(LinkError::HistoryHeld(replid.to_string()));
@@ -401,7 +401,7 @@ impl UpstreamLink {
                 }
             });
             tracing::info!(offset = %summary.end, "partial resynchronization accepted by the master");
-            summary.end.get()
+            summary.end
         } else if reply.starts_with("-NOMASTERLINK") || reply.starts_with("-LOADING") {
             return Err(LinkError::TryLater(reply));
         } else {
@@ -432,7 +432,7 @@ impl UpstreamLink {
 
     /// For an RDB of another history, fully received in `writer`: whether to hold (keep the old
     /// snapshot and log, refuse this one) or follow. Holding is published and logged at ERROR.
-    fn hold_new_history(&self, writer: &crate::snapshot::SnapshotWriter, replid: &str, offset: u64) -> bool {
+    fn hold_new_history(&self, writer: &crate::snapshot::SnapshotWriter, replid: &str, offset: Position) -> bool {
         let new_keys = writer.keys();
         let old = self.snapshots.current();
         let old_replid = self.log.summary().ids.map(|ids| ids.replid).unwrap_or_default();
@@ -444,7 +444,7 @@ impl UpstreamLink {
         if !hold {
             tracing::warn!(
                 new_replid = replid,
-                new_offset = offset,
+                new_offset = %offset,
                 new_keys = new_keys.keys,
                 new_keys_exact = new_keys.exact,
                 old_replid = %old_replid,
@@ -457,7 +457,7 @@ impl UpstreamLink {
         let old_keys = old_keys.unwrap_or(0);
         tracing::error!(
             new_replid = replid,
-            new_offset = offset,
+            new_offset = %offset,
             new_keys = new_keys.keys,
             new_keys_exact = new_keys.exact,
             old_replid = %old_replid,
@@ -488,10 +488,10 @@ impl UpstreamLink {
         &self,
         conn: &mut MasterConnection,
         replid: &str,
-        offset: u64,
+        offset: Position,
         other_history: bool,
-    ) -> Result<u64, LinkError> {
-        tracing::info!(replid, offset, "full resync from master, receiving the RDB");
+    ) -> Result<Position, LinkError> {
+        tracing::info!(replid, %offset, "full resync from master, receiving the RDB");
         self.set_state(LinkState::Sync);
         self.status.send_modify(|s| s.rdb_fetches += 1);
         let started = Instant::now();
@@ -513,7 +513,7 @@ impl UpstreamLink {
         let meta = self.snapshots.commit(writer).await?;
         // Only a complete, verified RDB replaces the history (and, through the epoch, drops the
         // downstream replicas of the old one).
-        self.writer.reset(replid.to_string(), Position::new(offset)).await?;
+        self.writer.reset(replid.to_string(), offset).await?;
         self.status.send_modify(|s| s.history_held = None);
         tracing::info!(
             bytes = meta.size,
@@ -532,18 +532,18 @@ impl UpstreamLink {
     /// part is what the log's fsync policy has made so. With `ack_replicas` K >= 1, also capped by
     /// what K replicas below have ACKed, and `None` (no ACK at all, so the master sees the relay
     /// lag) while fewer than K replicas ACK.
-    fn ack(&self, applied: u64) -> Option<Bytes> {
+    fn ack(&self, applied: Position) -> Option<Bytes> {
         // Applied means written to the log: not the chunks still in the writer's channel, which a
         // kill of the relay would lose.
-        let applied = applied.min(self.log.appended().get());
+        let applied = applied.min(self.log.appended());
         let acked = match self.config.ack_replicas {
             0 => applied,
-            k => self.config.replicas.acked_by(k)?.get().min(applied),
+            k => self.config.replicas.acked_by(k)?.min(applied),
         };
-        Some(ack_command(self.config.ack, acked, self.log.durable_offset().get()))
+        Some(ack_command(self.config.ack, acked, self.log.durable_offset()))
     }
 
-    fn publish_progress(&self, conn: &MasterConnection, applied: u64, published_read: &mut u64) {
+    fn publish_progress(&self, conn: &MasterConnection, applied: Position, published_read: &mut u64) {
         let read_offset = applied + conn.buf.len() as u64;
         let last_io = conn.last_io;
         let new_input = conn.total_read - *published_read;
@@ -555,18 +555,18 @@ impl UpstreamLink {
         });
     }
 
-    async fn follow_stream(&self, conn: &mut MasterConnection, applied: &mut u64) -> Result<(), LinkError> {
+    async fn follow_stream(&self, conn: &mut MasterConnection, applied: &mut Position) -> Result<(), LinkError> {
         let mut tracker = StreamTracker::default();
         let mut replica_acks = self.config.replicas.subscribe_acks();
         let end_to_end = self.config.ack_replicas > 0;
-        let mut passed_on = 0u64;
+        let mut passed_on = Position::ZERO;
         let mut ack_timer = tokio::time::interval(ACK_PERIOD);
         ack_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_published = Instant::now();
         let mut published_read = 0u64;
         loop {
             if !conn.buf.is_empty() {
-                let scanned = tracker.scan(&conn.buf, *applied)?;
+                let scanned = tracker.scan(&conn.buf, applied.get())?;
                 let getack_at = scanned.getack_before.map(|before| *applied + before as u64);
                 if scanned.appliable > 0 {
                     let chunk: Bytes = conn.buf.split_to(scanned.appliable).freeze();
@@ -599,7 +599,7 @@ impl UpstreamLink {
                 Ok(()) = replica_acks.changed(), if end_to_end => {
                     // Pass a replica's ACK on as soon as it moves the K-th offset, so WAIT on the
                     // master returns when a replica below has the write.
-                    let quorum = self.config.replicas.acked_by(self.config.ack_replicas).map(|o| o.get().min(*applied));
+                    let quorum = self.config.replicas.acked_by(self.config.ack_replicas).map(|o| o.min(*applied));
                     if let Some(offset) = quorum.filter(|offset| *offset > passed_on) {
                         passed_on = offset;
                         if let Some(ack) = self.ack(*applied) {
@@ -698,7 +698,7 @@ async fn handshake(
 /// `REPLCONF ACK`, as `replicationSendAck` writes it: with [`AckMode::Fack`],
 /// `ACK <applied> FACK <durable>` (Redis 7.2+ with AOF; `replconfCommand` of earlier versions reads
 /// the ACK pair and ignores the rest); with [`AckMode::Durable`], `ACK <durable>` alone.
-pub(crate) fn ack_command(mode: AckMode, applied: u64, durable: u64) -> Bytes {
+pub(crate) fn ack_command(mode: AckMode, applied: Position, durable: Position) -> Bytes {
     let durable = durable.min(applied).to_string();
     match mode {
         AckMode::Fack => {
@@ -716,18 +716,21 @@ mod tests {
     #[test]
     fn ack_lines_are_byte_exact() {
         assert_eq!(
-            &ack_command(AckMode::Fack, 1234, 1000)[..],
+            &ack_command(AckMode::Fack, Position::new(1234), Position::new(1000))[..],
             b"*5\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$4\r\n1234\r\n$4\r\nFACK\r\n$4\r\n1000\r\n"
         );
         assert_eq!(
-            &ack_command(AckMode::Durable, 1234, 1000)[..],
+            &ack_command(AckMode::Durable, Position::new(1234), Position::new(1000))[..],
             b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$4\r\n1000\r\n"
         );
         // The durable offset never runs ahead of the applied one (a GETACK mid-buffer).
         assert_eq!(
-            &ack_command(AckMode::Fack, 7, 9)[..],
+            &ack_command(AckMode::Fack, Position::new(7), Position::new(9))[..],
             b"*5\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$1\r\n7\r\n$4\r\nFACK\r\n$1\r\n7\r\n"
         );
-        assert_eq!(&ack_command(AckMode::Durable, 7, 9)[..], b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$1\r\n7\r\n");
+        assert_eq!(
+            &ack_command(AckMode::Durable, Position::new(7), Position::new(9))[..],
+            b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$1\r\n7\r\n"
+        );
     }
 }
