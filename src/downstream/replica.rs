@@ -120,7 +120,7 @@ async fn replicate(
             };
             session.conn.queue_raw(line.as_bytes());
             session.conn.flush().await?;
-            tracing::info!(%position, "partial resynchronization accepted");
+            tracing::info!(position = position.get(), "partial resynchronization accepted");
             let row = context.replicas.register(ReplicaEntry {
                 ip,
                 port,
@@ -190,7 +190,7 @@ async fn wait_if_ahead(context: &RelayContext, replid: &str, offset: i64, summar
     let mut tip = context.log.subscribe();
     let reached = tokio::time::timeout(CATCH_UP_WAIT, tip.wait_for(|t| t.end >= target)).await;
     if reached.is_ok() {
-        tracing::info!(%target, "a replica ahead of the log waited for it to catch up");
+        tracing::info!(target = target.get(), "a replica ahead of the log waited for it to catch up");
     }
     context.log.summary()
 }
@@ -253,7 +253,7 @@ async fn full_sync(
         match fresh_snapshot(session, &mut keepalive, shutdown).await? {
             Ok(meta) => {
                 ServedStats::add(&context.stats.rdb_only_fresh, 1);
-                tracing::info!(offset = %meta.offset, source = %meta.source, "rdb-only request: a snapshot taken for it");
+                tracing::info!(offset = meta.offset.get(), source = %meta.source, "rdb-only request: a snapshot taken for it");
             }
             Err(reason) => cached_fallback = Some(reason),
         }
@@ -267,8 +267,8 @@ async fn full_sync(
             context.stats.rdb_only_last_cached_age.store(age, Ordering::Relaxed);
             tracing::warn!(
                 age_seconds = age,
-                offset = %snapshot.offset,
-                relay_offset = %context.log.summary().end,
+                offset = snapshot.offset.get(),
+                relay_offset = context.log.summary().end.get(),
                 "rdb-only request answered from the cache, {age} s old: no source could give a fresh snapshot ({reason})"
             );
             let replid = snapshot.replid.clone();
@@ -323,7 +323,7 @@ async fn full_sync(
     row.update(|r| r.state = ReplicaState::SendBulk);
     let eof_form = context.config.downstream_eof_form && session.handshake.capa_eof;
     tracing::info!(
-        offset = %snapshot.offset,
+        offset = snapshot.offset.get(),
         bytes = snapshot.size,
         form = if eof_form { "eof" } else { "length" },
         "full resynchronization: sending the cached RDB"

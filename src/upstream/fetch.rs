@@ -322,7 +322,7 @@ impl RdbFetcher {
                     Ok(meta) => {
                         tracing::info!(
                             source = %source.describe(),
-                            offset = %meta.offset,
+                            offset = meta.offset.get(),
                             bytes = meta.size,
                             seconds = started.elapsed().as_secs_f64(),
                             "fresh RDB fetched and cached"

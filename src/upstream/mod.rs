@@ -400,7 +400,7 @@ impl UpstreamLink {
                     tracing::warn!("the master continues the relay's history: the history-reset hold ends");
                 }
             });
-            tracing::info!(offset = %summary.end, "partial resynchronization accepted by the master");
+            tracing::info!(offset = summary.end.get(), "partial resynchronization accepted by the master");
             summary.end
         } else if reply.starts_with("-NOMASTERLINK") || reply.starts_with("-LOADING") {
             return Err(LinkError::TryLater(reply));
@@ -444,7 +444,7 @@ impl UpstreamLink {
         if !hold {
             tracing::warn!(
                 new_replid = replid,
-                new_offset = %offset,
+                new_offset = offset.get(),
                 new_keys = new_keys.keys,
                 new_keys_exact = new_keys.exact,
                 old_replid = %old_replid,
@@ -457,7 +457,7 @@ impl UpstreamLink {
         let old_keys = old_keys.unwrap_or(0);
         tracing::error!(
             new_replid = replid,
-            new_offset = %offset,
+            new_offset = offset.get(),
             new_keys = new_keys.keys,
             new_keys_exact = new_keys.exact,
             old_replid = %old_replid,
@@ -491,7 +491,7 @@ impl UpstreamLink {
         offset: Position,
         other_history: bool,
     ) -> Result<Position, LinkError> {
-        tracing::info!(replid, %offset, "full resync from master, receiving the RDB");
+        tracing::info!(replid, offset = offset.get(), "full resync from master, receiving the RDB");
         self.set_state(LinkState::Sync);
         self.status.send_modify(|s| s.rdb_fetches += 1);
         let started = Instant::now();
