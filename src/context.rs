@@ -28,6 +28,11 @@ pub struct ServedStats {
     pub sync_partial_ok: AtomicU64,
     pub sync_partial_err: AtomicU64,
     pub repl_output_bytes: AtomicU64,
+    /// Stream bytes sent to replicas by where they came from: the memory tail, disk records read
+    /// into memory, or disk records sent from the file by the kernel (`sendfile`).
+    pub stream_from_memory: AtomicU64,
+    pub stream_from_disk: AtomicU64,
+    pub stream_sendfile: AtomicU64,
     /// rdb-only requests (`redis-cli --rdb`) answered with a snapshot taken for them.
     pub rdb_only_fresh: AtomicU64,
     /// rdb-only requests answered from the cache because no source could give a fresh snapshot.

@@ -15,6 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Write};
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 #[cfg(test)]
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +41,24 @@ pub trait FileSystem: Send + Sync + 'static {
 
     fn open_read(&self, path: &Path) -> io::Result<File> {
         File::open(path)
+    }
+
+    /// Reads into `buf`'s spare capacity at `offset` (`pread`), so a large read buffer need not be
+    /// zeroed first; may read less than asked, like the system call. Returns the bytes read.
+    fn read_at(&self, file: &File, buf: &mut Vec<u8>, offset: u64) -> io::Result<usize> {
+        loop {
+            match rustix::io::pread(file, rustix::buffer::spare_capacity(buf), offset) {
+                Err(rustix::io::Errno::INTR) => continue,
+                result => return result.map_err(io::Error::from),
+            }
+        }
+    }
+
+    /// `sendfile`: the kernel copies up to `len` bytes of `file` from `offset` to `socket`, never
+    /// through user space; may send less (a full non-blocking socket fails with `WouldBlock`).
+    fn send_file(&self, socket: BorrowedFd<'_>, file: &File, offset: u64, len: usize) -> io::Result<usize> {
+        let mut at = offset;
+        rustix::fs::sendfile(socket, file, Some(&mut at), len).map_err(io::Error::from)
     }
 
     /// One positioned vectored write (`pwritev`); may write less than given, like the system call.
@@ -105,11 +124,13 @@ pub enum Fault {
     NoDescriptors,
     /// Every fsync blocks until the fault is switched off.
     StalledSync,
+    /// `EIO` on every read of a file's contents (`pread`, `sendfile`): a failing disk.
+    ReadIo,
 }
 
 #[cfg(test)]
 impl Fault {
-    const ALL: [Fault; 4] = [Fault::NoSpace, Fault::SyncIo, Fault::NoDescriptors, Fault::StalledSync];
+    const ALL: [Fault; 5] = [Fault::NoSpace, Fault::SyncIo, Fault::NoDescriptors, Fault::StalledSync, Fault::ReadIo];
 
     fn index(self) -> usize {
         self as usize
@@ -120,7 +141,7 @@ impl Fault {
 #[cfg(test)]
 #[derive(Default)]
 pub struct FaultyFs {
-    on: [AtomicBool; 4],
+    on: [AtomicBool; 5],
     injected: AtomicU64,
     /// Syncs blocked by [`Fault::StalledSync`] wait here.
     stall: (Mutex<()>, Condvar),
@@ -230,6 +251,16 @@ impl FileSystem for FaultyFs {
     fn sync_all(&self, file: &File) -> io::Result<()> {
         self.before_sync()?;
         RealFs.sync_all(file)
+    }
+
+    fn read_at(&self, file: &File, buf: &mut Vec<u8>, offset: u64) -> io::Result<usize> {
+        self.fail_if(Fault::ReadIo, libc::EIO)?;
+        RealFs.read_at(file, buf, offset)
+    }
+
+    fn send_file(&self, socket: BorrowedFd<'_>, file: &File, offset: u64, len: usize) -> io::Result<usize> {
+        self.fail_if(Fault::ReadIo, libc::EIO)?;
+        RealFs.send_file(socket, file, offset, len)
     }
 }
 

@@ -345,6 +345,13 @@ fn relay(context: &RelayContext, report: &RelayReport, out: &mut String) {
         line(out, &format!("log_write_errors_{kind}"), *count);
     }
     line(out, "log_write_failing", u8::from(faults.failing));
+    // The stream sent to replicas by where it came from: the memory tail, disk records read into
+    // memory (checked there, or read back for TLS replicas), or disk records the kernel sent
+    // from the file with sendfile (checked once before, never copied into the relay).
+    let stats = &context.stats;
+    line(out, "stream_sent_from_memory", ServedStats::get(&stats.stream_from_memory));
+    line(out, "stream_sent_from_disk", ServedStats::get(&stats.stream_from_disk));
+    line(out, "stream_sent_by_sendfile", ServedStats::get(&stats.stream_sendfile));
     line(out, "log_last_write_error", faults.last_error.replace(['\r', '\n'], " "));
     let keys = snapshot.as_ref().and_then(|s| s.keys);
     line(out, "snapshot_keys", report.snapshot_keys());

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod pubsub;
 pub mod replica;
 pub mod users;
+mod zero_copy;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -15,9 +15,10 @@ use tracing::Instrument;
 
 use super::connection::{read_more, write_all_vectored};
 use super::guard::Ask;
+use super::zero_copy::{FileSender, SendError, WriterKind};
 use super::{ClientError, ReplicaEntry, ReplicaRow, ReplicaState, Session};
 use crate::context::{RelayContext, ServedStats};
-use crate::log::{LogSummary, ReadError};
+use crate::log::{LogSummary, ReadError, ToSend};
 use crate::offset::Position;
 use crate::protocol::{parse_command, string2ll, ClientCommand, CommandLimits, Reply};
 use crate::snapshot::SnapshotMeta;
@@ -60,6 +61,8 @@ enum Disconnect {
     UnexpectedCommand(String),
     #[error("{0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Send(#[from] SendError),
     #[error("shutting down")]
     Shutdown,
 }
@@ -485,6 +488,16 @@ fn classify(command: &ClientCommand) -> FromReplica {
     FromReplica::Other(command.name().chars().take(128).collect())
 }
 
+/// Writes all of `parts`, within `limit`.
+async fn write_parts<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    parts: &mut Vec<bytes::Bytes>,
+    limit: Duration,
+) -> Result<u64, Disconnect> {
+    let n = timeout(limit, write_all_vectored(writer, parts)).await.map_err(|_| Disconnect::WriteTimeout)??;
+    Ok(n as u64)
+}
+
 /// Streams the log from `position` until the replica goes away, falls behind the log's start, the
 /// history changes, or it stops ACKing (not for old `SYNC` replicas, which never ACK).
 async fn stream(
@@ -511,7 +524,7 @@ async fn stream(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn stream_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+async fn stream_halves<R: AsyncRead + Unpin, W: WriterKind>(
     context: &RelayContext,
     mut reader: R,
     mut writer: W,
@@ -546,24 +559,40 @@ async fn stream_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let write_stream = async {
         let mut tip = context.log.subscribe();
         let mut position = position;
+        // Disk records checked before go to a plain-TCP replica straight from the file.
+        let file_sender = writer.tcp().map(FileSender::new).transpose()?;
+        let stats = &context.stats;
         loop {
-            let mut parts = match context.log.read_async(epoch, position, WRITE_BATCH).await {
-                Ok(parts) => parts,
+            let next = context.log.read_next(epoch, position, WRITE_BATCH, file_sender.is_some()).await;
+            let next = match next {
+                Ok(next) => next,
                 Err(ReadError::Trimmed(at)) => return Err(Disconnect::FellOff(at)),
                 Err(ReadError::EpochChanged(_)) => return Err(Disconnect::HistoryChanged),
                 Err(ReadError::Corrupt(reason)) => return Err(Disconnect::Corrupt(reason)),
             };
-            if parts.is_empty() {
-                if tip.changed().await.is_err() {
-                    return Err(Disconnect::Shutdown);
+            let (n, source) = match next {
+                ToSend::Memory(parts) if parts.is_empty() => {
+                    if tip.changed().await.is_err() {
+                        return Err(Disconnect::Shutdown);
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let n = timeout(repl_timeout, write_all_vectored(&mut writer, &mut parts))
-                .await
-                .map_err(|_| Disconnect::WriteTimeout)??;
-            position += n as u64;
-            ServedStats::add(&context.stats.repl_output_bytes, n as u64);
+                ToSend::Memory(mut parts) => {
+                    (write_parts(&mut writer, &mut parts, repl_timeout).await?, &stats.stream_from_memory)
+                }
+                ToSend::Disk(mut parts) => {
+                    (write_parts(&mut writer, &mut parts, repl_timeout).await?, &stats.stream_from_disk)
+                }
+                ToSend::File(run) => {
+                    let (Some(sender), Some(tcp)) = (&file_sender, writer.tcp()) else {
+                        return Err(Disconnect::Corrupt("a file run for a replica that cannot take one".into()));
+                    };
+                    (sender.send(&context.log, tcp, run, repl_timeout).await?, &stats.stream_sendfile)
+                }
+            };
+            position += n;
+            ServedStats::add(source, n);
+            ServedStats::add(&stats.repl_output_bytes, n);
         }
     };
 

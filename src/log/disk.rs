@@ -7,11 +7,11 @@
 
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::verified::{FileId, FileRun};
 use crate::fs::SharedFs;
 
 use bytes::Bytes;
@@ -558,18 +558,26 @@ pub enum DiskReadError {
     Corrupt { path: PathBuf, error: FormatError },
 }
 
-/// Reads a range with one positioned read and checks every record in it before any byte is used.
-/// Returns the records as (position before the first byte, payload), sharing one buffer.
-pub fn read_range(fs: &dyn crate::fs::FileSystem, range: &DiskRange) -> Result<Vec<(u64, Bytes)>, DiskReadError> {
+/// Records read from disk and verified, with where each payload lies in its file (for
+/// [`VerifiedRecords`](super::verified::VerifiedRecords)).
+pub struct VerifiedRange {
+    pub path: Arc<Path>,
+    pub file: FileId,
+    /// (position before the record, file offset of its payload, payload).
+    pub records: Vec<(u64, u64, Bytes)>,
+}
+
+/// Reads the whole records of `range` and checks each one; fails rather than return a byte of a
+/// record that does not pass its check.
+pub fn read_range(fs: &dyn crate::fs::FileSystem, range: &DiskRange) -> Result<VerifiedRange, DiskReadError> {
     let path = &range.path;
     let file = fs.open_read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => DiskReadError::Gone,
         _ => DiskReadError::Io { path: path.clone(), source: e },
     })?;
-    let mut buffer = vec![0u8; range.len as usize];
-    file.read_exact_at(&mut buffer, range.file_offset)
+    let id = FileId::of(&file).map_err(|source| DiskReadError::Io { path: path.clone(), source })?;
+    let buffer = read_exact(fs, &file, range.file_offset, range.len as usize)
         .map_err(|source| DiskReadError::Io { path: path.clone(), source })?;
-    let buffer = Bytes::from(buffer);
     let corrupt = |error| DiskReadError::Corrupt { path: path.clone(), error };
     let mut records = Vec::new();
     let mut at = 0;
@@ -588,11 +596,52 @@ pub fn read_range(fs: &dyn crate::fs::FileSystem, range: &DiskRange) -> Result<V
         }
         let payload = buffer.slice(at + RECORD_HEADER_LEN..payload_end);
         verify_record(&header, &payload).map_err(corrupt)?;
-        records.push((header.position, payload));
+        records.push((header.position, range.file_offset + (at + RECORD_HEADER_LEN) as u64, payload));
         expected += header.len as u64;
         at = payload_end;
     }
-    Ok(records)
+    Ok(VerifiedRange { path: Arc::from(path.as_path()), file: id, records })
+}
+
+/// Reads back a run of records verified before, without checking them again: the copy path for
+/// readers that cannot take the file itself (TLS replicas). One buffer per extent.
+pub fn read_run(fs: &dyn crate::fs::FileSystem, run: &FileRun) -> Result<Vec<Bytes>, DiskReadError> {
+    let path = run.path.to_path_buf();
+    let io = |source| DiskReadError::Io { path: path.clone(), source };
+    let file = fs.open_read(&run.path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => DiskReadError::Gone,
+        _ => io(e),
+    })?;
+    match FileId::of(&file) {
+        Ok(id) if id == run.file => {}
+        Ok(_) => return Err(DiskReadError::Gone),
+        Err(e) => return Err(io(e)),
+    }
+    let mut out = Vec::with_capacity(run.extents.len());
+    for extent in &run.extents {
+        match read_exact(fs, &file, extent.file_offset, extent.len as usize) {
+            Ok(bytes) => out.push(bytes),
+            // The file ends before the run: it was cut (a reset) since it was verified.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(DiskReadError::Gone),
+            Err(e) => return Err(io(e)),
+        }
+    }
+    Ok(out)
+}
+
+/// Reads exactly `len` bytes at `offset` into a new buffer that is never zeroed first.
+fn read_exact(fs: &dyn crate::fs::FileSystem, file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    let mut buffer = Vec::with_capacity(len);
+    while buffer.len() < len {
+        let at = offset + buffer.len() as u64;
+        let n = fs.read_at(file, &mut buffer, at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    // The allocator may have given more room than asked, and the read filled it.
+    buffer.truncate(len);
+    Ok(Bytes::from(buffer))
 }
 
 /// Where a segment stops being good, and why.

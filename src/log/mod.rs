@@ -21,15 +21,19 @@
 //! the upstream link hands it chunks over a bounded channel. [`ReplicationLog`] is the readers'
 //! view: the writer does its disk work first, with no lock held, then updates the view under a
 //! short write lock and publishes `appended` ([`ReplicationLog::subscribe`]) and `durable`
-//! ([`ReplicationLog::subscribe_durable`]). Readers behind the memory tail read checksummed records
-//! on the blocking pool ([`ReplicationLog::read_async`]); readers in it share the tail's chunks.
+//! ([`ReplicationLog::subscribe_durable`]). Readers in the memory tail share its chunks. Readers
+//! behind it read checksummed records on the blocking pool ([`ReplicationLog::read_async`]); a
+//! record is checked once, by the first reader, which notes where it lies ([`verified`]), and the
+//! readers after it on plain TCP get it sent from the file by the kernel
+//! ([`ReplicationLog::read_for_send`], [`ReplicationLog::send_file`]), with no copy in user space.
 //! Recovery ([`ReplicationLog::open`]) blocks and is run on the blocking pool.
 //!
 //! Lock order: the view's `RwLock`, then the `durable` and `tip` watches (each `watch` has its own
-//! lock); the shared record cache's `Mutex` is taken alone. No lock is held across a disk operation.
+//! lock); the verified-records table's `Mutex` is taken alone. No lock is held across a disk operation.
 
 pub mod disk;
 pub mod format;
+pub mod verified;
 pub mod writer;
 
 use std::collections::VecDeque;
@@ -45,6 +49,8 @@ pub use crate::offset::Position;
 pub use disk::{DiskError, DropKind, Dropped, Recovery};
 use disk::{DiskIndex, DiskRange, SegmentStore};
 use format::HistoryMeta;
+pub use verified::{FileRun, SendStop};
+use verified::{Located, VerifiedRecords};
 pub use writer::{LogWriter, WriterGone, WriterHandle};
 
 /// When appended bytes are fsynced, like Redis's `appendfsync`. The relay ACKs upstream only what is
@@ -175,7 +181,7 @@ struct Inner {
 /// log that the writer updates after each write.
 ///
 /// Lock order (no lock is ever held across a disk operation): `inner` (the view), then the `durable`
-/// and `tip` watches' own locks; `disk_cache` is taken alone, never with `inner`.
+/// and `tip` watches' own locks; `verified` is taken alone, never with `inner`.
 pub struct ReplicationLog {
     inner: RwLock<Inner>,
     /// `appended`: the epoch and last offset, published after each write.
@@ -183,10 +189,8 @@ pub struct ReplicationLog {
     options: LogOptions,
     /// `durable`: the highest position known to be on stable storage (per the fsync policy).
     durable: watch::Sender<Position>,
-    /// Verified records recently read from disk, shared by the cursors behind the memory tail.
-    disk_cache: std::sync::Mutex<RecordCache>,
-    /// Disk reads in flight, to tell a lone cursor from cursors trailing together.
-    disk_readers: std::sync::atomic::AtomicUsize,
+    /// Where the records that readers have checked lie on disk, for the readers after them.
+    verified: std::sync::Mutex<VerifiedRecords>,
     /// The position retention keeps in the log (the cached snapshot's offset), up to `max_size`;
     /// `u64::MAX` when nothing is pinned.
     pinned: AtomicU64,
@@ -198,59 +202,20 @@ pub struct ReplicationLog {
     writer_stopped: watch::Sender<bool>,
 }
 
-/// Bytes of verified disk records kept for cursors that trail the memory tail together.
-const DISK_CACHE_BYTES: usize = 8 << 20;
-
-/// A bounded FIFO of verified record payloads, keyed by (epoch, position before the record).
-#[derive(Default)]
-struct RecordCache {
-    records: std::collections::BTreeMap<(u64, u64), Bytes>,
-    order: VecDeque<(u64, u64)>,
-    bytes: usize,
-}
-
-impl RecordCache {
-    /// The cached records from the one holding the byte after `position` on, while consecutive.
-    fn get_from(&self, epoch: u64, position: u64, max_bytes: usize) -> Vec<(u64, Bytes)> {
-        let mut out = Vec::new();
-        let Some((&(_, first), _)) = self.records.range((epoch, 0)..=(epoch, position)).next_back() else {
-            return out;
-        };
-        let mut next = first;
-        let mut taken = 0;
-        for (&(record_epoch, start), payload) in self.records.range((epoch, first)..) {
-            if record_epoch != epoch || start != next || taken >= max_bytes {
-                break;
-            }
-            next = start + payload.len() as u64;
-            if next > position {
-                taken += payload.len();
-                out.push((start, payload.clone()));
-            }
-        }
-        out
-    }
-
-    fn insert(&mut self, epoch: u64, position: u64, payload: Bytes) {
-        if payload.len() > DISK_CACHE_BYTES / 4 || self.records.contains_key(&(epoch, position)) {
-            return;
-        }
-        self.bytes += payload.len();
-        self.records.insert((epoch, position), payload);
-        self.order.push_back((epoch, position));
-        while self.bytes > DISK_CACHE_BYTES {
-            let Some(oldest) = self.order.pop_front() else { break };
-            if let Some(evicted) = self.records.remove(&oldest) {
-                self.bytes -= evicted.len();
-            }
-        }
-    }
-}
-
 /// Where a read's bytes are.
 pub enum Chunks {
     Memory(Vec<Bytes>),
     Disk(DiskRange),
+}
+
+/// What a reader sends next ([`ReplicationLog::read_next`]), by where it comes from.
+pub enum ToSend {
+    /// Shared chunks of the memory tail.
+    Memory(Vec<Bytes>),
+    /// Records read from disk into memory, checked by this reader or one before it.
+    Disk(Vec<Bytes>),
+    /// Records checked before, to send from their segment file ([`ReplicationLog::send_file`]).
+    File(FileRun),
 }
 
 /// A consistent view of the log's bounds and ids, for INFO and for PSYNC decisions.
@@ -344,8 +309,7 @@ impl ReplicationLog {
             tip,
             options,
             durable: watch::channel(Position::new(recovery.end)).0,
-            disk_cache: Default::default(),
-            disk_readers: Default::default(),
+            verified: Default::default(),
             pinned: AtomicU64::new(u64::MAX),
             fs,
             faults: Default::default(),
@@ -471,49 +435,131 @@ impl ReplicationLog {
     }
 
     /// [`Self::read`], doing any disk reads on the blocking pool. Bytes from disk are only returned
-    /// once their record checksums match. Records read from disk are kept in a small shared cache,
-    /// so replicas trailing the memory tail together read each record once, not once each.
+    /// once their record checksums match, checked by this reader or by one before it.
     pub async fn read_async(&self, epoch: u64, at: Position, max_bytes: usize) -> Result<Vec<Bytes>, ReadError> {
-        let position = at.get();
+        match self.read_next(epoch, at, max_bytes, false).await? {
+            ToSend::Memory(parts) | ToSend::Disk(parts) => Ok(parts),
+            ToSend::File(run) => self.read_back(epoch, at, run).await,
+        }
+    }
+
+    /// The stream after `position`, up to about `max_bytes`, doing any disk reads on the blocking
+    /// pool: shared chunks of the memory tail; or, behind it, records read from disk and checked
+    /// (noted for the readers after this one); or records checked before, as a [`FileRun`] for a
+    /// reader that `takes_files` (sent with [`Self::send_file`]), read back without a second check
+    /// for one that does not.
+    pub async fn read_next(
+        &self,
+        epoch: u64,
+        at: Position,
+        max_bytes: usize,
+        takes_files: bool,
+    ) -> Result<ToSend, ReadError> {
         let range = match self.read(epoch, at, max_bytes)? {
-            Chunks::Memory(chunks) => return Ok(chunks),
+            Chunks::Memory(chunks) => return Ok(ToSend::Memory(chunks)),
             Chunks::Disk(range) => range,
         };
-        let cached = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner()).get_from(epoch, position, max_bytes);
-        let records = if cached.is_empty() {
-            // Cache only when cursors trail together (another disk read overlaps this one): a single
-            // cursor catching up gains nothing from it, and would only hold its memory.
-            let others_before = self.disk_readers.fetch_add(1, Ordering::AcqRel);
-            let fs = self.fs.clone();
-            let joined = tokio::task::spawn_blocking(move || disk::read_range(&*fs, &range)).await;
-            let others_after = self.disk_readers.fetch_sub(1, Ordering::AcqRel) - 1;
-            let shared = others_before > 0 || others_after > 0;
-            let records = joined.map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
-            let records = match records {
-                Ok(records) => records,
-                Err(disk::DiskReadError::Gone) => return Err(ReadError::Trimmed(at)),
-                Err(other) => return Err(ReadError::Corrupt(other.to_string())),
-            };
-            let mut cache = self.disk_cache.lock().unwrap_or_else(|p| p.into_inner());
-            for (start, payload) in records.iter().filter(|_| shared) {
-                // A copy: the payload is a slice of the whole range's buffer, which the cache must
-                // not keep alive.
-                cache.insert(epoch, *start, Bytes::copy_from_slice(payload));
+        match self.verified_run(epoch, at, max_bytes) {
+            Some(run) if takes_files => Ok(ToSend::File(run)),
+            Some(run) => Ok(ToSend::Disk(self.read_back(epoch, at, run).await?)),
+            None => Ok(ToSend::Disk(self.read_and_verify(epoch, at, range).await?)),
+        }
+    }
+
+    /// Reads a run of records checked before back from disk (one buffer per record).
+    async fn read_back(&self, epoch: u64, at: Position, run: FileRun) -> Result<Vec<Bytes>, ReadError> {
+        let fs = self.fs.clone();
+        let file = run.file;
+        let joined = tokio::task::spawn_blocking(move || disk::read_run(&*fs, &run)).await;
+        let parts = joined.map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
+        match parts {
+            Ok(parts) => {
+                self.check_epoch(epoch)?;
+                Ok(parts)
             }
-            records
-        } else {
-            cached
+            Err(disk::DiskReadError::Gone) => {
+                self.forget_file(file);
+                self.check_epoch(epoch)?;
+                Err(ReadError::Trimmed(at))
+            }
+            Err(other) => Err(ReadError::Corrupt(other.to_string())),
+        }
+    }
+
+    /// Sends `run` after its first `skip` bytes to `socket` (non-blocking) with `sendfile`, on the
+    /// blocking pool, until it is sent or the socket is full. Returns the bytes sent and why it
+    /// stopped short; after [`SendStop::Gone`] the run's file is forgotten, so the next read finds
+    /// out from the disk whether its records are trimmed or their history replaced.
+    pub async fn send_file(
+        &self,
+        socket: Arc<std::os::fd::OwnedFd>,
+        run: Arc<FileRun>,
+        skip: u64,
+    ) -> (u64, Option<SendStop>) {
+        use std::os::fd::AsFd;
+        let fs = self.fs.clone();
+        let file = run.file;
+        let joined = tokio::task::spawn_blocking(move || verified::send_run(&*fs, socket.as_fd(), &run, skip)).await;
+        let (sent, stop) = joined.unwrap_or_else(|e| (0, Some(SendStop::File(std::io::Error::other(e.to_string())))));
+        if matches!(stop, Some(SendStop::Gone)) {
+            self.forget_file(file);
+        }
+        (sent, stop)
+    }
+
+    fn verified_run(&self, epoch: u64, at: Position, max_bytes: usize) -> Option<FileRun> {
+        self.verified.lock().unwrap_or_else(|p| p.into_inner()).run_from(epoch, at.get(), max_bytes)
+    }
+
+    fn forget_file(&self, file: verified::FileId) {
+        self.verified.lock().unwrap_or_else(|p| p.into_inner()).forget_file(file);
+    }
+
+    fn check_epoch(&self, epoch: u64) -> Result<(), ReadError> {
+        let current = self.read_inner().epoch;
+        if current != epoch {
+            return Err(ReadError::EpochChanged(current));
+        }
+        Ok(())
+    }
+
+    /// Reads `range` from disk on the blocking pool, checks every record, and notes where the
+    /// checked records lie for the readers after this one.
+    async fn read_and_verify(&self, epoch: u64, at: Position, range: DiskRange) -> Result<Vec<Bytes>, ReadError> {
+        let fs = self.fs.clone();
+        let joined = tokio::task::spawn_blocking(move || disk::read_range(&*fs, &range)).await;
+        let read = joined.map_err(|e| ReadError::Corrupt(format!("disk read task failed: {e}")))?;
+        let read = match read {
+            Ok(read) => read,
+            Err(disk::DiskReadError::Gone) => {
+                self.check_epoch(epoch)?;
+                return Err(ReadError::Trimmed(at));
+            }
+            Err(other) => return Err(ReadError::Corrupt(other.to_string())),
         };
-        let current_epoch = self.read_inner().epoch;
+        let (current_epoch, start) = {
+            let inner = self.read_inner();
+            (inner.epoch, inner.start)
+        };
         if current_epoch != epoch {
             return Err(ReadError::EpochChanged(current_epoch));
         }
-        Ok(slices_after(records, position))
+        let places = read.records.iter().map(|(record, payload_offset, payload)| {
+            let place = Located {
+                path: read.path.clone(),
+                file: read.file,
+                payload_offset: *payload_offset,
+                len: payload.len() as u64,
+            };
+            (*record, place)
+        });
+        self.verified.lock().unwrap_or_else(|p| p.into_inner()).note(epoch, start, places);
+        Ok(slices_after(read.records.into_iter().map(|(record, _, payload)| (record, payload)), at.get()))
     }
 }
 
 /// The parts of whole records that come after `position`.
-fn slices_after(records: Vec<(u64, Bytes)>, position: u64) -> Vec<Bytes> {
+fn slices_after(records: impl IntoIterator<Item = (u64, Bytes)>, position: u64) -> Vec<Bytes> {
     records
         .into_iter()
         .filter(|(start, payload)| start + payload.len() as u64 > position)
@@ -543,7 +589,11 @@ mod tests {
             let chunks = match log.read(epoch, position, 1 << 20)? {
                 Chunks::Memory(chunks) => chunks,
                 Chunks::Disk(range) => slices_after(
-                    disk::read_range(&crate::fs::RealFs, &range).map_err(|e| ReadError::Corrupt(e.to_string()))?,
+                    disk::read_range(&crate::fs::RealFs, &range)
+                        .map_err(|e| ReadError::Corrupt(e.to_string()))?
+                        .records
+                        .into_iter()
+                        .map(|(record, _, payload)| (record, payload)),
                     position.get(),
                 ),
             };
@@ -764,17 +814,54 @@ mod tests {
         assert!(matches!(result, Err(ReadError::Corrupt(_))), "{result:?}");
     }
 
-    #[test]
-    fn the_record_cache_serves_consecutive_records_from_any_position() {
-        let mut cache = RecordCache::default();
-        cache.insert(1, 100, Bytes::from_static(b"abcde"));
-        cache.insert(1, 105, Bytes::from_static(b"fgh"));
-        cache.insert(1, 200, Bytes::from_static(b"zz"));
-        let from = |position| -> Vec<u8> { slices_after(cache.get_from(1, position, 1 << 20), position).concat() };
-        assert_eq!(from(102), b"cdefgh", "from inside a record, through the next consecutive one");
-        assert_eq!(from(105), b"fgh");
-        assert!(from(108).is_empty(), "a gap: nothing cached holds the byte after 108");
-        assert!(cache.get_from(2, 102, 1 << 20).is_empty(), "another epoch");
+    #[tokio::test]
+    async fn records_checked_once_are_sent_from_the_file_and_a_failing_disk_serves_nothing() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let fs = crate::fs::FaultyFs::new();
+        let (log, mut writer, _) = ReplicationLog::open_with(dir.path(), options(1 << 30, 4096), fs.clone()).unwrap();
+        writer.reset("h".repeat(40), Position::ZERO).unwrap();
+        let data = pattern(300_000, 9);
+        for piece in data.chunks(1000) {
+            writer.append(Bytes::copy_from_slice(piece)).unwrap();
+        }
+        let epoch = log.summary().epoch;
+        // The first reader behind the memory tail reads the records into memory and checks them.
+        let ToSend::Disk(parts) = log.read_next(epoch, Position::new(100), 50_000, true).await.unwrap() else {
+            panic!("nothing was checked yet: the first read must go through memory");
+        };
+        let first = parts.concat();
+        assert!(first.len() >= 50_000 && first[..] == data[100..100 + first.len()]);
+        // A reader after it gets the same records as a file run, and the kernel sends them.
+        let ToSend::File(run) = log.read_next(epoch, Position::new(2_500), 20_000, true).await.unwrap() else {
+            panic!("records checked before: a file run");
+        };
+        let len = run.bytes() as usize;
+        assert!(len >= 20_000, "{len}");
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let socket = Arc::new(std::os::fd::OwnedFd::from(ours));
+        let (sent, stop) = log.send_file(socket.clone(), Arc::new(run.clone()), 0).await;
+        assert!(stop.is_none() && sent as usize == len, "{sent} of {len}, {stop:?}");
+        let mut received = vec![0u8; len];
+        theirs.read_exact(&mut received).unwrap();
+        assert!(received[..] == data[2_500..2_500 + len], "the file run holds the stream, headers left out");
+        // A reader that cannot take files gets the same bytes read back.
+        let ToSend::Disk(parts) = log.read_next(epoch, Position::new(2_500), 20_000, false).await.unwrap() else {
+            panic!("a reader without files reads into memory");
+        };
+        assert!(parts.concat()[..] == data[2_500..2_500 + len]);
+        // A failing disk: neither path serves a byte, and the error says what happened.
+        fs.set(crate::fs::Fault::ReadIo, true);
+        let (sent, stop) = log.send_file(socket, Arc::new(run), 0).await;
+        assert!(sent == 0 && matches!(stop, Some(SendStop::File(_))), "{sent} {stop:?}");
+        let result = log.read_next(epoch, Position::new(2_500), 20_000, false).await;
+        assert!(matches!(result, Err(ReadError::Corrupt(_))), "{:?}", result.err());
+        assert!(matches!(log.read_next(epoch, Position::new(200_000), 20_000, true).await, Err(ReadError::Corrupt(_))));
+        fs.set(crate::fs::Fault::ReadIo, false);
+        let ToSend::File(_) = log.read_next(epoch, Position::new(2_500), 20_000, true).await.unwrap() else {
+            panic!("once the disk reads again, the checked records are sent from the file again");
+        };
     }
 
     /// A cut inside the newest segment's last record is what a kill mid-append leaves (a torn tail);

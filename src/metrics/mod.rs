@@ -255,6 +255,12 @@ fn sample(context: &RelayContext) {
         counter!("redis_relay_partial_syncs_total", &labels).absolute(ServedStats::get(value));
     }
     counter!("redis_relay_downstream_sent_bytes_total", &labels).absolute(ServedStats::get(&stats.repl_output_bytes));
+    for (source, value) in
+        [("memory", &stats.stream_from_memory), ("disk", &stats.stream_from_disk), ("sendfile", &stats.stream_sendfile)]
+    {
+        let labels = [("relay", relay.clone()), ("source", source.to_string())];
+        counter!("redis_relay_stream_sent_bytes_total", &labels).absolute(ServedStats::get(value));
+    }
     counter!("redis_relay_pubsub_limit_disconnections_total", &labels).absolute(context.pubsub.limit_disconnections());
     gauge!("redis_relay_clients_memory_bytes", &labels).set(context.client_memory.total() as f64);
     counter!("redis_relay_evicted_clients_total", &labels).absolute(context.client_memory.evicted());
