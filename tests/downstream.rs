@@ -905,3 +905,53 @@ fn bad_clients_do_not_disturb_real_replicas() {
     drop(stalled);
     drop(junk);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. Replicas behind the memory tail: records checked once, then sent from the segment file.
+// ---------------------------------------------------------------------------------------------
+
+/// Sends SIGSTOP or SIGCONT to a server.
+fn signal(server: &RedisServer, name: &str) {
+    let status = Command::new("kill").arg(format!("-{name}")).arg(server.pid().to_string()).status().unwrap();
+    assert!(status.success(), "kill -{name} {}", server.pid());
+}
+
+#[test]
+fn replicas_behind_the_memory_tail_get_checked_records_sent_from_the_file() {
+    let master = start_master();
+    let relay = start_relay(master.port(), &["--log-memory", "1mb"]);
+    wait_in_sync(&master, &relay, DEADLINE);
+    let first = start_replica(relay.port(), &[]);
+    let second = start_replica(relay.port(), &[]);
+    assert_converged(&master, &[("first", &first), ("second", &second)]);
+
+    // Both replicas stop reading; 32 MB of stream runs ahead of them, far past the 1 MB memory
+    // tail and more than the socket buffers between them and the relay hold.
+    signal(&first, "STOP");
+    signal(&second, "STOP");
+    let mut con = master.conn();
+    for batch in 0..80u64 {
+        let mut pipe = redis::pipe();
+        for i in 0..100 {
+            let n = batch * 100 + i;
+            pipe.cmd("SET").arg(format!("big:{}", n % 3000)).arg(value_of(n, 4000)).ignore();
+        }
+        pipe.query::<()>(&mut con).unwrap();
+    }
+    wait_in_sync(&master, &relay, DEADLINE);
+
+    // The first catches up alone: it reads the records from disk and checks them.
+    signal(&first, "CONT");
+    assert_converged(&master, &[("first", &first)]);
+    let from_disk = relay.info_i64("relay", "stream_sent_from_disk");
+    assert!(from_disk > 8 << 20, "the first replica read the log from disk: {from_disk} bytes");
+    assert_eq!(relay.info_i64("relay", "stream_sent_by_sendfile"), 0, "nothing was checked before the first reader");
+
+    // The second reads the same records: checked already, they go from the file by sendfile.
+    signal(&second, "CONT");
+    assert_converged(&master, &[("first", &first), ("second", &second)]);
+    let by_sendfile = relay.info_i64("relay", "stream_sent_by_sendfile");
+    assert!(by_sendfile > 8 << 20, "the second replica got the checked records by sendfile: {by_sendfile} bytes");
+    assert_eq!(stat_of(&relay, "sync_full"), 2, "the two initial syncs only");
+    assert_eq!(stat_of(&master, "sync_full"), 1);
+}
