@@ -213,7 +213,10 @@ pub async fn start(
         "relay starting"
     );
     tasks.spawn(crate::metrics::collect(context.clone(), shutdown.clone()).instrument(span.clone()));
-    tasks.spawn(link.run(shutdown.clone()).instrument(span.clone()));
+    tasks.spawn(downstream::tail::release_behind_replicas(context.clone(), shutdown.clone()).instrument(span.clone()));
+    // The upstream link reads the master on a thread of its own: ingest never waits behind the
+    // fan-out to the replicas on the shared runtime.
+    tasks.spawn(crate::util::on_own_thread("upstream", link.run(shutdown.clone()).instrument(span.clone())));
     tasks.spawn(fetcher_task.run(shutdown.clone()).instrument(span.clone()));
     tasks.spawn(version_task.instrument(span.clone()));
     if let (Some(tls), Some(acceptor)) = (&context.config.tls, tls_acceptor) {

@@ -1,4 +1,5 @@
-//! Small helpers shared by the subsystems: ids in Redis's form, and progress logs of long transfers.
+//! Small helpers shared by the subsystems: ids in Redis's form, progress logs of long transfers, and
+//! tasks run on a thread of their own.
 
 use tokio::time::Instant;
 
@@ -45,5 +46,31 @@ pub(crate) fn split_host_port(addr: &str) -> (String, u16) {
     match addr.rsplit_once(':') {
         Some((host, port)) => (host.to_string(), port.parse().unwrap_or(0)),
         None => (addr.to_string(), 0),
+    }
+}
+
+/// Runs `task` on a thread of its own, on a single-threaded runtime there, and completes when it
+/// does. For work that must never queue behind the tasks of the shared runtime (the upstream
+/// link: reading the master is what keeps its output buffer for the relay small); the thread
+/// is scheduled by the kernel beside the runtime's workers, whatever they are busy with.
+pub(crate) async fn on_own_thread<F>(name: &str, task: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let thread = name.to_string();
+    let spawned = std::thread::Builder::new().name(thread.clone()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime.block_on(task),
+            Err(error) => tracing::error!(thread, "cannot start a runtime for the thread: {error}"),
+        }
+        drop(done);
+    });
+    match spawned {
+        // Completes when the thread drops `done`: its task ended (or could not start).
+        Ok(_) => {
+            let _ = finished.await;
+        }
+        Err(error) => tracing::error!(thread = name, "cannot start the thread: {error}"),
     }
 }

@@ -955,3 +955,41 @@ fn replicas_behind_the_memory_tail_get_checked_records_sent_from_the_file() {
     assert_eq!(stat_of(&relay, "sync_full"), 2, "the two initial syncs only");
     assert_eq!(stat_of(&master, "sync_full"), 1);
 }
+
+#[test]
+fn the_memory_tail_is_kept_for_a_replica_behind_and_released_once_every_replica_acked_it() {
+    let master = start_master();
+    let relay = Relay::start(&master);
+    wait_in_sync(&master, &relay, DEADLINE);
+    let replica = start_replica(relay.port(), &[]);
+    assert_converged(&master, &[("replica", &replica)]);
+    let tail = || relay.info_i64("memory", "mem_replication_backlog");
+
+    // A replica that stopped reading holds the tail: 16 MB of stream stay in memory for it.
+    signal(&replica, "STOP");
+    let mut con = master.conn();
+    for batch in 0..40u64 {
+        let mut pipe = redis::pipe();
+        for i in 0..100 {
+            let n = batch * 100 + i;
+            pipe.cmd("SET").arg(format!("tail:{}", n % 1000)).arg(value_of(n, 4000)).ignore();
+        }
+        pipe.query::<()>(&mut con).unwrap();
+    }
+    wait_in_sync(&master, &relay, DEADLINE);
+    // The relay has gone 2 s without an ACK from it (release rounds run every second): its old
+    // ACK keeps everything.
+    wait_until(DEADLINE, "the stopped replica's ACK to be 2 s old", || {
+        slave_lines(&relay.info("replication"))
+            .first()
+            .and_then(|line| line.split(',').find_map(|f| f.strip_prefix("lag=")).and_then(|v| v.parse::<u64>().ok()))
+            .is_some_and(|lag| lag >= 2)
+    });
+    assert!(tail() >= 15 << 20, "the 16 MB are kept for the replica behind: {} bytes", tail());
+
+    // Once it has caught up and acknowledged the end, nobody needs the tail: it is released.
+    signal(&replica, "CONT");
+    assert_converged(&master, &[("replica", &replica)]);
+    wait_until(DEADLINE, "the memory tail to be released", || tail() == 0);
+    assert_eq!(stat_of(&relay, "sync_full"), 1);
+}

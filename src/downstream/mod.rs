@@ -13,6 +13,7 @@ pub mod info;
 pub mod memory;
 pub mod pubsub;
 pub mod replica;
+pub mod tail;
 pub mod users;
 mod zero_copy;
 

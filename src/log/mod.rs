@@ -157,7 +157,8 @@ pub enum ReadError {
 }
 
 /// The readers' view of the log. Only the writer ([`LogWriter`]) changes it, under the write lock
-/// and never across a disk operation: it writes first, then publishes.
+/// and never across a disk operation: it writes first, then publishes. (The one exception is
+/// [`ReplicationLog::release_memory_before`], which drops memory-tail chunks every reader passed.)
 struct Inner {
     /// `None` until the first full sync gives the log a history.
     ids: Option<ReplIds>,
@@ -432,6 +433,25 @@ impl ReplicationLog {
             }
         }
         Ok(Chunks::Memory(out))
+    }
+
+    /// Drops the memory tail's chunks that end at or before `at` (every reader is past them): they
+    /// stay on disk, and a reader that comes back for them reads them there. Returns the bytes
+    /// dropped. Besides the writer's, the one change to the view: dropping chunks from the tail's
+    /// front, under the same lock, with no disk operation; the writer only appends at the back
+    /// and trims the front to `log_memory`, so either order of the two keeps the tail whole.
+    pub fn release_memory_before(&self, at: Position) -> u64 {
+        let mut inner = self.write_inner();
+        let mut released = 0;
+        while let Some((start, len)) = inner.chunks.front().map(|(start, chunk)| (*start, chunk.len() as u64)) {
+            if start + len > at.get() {
+                break;
+            }
+            inner.chunks.pop_front();
+            inner.memory_start = start + len;
+            released += len;
+        }
+        released
     }
 
     /// [`Self::read`], doing any disk reads on the blocking pool. Bytes from disk are only returned

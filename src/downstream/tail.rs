@@ -1,0 +1,53 @@
+//! Keeps the log's memory tail to what the replicas still need: the chunks every replica has
+//! acknowledged are released (they stay on disk), so the relay's memory falls back after a burst
+//! instead of holding `log_memory` for good.
+//!
+//! A replica's cursor is never behind its last ACK (it acknowledges what it received, and it
+//! received what the cursor sent), so nothing a cursor will read is released. While a replica is
+//! in a full sync the tail is kept whole: it will stream from its snapshot's offset. A replica that
+//! comes back later for released bytes reads them from disk, like any replica behind the tail.
+
+use std::time::Duration;
+
+use super::ReplicaState;
+use crate::context::RelayContext;
+use crate::offset::Position;
+use crate::shutdown::Shutdown;
+
+/// How often the tail is checked: replicas ACK once a second.
+const PERIOD: Duration = Duration::from_secs(1);
+
+/// Released bytes after which the allocator is asked to give freed memory back to the system.
+const TRIM_AFTER: u64 = 8 << 20;
+
+/// Releases the memory tail behind the slowest replica, every [`PERIOD`], until shutdown.
+pub async fn release_behind_replicas(context: std::sync::Arc<RelayContext>, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut released_since_trim = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
+        }
+        let Some(needed_from) = needed_from(&context) else { continue };
+        released_since_trim += context.log.release_memory_before(needed_from);
+        if released_since_trim >= TRIM_AFTER {
+            released_since_trim = 0;
+            crate::limits::trim_freed_memory_soon();
+        }
+    }
+}
+
+/// The position after which some replica may still read: the lowest ACK of the replicas, the
+/// log's end when there are none; `None` (keep everything) while a replica is in a full sync.
+fn needed_from(context: &RelayContext) -> Option<Position> {
+    let mut lowest = context.log.summary().end;
+    for replica in context.replicas.snapshot() {
+        if replica.state != ReplicaState::Online {
+            return None;
+        }
+        lowest = lowest.min(replica.ack_offset);
+    }
+    Some(lowest)
+}
