@@ -17,7 +17,8 @@
 //! - [`log`]: the replication log, the one fan-out buffer, addressed by master offset, with the
 //!   replication ids of its history: an in-memory tail of shared chunks over checksummed segment
 //!   files ([`log::format`](mod@log::format) is the on-disk format, [`log::disk`] the segments and their recovery,
-//!   [`log::writer`] the one writer, on its own thread). [`fs`]: the file-system seam of the log and
+//!   [`log::writer`] the one writer, on its own thread, [`log::verified`] the places of records a
+//!   reader has checked, sent from the file after that). [`fs`]: the file-system seam of the log and
 //!   the snapshot cache (a fault-injecting implementation for tests).
 //! - [`offset`]: [`offset::Position`], the offset of the last byte held, and its conversions to
 //!   Redis's next-byte offsets (`PSYNC`, `second_repl_offset`): the one place with the ±1.
@@ -29,12 +30,14 @@
 //!   `downstream::guard` is the RDB version guard (full syncs refused to replicas that cannot load
 //!   the snapshot's RDB version, announced or caught in a failure loop).
 //!   `downstream::users`: the `default` user and the named users with roles, `AUTH` and the
-//!   `NOPERM` check.
+//!   `NOPERM` check; `downstream::zero_copy`: checked disk records sent to plain-TCP replicas with
+//!   `sendfile`; `downstream::tail`: the memory tail released behind the slowest replica's ACK.
 //! - [`tls`]: TLS both ways (rustls): certificates from PEM files, the one `Stream` type of plain
 //!   and TLS connections.
 //! - [`relay`]: only composes: wires one relay's pieces together and stops them; `context`: the
 //!   state they share (`context::RelayContext`, each field with its one writer);
-//!   `shutdown`: the relay's one stop signal; `util`: ids and transfer progress logs;
+//!   `shutdown`: the relay's one stop signal; `util`: ids, transfer progress logs, and tasks on a
+//!   thread of their own (the upstream link's);
 //!   `report`: the figures INFO and the metrics both render (`RelayReport`).
 //! - [`config`]: the one configuration pipeline (YAML file and flags merged, many relays per
 //!   process); `metrics`: the Prometheus endpoint and the per-relay collector.

@@ -25,7 +25,7 @@
 //! behind it read checksummed records on the blocking pool ([`ReplicationLog::read_async`]); a
 //! record is checked once, by the first reader, which notes where it lies ([`verified`]), and the
 //! readers after it on plain TCP get it sent from the file by the kernel
-//! ([`ReplicationLog::read_for_send`], [`ReplicationLog::send_file`]), with no copy in user space.
+//! ([`ReplicationLog::read_next`], [`ReplicationLog::send_file`]), with no copy in user space.
 //! Recovery ([`ReplicationLog::open`]) blocks and is run on the blocking pool.
 //!
 //! Lock order: the view's `RwLock`, then the `durable` and `tip` watches (each `watch` has its own

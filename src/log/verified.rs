@@ -9,7 +9,7 @@
 //! read the run back without a second checksum. A record not found here is read and checked again,
 //! so a byte is never served that no reader has checked.
 //!
-//! The table is bounded ([`MAX_RECORDS`], oldest forgotten first) and holds only places, never
+//! The table is bounded (`MAX_RECORDS`, oldest forgotten first) and holds only places, never
 //! payloads: its memory does not grow with the log or the number of readers. Each place names the
 //! segment file by path and by identity (device and inode), so a segment replaced under the same
 //! name (a reset to a new history at the same offset) is never read as the old one.
