@@ -32,7 +32,10 @@ pub async fn release_behind_replicas(context: std::sync::Arc<RelayContext>, mut 
         }
         let Some(needed_from) = needed_from(&context) else { continue };
         released_since_trim += context.log.release_memory_before(needed_from);
-        if released_since_trim >= TRIM_AFTER {
+        // Trim after every 8 MB released, and once when the replicas have caught up after
+        // anything at all was released: the buffers of disk-tier reads are freed by then too.
+        let caught_up = released_since_trim > 0 && context.log.summary().memory_bytes == 0;
+        if released_since_trim >= TRIM_AFTER || caught_up {
             released_since_trim = 0;
             crate::limits::trim_freed_memory_soon();
         }
