@@ -593,13 +593,13 @@ class Cluster:
                 c.close()
             if self.mode == "chained":
                 self.middle = RedisNode("chained", replicaof=self.master.port, extra=self.middle_extra)
-            elif self.mode == "relay":
-                self.middle = RelayNode(self.opts.relay_bin, self.master.port, extra=self.middle_extra)
             elif self.mode == "relay-master-src":
                 extra = ["--snapshot-sources", "master", "--snapshot-min-interval", "1s"] + list(self.middle_extra)
                 self.middle = RelayNode(self.opts.relay_bin, self.master.port, extra=extra)
-            elif self.mode == "relay-1gb":
-                extra = ["--log-memory", "1gb"] + list(self.middle_extra)
+            elif self.mode in RELAY_LOG_MEMORY:
+                extra = list(self.middle_extra)
+                if self.mode != "relay":
+                    extra = ["--log-memory", RELAY_LOG_MEMORY[self.mode]] + extra
                 self.middle = RelayNode(self.opts.relay_bin, self.master.port, extra=extra)
             if self.middle:
                 wait_until(f"{self.mode} synced with the master", self.middle.synced, 300, interval=0.05)
@@ -626,6 +626,43 @@ class Cluster:
 
 
 MODES = ["direct", "chained", "relay"]
+# The relay's throughput modes by --log-memory: the default (64 MB: a 200 MB burst leaves the sinks on
+# the disk tier for most of it), a 4 MB tail (nearly all of it from disk), and a 1 GB tail (all from
+# memory), so the disk tier's cost shows against the all-memory tail.
+RELAY_LOG_MEMORY = {"relay": "64mb", "relay-disk": "4mb", "relay-1gb": "1gb"}
+RELAY_MODES = list(RELAY_LOG_MEMORY)
+SENT_SOURCES = (("memory", "stream_sent_from_memory"), ("disk", "stream_sent_from_disk"),
+                ("sendfile", "stream_sent_by_sendfile"))
+RSS_WATCH_S, RSS_WATCH_STEP = 10.0, 0.2
+
+
+def size_bytes(text):
+    """'64mb' -> bytes (redis-server units: k/kb/m/mb/g/gb, kb-style ones 1024-based)."""
+    t = text.lower()
+    for suffix, mult in (("gb", 1 << 30), ("mb", 1 << 20), ("kb", 1 << 10), ("g", 10**9), ("m", 10**6), ("k", 1000)):
+        if t.endswith(suffix):
+            return int(t[: -len(suffix)]) * mult
+    return int(t)
+
+
+def sent_counters(node):
+    """The relay's stream bytes sent so far, by source (INFO relay)."""
+    fields = node.info("relay")
+    return {name: int(fields.get(key, 0) or 0) for name, key in SENT_SOURCES}
+
+
+def watch_rss(pid, idle, seconds=RSS_WATCH_S, step=RSS_WATCH_STEP):
+    """Polls VmRSS every `step` s for up to `seconds` until it is under 2× `idle`: (seconds until it
+    first was, or None; the RSS then, or at the end)."""
+    t0 = time.time()
+    while True:
+        rss, _ = proc_mem(pid)
+        elapsed = time.time() - t0
+        if rss is not None and rss < 2 * idle:
+            return elapsed, rss
+        if rss is None or elapsed >= seconds:
+            return None, rss
+        time.sleep(step)
 
 # ---------------------------------------------------------------------------------------------
 # Scenarios
@@ -648,7 +685,10 @@ def run_burst(opts, port, n, keyspace=100000):
     return t0, t1
 
 
-def throughput_case(opts, mode, kind, n):
+def throughput_case(opts, mode, kind, n, profile=None):
+    """One burst to n replicas below `mode`. With `profile` (a file path), perf records the middle node
+    from just before the burst to the end of delivery (the result then goes to the profile section,
+    not to the throughput tables: perf costs the relay CPU)."""
     with Cluster(opts, mode) as cl:
         if kind == "real":
             replicas = ReplicaSet(cl.upstream, n)
@@ -660,6 +700,10 @@ def throughput_case(opts, mode, kind, n):
             replicas.wait_online(120)
         time.sleep(1.0)
         mid = cl.middle
+        relay = mode in RELAY_MODES
+        idle_rss = proc_mem(mid.pid)[0] if relay else None
+        sent0 = sent_counters(mid) if relay else None
+        perf = start_perf(mid.pid, profile) if profile else None
         cpu0 = proc_cpu(mid.pid) if mid else None
         mcpu0 = proc_cpu(cl.master.pid)
         start_offset = cl.master.offset()
@@ -676,6 +720,9 @@ def throughput_case(opts, mode, kind, n):
         cpu1 = proc_cpu(mid.pid) if mid else None
         scpu1 = proc_cpu(replicas.proc.pid) if kind == "sink" else None
         rss, hwm = proc_mem(mid.pid) if mid else (None, None)
+        perf_file = stop_perf(perf) if perf else None
+        sent1 = sent_counters(mid) if relay else None
+        under_2x_s, rss_after = watch_rss(mid.pid, idle_rss) if relay and idle_rss else (None, None)
         stream = final - start_offset
         write_s = (t1 - t0) / 1e9
         deliver_s = (t_done - t0) / 1e9
@@ -691,13 +738,145 @@ def throughput_case(opts, mode, kind, n):
         }
         if mid:
             result["cpu_ms_per_mb"] = result["middle_cpu_s"] * 1000 / result["delivered_mb"]
+        if relay:
+            result["log_memory"] = size_bytes(RELAY_LOG_MEMORY[mode])
+            result["sent_bytes"] = {k: sent1[k] - sent0[k] for k in sent1}
+            result["idle_rss"] = idle_rss
+            result["rss_under_2x_idle_s"] = under_2x_s
+            result["rss_after"] = rss_after
+        sent = result.get("sent_bytes")
         log(
             f"throughput {mode:7} {kind:4} N={n:3}: stream {stream / MB:.0f} MB, write {write_s:.2f}s, "
             f"delivered {deliver_s:.2f}s ({deliver_s / write_s:.2f}x)"
             + (f", middle CPU {result['middle_cpu_s']:.2f}s, HWM {hwm / MB:.0f} MB" if mid else "")
+            + (" sent " + "/".join(f"{k} {v / MB:.0f}" for k, v in sent.items()) + " MB" if sent else "")
+            + (f", idle RSS {idle_rss / MB:.0f} MB, < 2x idle after {fmt(under_2x_s, '.1f')} s "
+               f"({rss_after / MB:.0f} MB)" if relay and idle_rss and rss_after else "")
             + f", machine busy {result['machine_busy'] * 100:.0f}%"
         )
+        if perf_file:
+            result["perf_file"] = perf_file
         return result
+
+
+# Buckets for the profile's symbols, first match wins: (name, predicate on the symbol name).
+PROFILE_BUCKETS = [
+    ("socket send copy (`_copy_from_iter`, `copy_user*`: the latter also serves reads)",
+     lambda s: s.startswith("_copy_from_iter") or s.startswith("copy_user") or s.startswith("rep_movs_alternative")),
+    ("file read copy (`_copy_to_iter`, `copy_page_to_iter`, `filemap_*`)",
+     lambda s: s.startswith("_copy_to_iter") or s.startswith("copy_page_to_iter") or s.startswith("filemap_")),
+    ("sendfile / splice (`splice*`, `*sendfile*`)", lambda s: "splice" in s or "sendfile" in s),
+    ("CRC-32C (`crc32c*`, crc crate)", lambda s: "crc32" in s.lower() or s.startswith("crc::")),
+    ("memcpy / memset (`__mem*`, `mem*_erms`)",
+     lambda s: s.startswith("__mem") or s.startswith("memcpy") or s.startswith("memset") or s.startswith("memmove")),
+    ("wakeups / scheduling (`_raw_spin_unlock_irqrestore`, `finish_task_switch`, `try_to_wake_up`, `__schedule`, "
+     "futex)",
+     lambda s: s.startswith(("_raw_spin_unlock_irqrestore", "finish_task_switch", "try_to_wake_up", "__schedule",
+                             "schedule", "__wake_up", "futex", "__futex"))),
+    ("allocator (`malloc`, `_int_*`, `cfree`, ...)",
+     lambda s: s.startswith(("malloc", "_int_", "cfree", "__libc_malloc", "__libc_free", "__libc_realloc",
+                             "__libc_calloc", "sysmalloc", "unlink_chunk", "tcache", "__rust_alloc",
+                             "__rust_dealloc", "__rust_realloc"))
+     or s in ("free", "realloc", "calloc")),
+    ("TCP/IP stack (`tcp_*`, `ip_*`, `skb_*`, `__dev_queue_xmit`, ...)",
+     lambda s: s.startswith(("tcp_", "__tcp", "ip_", "__ip", "skb_", "__skb", "kfree_skb", "__kfree_skb",
+                             "__dev_queue_xmit", "dev_hard_start_xmit", "loopback_xmit", "__netif", "netif_",
+                             "net_rx_action", "process_backlog", "__napi", "sock_", "__sock", "release_sock",
+                             "lock_sock", "sk_", "__sk_", "inet_", "__inet", "__sys_sendto", "__sys_recvfrom",
+                             "__x64_sys_sendto", "__x64_sys_recvfrom", "sock_sendmsg", "sock_recvmsg",
+                             "validate_xmit", "__local_bh_enable_ip", "do_softirq", "__do_softirq"))),
+    ("syscall entry / exit", lambda s: s.startswith(("entry_SYSCALL", "syscall_", "do_syscall", "__x64_sys",
+                                                     "syscall_exit", "exit_to_user_mode", "__entry_text"))),
+]
+
+
+def parse_perf_report(text):
+    """`perf report --no-children --sort sym --stdio -g none` output: (samples, event, [(pct, kind, sym)])."""
+    samples, event, rows = None, None, []
+    for line in text.splitlines():
+        if line.startswith("# Samples:"):
+            # "# Samples: 12K of event 'cpu-clock:pppH'"
+            parts = line.split()
+            count = parts[2]
+            mult = {"K": 1000, "M": 1000000}.get(count[-1], 1)
+            samples = int(float(count.rstrip("KM")) * mult)
+            if "'" in line:
+                event = line.split("'")[1]
+            continue
+        if line.startswith("#") or "%" not in line:
+            continue
+        head, _, rest = line.strip().partition("%")
+        try:
+            pct = float(head)
+        except ValueError:
+            continue
+        rest = rest.strip()
+        kind = ""
+        if rest.startswith("[") and "]" in rest:
+            kind, rest = rest[1:rest.index("]")], rest[rest.index("]") + 1:].strip()
+        rows.append((pct, kind, rest))
+    return samples, event, rows
+
+
+def profile_buckets(rows):
+    sums = {name: 0.0 for name, _ in PROFILE_BUCKETS}
+    sums["other"] = 0.0
+    for pct, _, sym in rows:
+        for name, match in PROFILE_BUCKETS:
+            if match(sym):
+                sums[name] += pct
+                break
+        else:
+            sums["other"] += pct
+    return [(name, pct) for name, pct in sums.items()]
+
+
+def profile_case(opts, mode, n):
+    """One extra burst to n sinks below `mode` with perf recording the relay; the top symbols and the
+    buckets they add up to, plus the burst's own figures (slowed by perf)."""
+    path = os.path.join(run_dir(), f"perf-{mode}-{n}.data")
+    result = throughput_case(opts, mode, "sink", n, profile=path)
+    out = subprocess.run(["perf", "report", "-i", path, "--no-children", "--sort", "sym", "--stdio", "-g", "none"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"perf report failed: {out.stderr[-500:]}")
+    samples, event, rows = parse_perf_report(out.stdout)
+    if not rows:
+        raise RuntimeError(f"perf report listed no symbols: {out.stderr[-500:]}")
+    rows.sort(key=lambda r: -r[0])
+    profile = {
+        "mode": mode, "n": n, "samples": samples, "event": event, "frequency": 999,
+        "top": [list(r) for r in rows[:40]], "buckets": profile_buckets(rows),
+        "burst": {k: result.get(k) for k in ("stream_bytes", "write_s", "deliver_s", "middle_cpu_s", "cpu_ms_per_mb",
+                                             "delivered_mb", "sent_bytes", "middle_hwm")},
+    }
+    top = ", ".join(f"{sym} {pct:.1f}%" for pct, _, sym in rows[:5])
+    log(f"profile {mode} N={n}: {samples} samples ({event}); top: {top}")
+    os.remove(path)
+    return profile
+
+
+def start_perf(pid, path):
+    """perf record of `pid` (every thread, call graphs) into `path`; returns the perf process once it
+    has attached (it prints nothing until then, so the file's header is the sign)."""
+    proc = REG.spawn(["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", path],
+                     logfile=path + ".log")
+    wait_until("perf record to attach", lambda: os.path.exists(path) and os.path.getsize(path) > 0, 30,
+               interval=0.05)
+    time.sleep(0.3)
+    return proc, path
+
+
+def stop_perf(perf):
+    """SIGINT to perf record (it then writes its file and exits); returns the file."""
+    proc, path = perf
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        log("perf record did not exit after SIGINT:", tail(path + ".log"))
+    REG.stop(proc)
+    return path
 
 
 FLOORS = ["floor-write", "floor-sendfile"]
@@ -1764,6 +1943,12 @@ def main():
     p.add_argument("--sink-ns", dest="sink_ns_arg", help="override the sink replica counts, e.g. 1,4,16,32,64")
     p.add_argument("--burst", dest="burst_arg", type=int, help="override the number of SETs in the burst")
     p.add_argument("--repeat", dest="repeat_arg", type=int, help="throughput rounds (median reported)")
+    p.add_argument("--mem-ns", dest="mem_ns_arg",
+                   help="sink counts that also run relay-disk (--log-memory 4mb) and relay-1gb, e.g. 32,64 "
+                        "(full run: 32,64; --quick: none)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                   help="perf record the relay during one extra relay and relay-disk burst to the largest N "
+                        "(64 in the full run); default: on in the full run when perf is installed")
     opts = p.parse_args()
     opts_global = opts
     opts.command = "python3 bench/run.py" + (" --quick" if opts.quick else "")
@@ -1794,6 +1979,16 @@ def main():
         opts.sink_ns = [int(x) for x in opts.sink_ns_arg.split(",")]
     if opts.burst_arg:
         opts.burst = opts.burst_arg
+    if opts.mem_ns_arg is not None:
+        opts.mem_ns = [int(x) for x in opts.mem_ns_arg.split(",") if x]
+    opts.profile_note = None
+    if opts.profile is None:
+        opts.profile = not opts.quick
+    if opts.profile and not shutil.which("perf"):
+        opts.profile = False
+        opts.profile_note = "perf is not installed: no profile was taken (Debian: apt-get install linux-perf)"
+    elif not opts.profile:
+        opts.profile_note = "no profile was taken in this run (`--profile` takes one)"
     opts.repeat = opts.repeat_arg or (1 if opts.quick else 3)
     opts.mem_small_keys = 1000
     opts.longrun_keys, opts.longrun_value = 200000, 100
@@ -1873,10 +2068,18 @@ def main():
                     for mode in modes:
                         attempt("throughput", throughput_case, opts, mode, "sink", n)
                     if "relay" in modes and n in opts.mem_ns:
-                        attempt("throughput", throughput_case, opts, "relay-1gb", "sink", n)
+                        for mode in RELAY_MODES[1:]:
+                            if mode not in modes:
+                                attempt("throughput", throughput_case, opts, mode, "sink", n)
                     for how in FLOORS:
                         attempt("throughput", floor_case, opts, how, n)
             results["throughput"] = median_runs(results.get("throughput", []))
+        if opts.profile and ("throughput" in scenarios or "profile" in scenarios):
+            pn = 64 if 64 in opts.sink_ns else max(opts.sink_ns)
+            for mode in ("relay", "relay-disk"):
+                attempt("profile", profile_case, opts, mode, pn)
+        elif opts.profile_note:
+            results["profile_note"] = opts.profile_note
         if "latency" in scenarios:
             for load_rate in (0, opts.lat_load_rate):
                 attempt("latency", latency_case, opts, load_rate)
