@@ -1344,7 +1344,7 @@ def ensure_matplotlib():
     return False
 
 
-COLORS = {"direct": "#888888", "chained": "#d62728", "relay": "#1f77b4", "relay-1gb": "#17becf",
+COLORS = {"direct": "#888888", "chained": "#d62728", "relay": "#1f77b4", "relay-1gb": "#17becf", "relay-disk": "#9467bd",
           "floor-write": "#2ca02c", "floor-sendfile": "#98df8a"}
 
 
@@ -1362,7 +1362,7 @@ def plots(results, outdir, rel):
     tp = [r for r in results.get("throughput", []) if r.get("kind") == "sink"]
     if tp:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        for mode in MODES + ["relay-1gb"]:
+        for mode in MODES + RELAY_MODES[1:]:
             rows = sorted((r for r in tp if r["mode"] == mode), key=lambda r: r["n"])
             if not rows:
                 continue
@@ -1479,7 +1479,8 @@ def report(opts, results, machine, busy, started, finished, out_md):
     w("```")
     w("")
     w("A real master on loopback and, in turn, **direct** (replicas on the master), **chained** (a")
-    w("redis-server replica in the middle, replicas below it) and **relay** (redis-relay in the middle).")
+    w("redis-server replica in the middle, replicas below it) and **relay** (redis-relay in the middle;")
+    w("in the throughput section also **relay-disk**, `--log-memory 4mb`, and **relay-1gb**, `--log-memory 1gb`).")
     w("Replicas are real redis-server processes or sink replicas (`examples/bench_sink.rs`: handshake,")
     w("discard the RDB, count stream bytes, ACK every second and on GETACK; many per process).")
     w("")
@@ -1557,29 +1558,47 @@ def report(opts, results, machine, busy, started, finished, out_md):
         for kind, n in keys:
             if kind != "sink":
                 continue
-            for mode in MODES + ["relay-1gb"]:
+            for mode in MODES + RELAY_MODES[1:]:
                 r = by.get((mode, kind, n))
                 if r:
                     w(f"| {n} | {mode} | {r['deliver_s']:.2f} | {fmt(r.get('middle_cpu_s'))} | {r['master_cpu_s']:.2f} "
                       f"| {fmt(r.get('sink_cpu_s'))} | {r['machine_busy'] * 100:.0f}% |")
         w("")
-        extra = sorted((r for r in tp if r["mode"] == "relay-1gb"), key=lambda r: r["n"])
-        if extra:
-            w("The relay keeps the newest `--log-memory` (64 MB by default) of the stream in memory; replicas that "
-              "trail by more read the log from disk. A burst much "
-              "larger than 64 MB leaves the sinks behind that window, so the same runs with `--log-memory 1gb` "
-              "(*relay-1gb*) show the cost of the disk path:")
+        relay_ns = [n for kind, n in keys if kind == "sink" and any(by.get((m, "sink", n)) for m in RELAY_MODES)]
+        if relay_ns:
+            w("The relay keeps the newest `--log-memory` bytes of the stream in memory (64 MB by default); replicas "
+              "that trail by more are served from the disk log, where each record is checked (CRC-32C) once, by "
+              "its first reader, and then sent to plain-TCP replicas from the segment file with `sendfile`. The "
+              "same bursts with a 4 MB tail (*relay-disk*: nearly all of it behind the tail) and a 1 GB tail "
+              "(*relay-1gb*: all of it in memory) show what the disk tier costs. *Sent from*: the relay's INFO "
+              "counters `stream_sent_from_memory` / `stream_sent_from_disk` (disk records read into memory: the "
+              "first reader's check, or read-backs for TLS) / `stream_sent_by_sendfile`, their change over the "
+              "burst as a share of the bytes delivered (stream × N). *Idle RSS*: VmRSS just before the burst; "
+              f"*< 2× idle*: seconds after delivery until VmRSS was first under twice that, polled every "
+              f"{RSS_WATCH_STEP} s for {RSS_WATCH_S:.0f} s (– if it was not), and the RSS then (or at the end).")
             w("")
-            w("| N | delivered s relay / relay-1gb | CPU s relay / relay-1gb | CPU ms/MB relay / relay-1gb | "
-              "relay-1gb CPU/MB ÷ chained | peak RSS MiB relay / relay-1gb |")
-            w("|---|---|---|---|---|---|")
-            for x in extra:
-                r, c = by.get(("relay", "sink", x["n"])), by.get(("chained", "sink", x["n"]))
+            w("| N | middle | `--log-memory` | delivered s | CPU s | CPU ms/MB | ÷ write floor | ÷ sendfile floor | "
+              "sent from memory / disk / sendfile % | peak RSS MiB | idle RSS MiB | s to < 2× idle (RSS MiB then) |")
+            w("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for n in relay_ns:
+                fw, fs = by.get(("floor-write", "sink", n)), by.get(("floor-sendfile", "sink", n))
                 g = lambda y, f: y.get(f) if y else None  # noqa: E731
-                w(f"| {x['n']} | {fmt(g(r, 'deliver_s'))} / {x['deliver_s']:.2f} | {fmt(g(r, 'middle_cpu_s'))} / "
-                  f"{x['middle_cpu_s']:.2f} | {fmt(g(r, 'cpu_ms_per_mb'), '.3f')} / {x['cpu_ms_per_mb']:.3f} | "
-                  f"{ratio(x['cpu_ms_per_mb'], g(c, 'cpu_ms_per_mb'))} | "
-                  f"{fmt(g(r, 'middle_hwm') and g(r, 'middle_hwm') / MB, '.0f')} / {x['middle_hwm'] / MB:.0f} |")
+                for mode in RELAY_MODES:
+                    r = by.get((mode, "sink", n))
+                    if not r:
+                        continue
+                    sent = r.get("sent_bytes")
+                    total = r["stream_bytes"] * r["n"]
+                    shares = (" / ".join(f"{sent[k] * 100 / total:.0f}" for k, _ in SENT_SOURCES)
+                              if sent and total else "–")
+                    back = r.get("rss_under_2x_idle_s")
+                    after = r.get("rss_after")
+                    w(f"| {n} | {mode} | {RELAY_LOG_MEMORY[mode]} | {r['deliver_s']:.2f} | {fmt(r.get('middle_cpu_s'))} | "
+                      f"{fmt(r.get('cpu_ms_per_mb'), '.3f')} | {ratio(r.get('cpu_ms_per_mb'), g(fw, 'cpu_ms_per_mb'))} | "
+                      f"{ratio(r.get('cpu_ms_per_mb'), g(fs, 'cpu_ms_per_mb'))} | {shares} | "
+                      f"{fmt(r.get('middle_hwm') and r['middle_hwm'] / MB, '.0f')} | "
+                      f"{fmt(r.get('idle_rss') and r['idle_rss'] / MB, '.0f')} | "
+                      f"{fmt(back, '.1f')} ({fmt(after and after / MB, '.0f')}) |")
             w("")
         floors = [n for kind, n in keys if kind == "sink" and by.get(("floor-write", "sink", n))]
         if floors:
@@ -1603,24 +1622,51 @@ def report(opts, results, machine, busy, started, finished, out_md):
         if "throughput" in files:
             w(f"![throughput]({files['throughput']})")
             w("")
+        I14 = "issue 14"
         for n in (32, 64):
             r, c = by.get(("relay", "sink", n)), by.get(("chained", "sink", n))
-            fw = by.get(("floor-write", "sink", n))
+            fw, fs = by.get(("floor-write", "sink", n)), by.get(("floor-sendfile", "sink", n))
             if r and c:
-                targets.append((f"master write time with the relay ≤ 1.1× with the chained replica at N = {n}",
+                targets.append((I14, f"master write time with the relay ≤ 1.1× with the chained replica at N = {n}",
                                 r["write_s"] <= 1.1 * c["write_s"],
                                 f"{r['write_s']:.2f} s / {c['write_s']:.2f} s = {r['write_s'] / c['write_s']:.2f}×"))
-                targets.append((f"all delivered ≤ 0.6× the chained replica's at N = {n}",
+                targets.append((I14, f"all delivered ≤ 0.6× the chained replica's at N = {n}",
                                 r["deliver_s"] <= 0.6 * c["deliver_s"],
                                 f"{r['deliver_s']:.2f} s / {c['deliver_s']:.2f} s = {r['deliver_s'] / c['deliver_s']:.2f}×"))
             if r and fw and fw.get("cpu_ms_per_mb"):
-                targets.append((f"relay CPU per delivered MB ≤ 1.2× the write() floor at N = {n}",
+                targets.append((I14, f"relay CPU per delivered MB ≤ 1.2× the write() floor at N = {n}",
                                 r["cpu_ms_per_mb"] <= 1.2 * fw["cpu_ms_per_mb"],
                                 f"{r['cpu_ms_per_mb']:.3f} / {fw['cpu_ms_per_mb']:.3f} ms/MB = "
                                 f"{r['cpu_ms_per_mb'] / fw['cpu_ms_per_mb']:.2f}×"))
-            if r and r.get("middle_hwm"):
-                targets.append((f"relay peak RSS ≤ --log-memory + 32 MB during the burst at N = {n}",
-                                r["middle_hwm"] <= 96 * MB, f"{r['middle_hwm'] / MB:.0f} MiB (64 MB + 32 MB = 96 MiB)"))
+            if r and fs and fs.get("cpu_ms_per_mb"):
+                c_part = ""
+                if c and c.get("cpu_ms_per_mb"):
+                    c_part = (f"; sendfile floor ÷ chained = {fs['cpu_ms_per_mb'] / c['cpu_ms_per_mb']:.2f}× "
+                              "(the issue expects ≤ 1/3)")
+                targets.append((I14, f"stretch: relay CPU per delivered MB ≤ the sendfile() floor at N = {n}",
+                                r["cpu_ms_per_mb"] <= fs["cpu_ms_per_mb"],
+                                f"{r['cpu_ms_per_mb']:.3f} / {fs['cpu_ms_per_mb']:.3f} ms/MB = "
+                                f"{r['cpu_ms_per_mb'] / fs['cpu_ms_per_mb']:.2f}×" + c_part))
+        for mode in ("relay", "relay-disk"):
+            for n in (32, 64):
+                r = by.get((mode, "sink", n))
+                if not r or not r.get("middle_hwm"):
+                    continue
+                limit = size_bytes(RELAY_LOG_MEMORY[mode]) + 32 * MB
+                targets.append((I14, f"{mode}: peak RSS ≤ --log-memory + 32 MB during the burst at N = {n}",
+                                r["middle_hwm"] <= limit,
+                                f"peak {r['middle_hwm'] / MB:.0f} MiB (VmHWM) ≤ {RELAY_LOG_MEMORY[mode]} + 32 MB = "
+                                f"{limit / MB:.0f} MiB"))
+                if r.get("idle_rss"):
+                    back = r.get("rss_under_2x_idle_s")
+                    targets.append((I14, f"{mode}: RSS back under 2× idle within {RSS_WATCH_S:.0f} s after the burst "
+                                         f"at N = {n}",
+                                    back is not None,
+                                    f"idle {r['idle_rss'] / MB:.0f} MiB, 2× = {2 * r['idle_rss'] / MB:.0f} MiB; "
+                                    + (f"under it {back:.1f} s after delivery ({r['rss_after'] / MB:.0f} MiB)"
+                                       if back is not None else
+                                       f"{fmt(r.get('rss_after') and r['rss_after'] / MB, '.0f')} MiB "
+                                       f"{RSS_WATCH_S:.0f} s after delivery")))
         for n in (32, 64):
             r = by.get(("relay", "sink", n))
             if r:
@@ -1858,51 +1904,88 @@ def report(opts, results, machine, busy, started, finished, out_md):
 
     w("## Notes")
     w("")
-    w("- Every process shares the same 2 CPUs: at N = 32 and 64 the sink process alone needs several CPU-seconds "
-      "to read N × the stream over loopback, and the sending side (master or middle node) spends most of its CPU in "
-      "the kernel's TCP send path. The *direct* rows show the same limit on the master itself: its write time "
-      "grows with N because it is the one doing the fan-out.")
+    w("- Every process shares the same CPUs: the sink process reads N × the stream over loopback (its CPU "
+      "seconds are in the throughput section), and the sending side (master or middle node) spends CPU in "
+      "the kernel's TCP send path. The *direct* rows show the same limit on the master itself: there it is the "
+      "master that does the fan-out.")
     w("- The relay keeps the newest `--log-memory` bytes of the stream in memory; a replica that trails by more "
-      "is served from the disk log. Compare *relay* with *relay-1gb* in the throughput section.")
-    w("- The relay's peak RSS during a burst follows `--log-memory` (the memory tail), not the dataset; the "
-      "chained replica holds the dataset. Section 5 shows the relay's RSS with a small and a large dataset.")
+      "is served from the disk log. There each record is checked (CRC-32C) once, by its first reader, which notes "
+      "where its payload lies; plain-TCP replicas after it get the records sent from the segment file with "
+      "`sendfile` (never copied into the relay), TLS replicas read them back into memory without a second check. "
+      "Compare *relay*, *relay-disk* and *relay-1gb* in the throughput section; the *sent from* columns show "
+      "which path carried the bytes.")
+    w("- The chained replica holds the dataset; the relay holds the memory tail and per-replica state, not the "
+      "dataset (section 5 shows its RSS with a small and a large dataset).")
     w("")
     w("## Where the time goes (profile)")
     w("")
-    w("Taken with `perf record -g` on the relay during the 199 MB burst (commit 7013930, 2 CPUs), to explain "
-      "the targets below that are not met:")
-    w("")
-    w("- **CPU per delivered MB.** With the stream in the memory tail, 84% of the relay's CPU samples are the "
-      "kernel's TCP send path (`tcp_sendmsg` and the copies under it) for the N replicas, and 8.7% the upstream "
-      "side (socket receive, command-boundary scan, CRC-32C and the segment write into the page cache). The "
-      "chained replica spends 89% of its samples in its own send path (`writeToClient`); the relay's advantage "
-      "(0.4-0.5x its CPU per MB) comes from sending the log's shared buffers with up to 1 MB vectored writes and "
-      "from not executing the commands. Reaching 1/3 would need fewer bytes copied per replica (e.g. `sendfile`/"
-      "zero-copy from the page cache), which the kernel's loopback path does not offer here.")
-    w("- **Replicas behind the memory tail.** When a burst leaves replicas more than `--log-memory` behind, "
-      "they are served from the disk log: before the fixes that followed this profile, `log::disk::read_planned` "
-      "took 25% of the relay's CPU at N = 64 (pread 12.1%, zeroing fresh buffers 5.4% plus page faults 5.1%, "
-      "CRC check 4.5%). Since then records that lie back to back are read with one pread into one buffer, CRC-32C "
-      "uses the CPU instruction, and verified records are shared by the cursors through a small cache; the "
-      "*relay-1gb* rows show the cost of this path against an all-memory tail.")
-    w("- **Delivery within 1.2x the write time at N = 32 and 64.** The machine has 2 CPUs shared by the master, "
-      "the middle node and the sink process; it was 96-99% busy during delivery. The sink process alone needs "
-      "1.2 and 2.5 CPU-seconds to read 32 and 64 copies of the stream, and the *direct* rows show the master "
-      "itself taking 2.4x and 2.8x its single-replica write time to fan out to the same sinks. The target needs "
-      "more cores than this machine has; the relay is faster than the chained replica at every N.")
-    w("- **Peak RSS during a burst is about twice `--log-memory`.** The memory tail's chunks are allocated on one "
-      "tokio worker thread and freed on the other, and glibc's per-thread arenas keep the freed pages "
-      "(`MALLOC_ARENA_MAX=1` halves the peak; mimalloc was tried and cost more CPU). It is bounded by the "
-      "setting, not by the dataset or the number of replicas.")
-    w("")
+    profiles = results.get("profile", [])
+    if profiles:
+        p0 = profiles[0]
+        w(f"Taken in this run: one extra burst each to N = {p0['n']} sink replicas with "
+          f"`perf record -F {p0['frequency']} -g -p <relay pid>` attached once the sinks were online and stopped "
+          "(SIGINT) after delivery, then `perf report --no-children --sort sym --stdio -g none`: the share of the "
+          "relay's samples (all its threads, user and kernel) whose own code is that symbol. These bursts are not "
+          "in the tables above (perf costs the relay CPU); their own figures:")
+        w("")
+        w("| middle | perf samples (event) | delivered s | relay CPU s | CPU ms/MB | sent from memory / disk / "
+          "sendfile % |")
+        w("|---|---|---|---|---|---|")
+        for pr in profiles:
+            b = pr["burst"]
+            sent = b.get("sent_bytes")
+            total = (b.get("stream_bytes") or 0) * pr["n"]
+            shares = " / ".join(f"{sent[k] * 100 / total:.0f}" for k, _ in SENT_SOURCES) if sent and total else "–"
+            w(f"| {pr['mode']} | {pr['samples']} ({pr['event']}) | {fmt(b.get('deliver_s'))} | "
+              f"{fmt(b.get('middle_cpu_s'))} | {fmt(b.get('cpu_ms_per_mb'), '.3f')} | {shares} |")
+        w("")
+        w("Grouped by symbol name (the kernel's `copy_user*` routines serve socket sends and reads alike, so the "
+          "first bucket also holds some of the upstream socket's and the disk reads' copies):")
+        w("")
+        w("| bucket | " + " | ".join(f"{pr['mode']} %" for pr in profiles) + " |")
+        w("|---|" + "---|" * len(profiles))
+        names = [name for name, _ in profiles[0]["buckets"]]
+        for name in names:
+            cells = [next((pct for nm, pct in pr["buckets"] if nm == name), None) for pr in profiles]
+            w(f"| {name} | " + " | ".join(fmt(c, '.1f') for c in cells) + " |")
+        w("")
+        top_n = 15
+        w(f"Top {top_n} symbols (`[k]` kernel, `[.]` user space):")
+        w("")
+        w("| # | " + " | ".join(f"{pr['mode']}: symbol | %" for pr in profiles) + " |")
+        w("|---|" + "---|---|" * len(profiles))
+        for i in range(top_n):
+            cells = []
+            for pr in profiles:
+                if i < len(pr["top"]):
+                    pct, kind, sym = pr["top"][i]
+                    cells.append(f"`[{kind}] {sym}` | {pct:.1f}")
+                else:
+                    cells.append(" | ")
+            w(f"| {i + 1} | " + " | ".join(cells) + " |")
+        w("")
+    else:
+        w(results.get("profile_note") or "No profile was taken in this run (`--profile` takes one).")
+        w("")
     if targets:
         w("## Targets")
         w("")
-        w("| target | met? | figures |")
-        w("|---|---|---|")
-        for name, ok, figures in targets:
-            w(f"| {name} | {'met' if ok else '**not met**'} | {figures} |")
-        w("")
+        groups = {}
+        for t in targets:
+            group, name, ok, figures = t if len(t) == 4 else ("earlier issues", *t)
+            groups.setdefault(group, []).append((name, ok, figures))
+        for group in sorted(groups, key=lambda g: g != "issue 14"):
+            if group == "issue 14":
+                w("Issue 14 (performance): same run, same machine, N = 32 and 64 sinks; the relay with its default "
+                  "`--log-memory 64mb` unless named.")
+            else:
+                w("Targets of earlier issues:")
+            w("")
+            w("| target | met? | figures |")
+            w("|---|---|---|")
+            for name, ok, figures in groups[group]:
+                w(f"| {name} | {'met' if ok else '**not met**'} | {figures} |")
+            w("")
     if results.get("errors"):
         w("## Errors during the run")
         w("")
