@@ -766,13 +766,25 @@ PROFILE_BUCKETS = [
     ("file read copy (`_copy_to_iter`, `copy_page_to_iter`, `filemap_*`)",
      lambda s: s.startswith("_copy_to_iter") or s.startswith("copy_page_to_iter") or s.startswith("filemap_")),
     ("sendfile / splice (`splice*`, `*sendfile*`)", lambda s: "splice" in s or "sendfile" in s),
+    ("log append: file write copy (`copy_folio_from_iter_atomic`, `generic_perform_write`, ext4)",
+     lambda s: s.startswith(("copy_folio_from_iter", "generic_perform_write", "ext4_", "__es_", "es_",
+                             "jbd2_", "__block_commit_write", "block_write_end", "mark_buffer_dirty"))),
     ("CRC-32C (`crc32c*`, crc crate)", lambda s: "crc32" in s.lower() or s.startswith("crc::")),
     ("memcpy / memset (`__mem*`, `mem*_erms`)",
      lambda s: s.startswith("__mem") or s.startswith("memcpy") or s.startswith("memset") or s.startswith("memmove")),
     ("wakeups / scheduling (`_raw_spin_unlock_irqrestore`, `finish_task_switch`, `try_to_wake_up`, `__schedule`, "
      "futex)",
-     lambda s: s.startswith(("_raw_spin_unlock_irqrestore", "finish_task_switch", "try_to_wake_up", "__schedule",
-                             "schedule", "__wake_up", "futex", "__futex"))),
+     lambda s: s.startswith(("_raw_spin_unlock_irq", "finish_task_switch", "try_to_wake_up", "__schedule",
+                             "schedule", "__wake_up", "futex", "__futex", "ep_poll", "do_epoll", "__x64_sys_epoll",
+                             "pick_next", "update_curr", "dequeue_", "enqueue_", "ttwu_", "select_task_rq"))),
+    ("page faults, page and slab allocation (`exc_page_fault`, `clear_page*`, `*slab*`, `__alloc_pages`)",
+     lambda s: s.startswith(("exc_page_fault", "handle_mm_fault", "__handle_mm_fault", "do_anonymous_page",
+                             "clear_page", "do_user_addr_fault", "___slab_alloc", "__slab_free", "kmem_cache_",
+                             "__kmalloc", "kmalloc", "kfree", "__alloc_pages", "alloc_pages", "get_page_from_freelist",
+                             "__free_pages", "__free_frozen_pages", "free_unref_page", "free_pcppages_bulk",
+                             "rmqueue", "__rmqueue", "__get_pfnblock_flags_mask", "lruvec_stat", "__mod_lruvec",
+                             "__mod_memcg", "mod_memcg", "__memcg", "memcg_", "get_mem_cgroup", "folio_",
+                             "__folio", "zap_", "unmap_page_range", "release_pages"))),
     ("allocator (`malloc`, `_int_*`, `cfree`, ...)",
      lambda s: s.startswith(("malloc", "_int_", "cfree", "__libc_malloc", "__libc_free", "__libc_realloc",
                              "__libc_calloc", "sysmalloc", "unlink_chunk", "tcache", "__rust_alloc",
@@ -784,7 +796,9 @@ PROFILE_BUCKETS = [
                              "net_rx_action", "process_backlog", "__napi", "sock_", "__sock", "release_sock",
                              "lock_sock", "sk_", "__sk_", "inet_", "__inet", "__sys_sendto", "__sys_recvfrom",
                              "__x64_sys_sendto", "__x64_sys_recvfrom", "sock_sendmsg", "sock_recvmsg",
-                             "validate_xmit", "__local_bh_enable_ip", "do_softirq", "__do_softirq"))),
+                             "validate_xmit", "__local_bh_enable_ip", "do_softirq", "__do_softirq",
+                             "handle_softirqs", "get_netmem", "put_netmem", "__alloc_skb", "__build_skb",
+                             "napi_", "__napi_", "dst_release", "nf_", "__nf_"))),
     ("syscall entry / exit", lambda s: s.startswith(("entry_SYSCALL", "syscall_", "do_syscall", "__x64_sys",
                                                      "syscall_exit", "exit_to_user_mode", "__entry_text"))),
 ]
@@ -846,7 +860,8 @@ def profile_case(opts, mode, n):
     rows.sort(key=lambda r: -r[0])
     profile = {
         "mode": mode, "n": n, "samples": samples, "event": event, "frequency": 999,
-        "top": [list(r) for r in rows[:40]], "buckets": profile_buckets(rows),
+        "top": [list(r) for r in rows[:40]], "symbols": [list(r) for r in rows if r[0] >= 0.01],
+        "buckets": profile_buckets(rows),
         "burst": {k: result.get(k) for k in ("stream_bytes", "write_s", "deliver_s", "middle_cpu_s", "cpu_ms_per_mb",
                                              "delivered_mb", "sent_bytes", "middle_hwm")},
     }
@@ -1459,6 +1474,42 @@ def plots(results, outdir, rel):
     return files
 
 
+NO_WORSE = 1.1  # "no worse" than the earlier run: within 10% (run-to-run noise on a shared 2-core machine)
+
+
+def comparable_figures(results):
+    """The figures issue 14 asks to stay no worse, from a results dict (this run's or an earlier one's):
+    relay added p99 latency per master load, storm seconds per order, restart seconds, RSS KiB per idle
+    replica; missing ones are left out."""
+    out = {}
+    for r in results.get("latency", []):
+        if r["mode"] == "relay" and r.get("added"):
+            label = "idle" if not r["load_rate"] else f"{r['load_rate']} SET/s"
+            out[f"added p99 latency µs ({label})"] = r["added"]["p99"]
+    for r in results.get("storm", []):
+        if r["mode"] == "relay":
+            out[f"storm s until all online ({r['order']})"] = r["seconds"]
+    for r in results.get("restart", []):
+        if r["mode"] == "relay":
+            out["restart s until recovered"] = r["seconds"]
+    for m in results.get("memory", []):
+        if m["mode"] == "relay" and len(m["rows"]) > 1:
+            a, b = m["rows"][0], m["rows"][-1]
+            out["RSS KiB per idle replica"] = (b["rss"] - a["rss"]) / (b["n"] - a["n"]) / 1024
+    return out
+
+
+def load_baseline(path):
+    """An earlier run's comparable figures (the results.json the report is about to replace)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return {"file": os.path.relpath(path, ROOT), "commit": saved.get("machine", {}).get("commit"),
+            "started": saved.get("started"), "figures": comparable_figures(saved.get("results", {}))}
+
+
 REPORT_OPTS = ("quick", "command", "value_size", "burst", "repeat", "lat_seconds", "lat_rate", "lat_load_rate",
                "storm_keys", "storm_value", "storm_replicas", "restart_replicas", "restart_rate", "mem_small_keys",
                "settle", "longrun_phases", "longrun_phase_mb", "longrun_log_mb", "longrun_keys", "longrun_value")
@@ -1944,9 +1995,10 @@ def report(opts, results, machine, busy, started, finished, out_md):
         w("")
         w("| bucket | " + " | ".join(f"{pr['mode']} %" for pr in profiles) + " |")
         w("|---|" + "---|" * len(profiles))
-        names = [name for name, _ in profiles[0]["buckets"]]
+        buckets = [profile_buckets(pr["symbols"]) if pr.get("symbols") else pr["buckets"] for pr in profiles]
+        names = [name for name, _ in buckets[0]]
         for name in names:
-            cells = [next((pct for nm, pct in pr["buckets"] if nm == name), None) for pr in profiles]
+            cells = [next((pct for nm, pct in b if nm == name), None) for b in buckets]
             w(f"| {name} | " + " | ".join(fmt(c, '.1f') for c in cells) + " |")
         w("")
         top_n = 15
@@ -1967,6 +2019,22 @@ def report(opts, results, machine, busy, started, finished, out_md):
     else:
         w(results.get("profile_note") or "No profile was taken in this run (`--profile` takes one).")
         w("")
+    base = results.get("baseline")
+    now = comparable_figures(results)
+    if not base:
+        targets.append(("issue 14", "latency, storm, restart and memory-per-replica figures no worse than the "
+                        "previous run's", None, "not compared: no earlier results.json (`--baseline`)"))
+    elif not set(base["figures"]) & set(now):
+        targets.append(("issue 14", "latency, storm, restart and memory-per-replica figures no worse than the "
+                        "previous run's", None, f"not compared: this run measured none of them ({base['file']} has "
+                        f"{len(base['figures'])})"))
+    else:
+        for name, before in base["figures"].items():
+            if name in now:
+                targets.append(("issue 14", f"{name} no worse than the previous run's (≤ {NO_WORSE}×)",
+                                now[name] <= NO_WORSE * before,
+                                f"{now[name]:.1f} now vs {before:.1f} in {base['file']} (commit {base['commit']}, "
+                                f"{base['started']}) = {ratio(now[name], before)}"))
     if targets:
         w("## Targets")
         w("")
@@ -1984,7 +2052,8 @@ def report(opts, results, machine, busy, started, finished, out_md):
             w("| target | met? | figures |")
             w("|---|---|---|")
             for name, ok, figures in groups[group]:
-                w(f"| {name} | {'met' if ok else '**not met**'} | {figures} |")
+                verdict = "–" if ok is None else "met" if ok else "**not met**"
+                w(f"| {name} | {verdict} | {figures} |")
             w("")
     if results.get("errors"):
         w("## Errors during the run")
@@ -2026,6 +2095,9 @@ def main():
     p.add_argument("--sink-ns", dest="sink_ns_arg", help="override the sink replica counts, e.g. 1,4,16,32,64")
     p.add_argument("--burst", dest="burst_arg", type=int, help="override the number of SETs in the burst")
     p.add_argument("--repeat", dest="repeat_arg", type=int, help="throughput rounds (median reported)")
+    p.add_argument("--baseline", metavar="JSON",
+                   help="an earlier run's results.json for the 'no worse' targets (default: the one next to the "
+                        "report, before this run replaces it)")
     p.add_argument("--mem-ns", dest="mem_ns_arg",
                    help="sink counts that also run relay-disk (--log-memory 4mb) and relay-1gb, e.g. 32,64 "
                         "(full run: 32,64; --quick: none)")
@@ -2083,6 +2155,8 @@ def main():
         for k, v in saved.get("opts", {}).items():
             setattr(opts, k, v)
         opts.relay_bin = saved["machine"].get("relay_bin", opts.relay_bin)
+        if opts.baseline:
+            saved["results"]["baseline"] = load_baseline(opts.baseline)
         report(opts, saved["results"], saved["machine"], saved["busy"], saved.get("started", "?"),
                saved.get("finished", "?"), out_md)
         return
@@ -2114,6 +2188,11 @@ def main():
     ensure_matplotlib()
 
     results = {"errors": []}
+    baseline = opts.baseline or os.path.join(os.path.dirname(os.path.abspath(out_md)),
+                                             os.path.splitext(os.path.basename(out_md))[0], "results.json")
+    results["baseline"] = load_baseline(baseline)
+    if results["baseline"]:
+        log(f"comparing with {baseline} (commit {results['baseline']['commit']})")
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     busy_before = cpu_busy_fraction(5)
     log(f"machine busy before the run: {busy_before * 100:.0f}% of all CPUs")
