@@ -9,7 +9,12 @@ redis-server chained replica in the middle, (c) redis-relay in the middle; below
 redis-server replicas or lightweight sink replicas (examples/bench_sink.rs). Scenarios:
 
   throughput  a burst of SETs (redis-benchmark) until it reached all N replicas; master write time;
-              middle node CPU seconds and peak RSS
+              middle node CPU seconds and peak RSS; for the relay also with --log-memory 4mb (relay-disk)
+              and 1gb (relay-1gb) at the larger N, the bytes it sent by source (INFO stream_sent_*), its
+              idle RSS and how soon after the burst RSS is back under 2x idle; the kernel's copy floor
+              (examples/copy_floor.rs, write() and sendfile()) for the same bytes and sinks
+  profile     (--profile, on in the full run when perf is installed) perf record of the relay during
+              one extra relay and relay-disk burst to the largest N: top symbols and buckets
   latency     SET lat:<seq> <unix-ns> at a steady rate on the master, arrival time at a sink below
               the middle node and at a sink on the master, per message
   storm       N real replicas full-syncing at once, and one by one, through the middle node (dataset
@@ -761,9 +766,9 @@ def throughput_case(opts, mode, kind, n, profile=None):
 
 # Buckets for the profile's symbols, first match wins: (name, predicate on the symbol name).
 PROFILE_BUCKETS = [
-    ("socket send copy (`_copy_from_iter`, `copy_user*`: the latter also serves reads)",
+    ("copy from user (`_copy_from_iter`: socket sends; `copy_user*`)",
      lambda s: s.startswith("_copy_from_iter") or s.startswith("copy_user") or s.startswith("rep_movs_alternative")),
-    ("file read copy (`_copy_to_iter`, `copy_page_to_iter`, `filemap_*`)",
+    ("copy to user (`_copy_to_iter`: socket receives and file reads; `copy_page_to_iter`, `filemap_*`)",
      lambda s: s.startswith("_copy_to_iter") or s.startswith("copy_page_to_iter") or s.startswith("filemap_")),
     ("sendfile / splice (`splice*`, `*sendfile*`)", lambda s: "splice" in s or "sendfile" in s),
     ("log append: file write copy (`copy_folio_from_iter_atomic`, `generic_perform_write`, ext4)",
@@ -802,6 +807,75 @@ PROFILE_BUCKETS = [
     ("syscall entry / exit", lambda s: s.startswith(("entry_SYSCALL", "syscall_", "do_syscall", "__x64_sys",
                                                      "syscall_exit", "exit_to_user_mode", "__entry_text"))),
 ]
+
+
+# Each sample by what the relay was doing, from its kernel call chain (complete even where the user
+# space one is not): the first class any of whose functions is on the chain; samples with no kernel
+# frame by their user-space symbol.
+PROFILE_OPERATIONS = [
+    ("sendfile from the segment file (`do_sendfile`, splice)", ("do_sendfile", "splice_direct_to_actor",
+                                                                 "__x64_sys_sendfile64")),
+    ("socket send, write/writev (`tcp_sendmsg`)", ("tcp_sendmsg", "tcp_sendmsg_locked")),
+    ("socket receive (`tcp_recvmsg`: upstream stream, replica ACKs)", ("tcp_recvmsg", "tcp_recvmsg_locked")),
+    ("file read, pread (`filemap_read`, `vfs_read`)", ("filemap_read", "ksys_pread64", "__x64_sys_pread64",
+                                                       "ext4_file_read_iter", "vfs_read")),
+    ("file write, log append (`vfs_write` to the segment)", ("ext4_buffered_write_iter", "generic_perform_write",
+                                                            "ext4_file_write_iter", "ksys_pwrite64")),
+    ("fsync (`fdatasync`)", ("__x64_sys_fdatasync", "__x64_sys_fsync", "do_fsync", "vfs_fsync_range")),
+    ("page faults (`exc_page_fault`)", ("exc_page_fault", "asm_exc_page_fault")),
+    ("munmap / madvise (memory returned)", ("__x64_sys_munmap", "__x64_sys_madvise", "__vm_munmap",
+                                            "do_madvise")),
+    ("network softirq outside a send (`handle_softirqs`)", ("handle_softirqs", "__do_softirq", "net_rx_action")),
+    ("waits and wakeups (`futex`, `epoll_wait`, scheduler)", ("__x64_sys_futex", "__x64_sys_epoll_wait",
+                                                              "do_epoll_wait", "futex_wake", "futex_wait",
+                                                              "schedule", "__schedule", "try_to_wake_up")),
+]
+USER_OPERATIONS = [
+    ("relay user space: CRC-32C", lambda s: "crc32" in s.lower() or s.startswith("crc::")),
+    ("relay user space: memcpy / memset", lambda s: s.startswith(("__mem", "memcpy", "memset", "memmove"))),
+    ("relay user space: allocator", lambda s: s.startswith(("malloc", "_int_", "cfree", "__libc_malloc",
+                                                            "__libc_free", "__libc_realloc", "sysmalloc",
+                                                            "unlink_chunk", "tcache")) or s in ("free", "realloc")),
+]
+
+
+def parse_perf_script(text):
+    """`perf script` output: (samples per thread name, samples per operation)."""
+    import re
+
+    header = re.compile(r"^(.*?)\s+(\d+)(?:/\d+)?\s+\[?\d*\]?\s*[\d.]+:")
+    threads, ops = {}, {}
+    samples = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            m = header.match(line)
+            samples.append([m.group(1).strip() if m else "?", []])
+            continue
+        if samples:
+            parts = line.split(None, 1)
+            if len(parts) == 2:
+                addr, rest = parts
+                sym = rest.split(" (")[0].rsplit("+0x", 1)[0]
+                dso = rest.rsplit("(", 1)[-1].rstrip(")") if "(" in rest else ""
+                samples[-1][1].append((sym, "kernel" in dso))
+    for comm, frames in samples:
+        threads[comm] = threads.get(comm, 0) + 1
+        kernel = {sym for sym, k in frames if k}
+        op = None
+        if kernel:
+            for name, funcs in PROFILE_OPERATIONS:
+                if any(f in kernel for f in funcs):
+                    op = name
+                    break
+            else:
+                op = "kernel, other"
+        else:
+            leaf = frames[0][0] if frames else ""
+            op = next((name for name, match in USER_OPERATIONS if match(leaf)), "relay user space, other")
+        ops[op] = ops.get(op, 0) + 1
+    return threads, ops
 
 
 def parse_perf_report(text):
@@ -858,10 +932,12 @@ def profile_case(opts, mode, n):
     if not rows:
         raise RuntimeError(f"perf report listed no symbols: {out.stderr[-500:]}")
     rows.sort(key=lambda r: -r[0])
+    script = subprocess.run(["perf", "script", "-i", path], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    threads, ops = parse_perf_script(script.stdout) if script.returncode == 0 else ({}, {})
     profile = {
         "mode": mode, "n": n, "samples": samples, "event": event, "frequency": 999,
         "top": [list(r) for r in rows[:40]], "symbols": [list(r) for r in rows if r[0] >= 0.01],
-        "buckets": profile_buckets(rows),
+        "buckets": profile_buckets(rows), "threads": threads, "operations": ops,
         "burst": {k: result.get(k) for k in ("stream_bytes", "write_s", "deliver_s", "middle_cpu_s", "cpu_ms_per_mb",
                                              "delivered_mb", "sent_bytes", "middle_hwm")},
     }
@@ -1990,8 +2066,30 @@ def report(opts, results, machine, busy, started, finished, out_md):
             w(f"| {pr['mode']} | {pr['samples']} ({pr['event']}) | {fmt(b.get('deliver_s'))} | "
               f"{fmt(b.get('middle_cpu_s'))} | {fmt(b.get('cpu_ms_per_mb'), '.3f')} | {shares} |")
         w("")
-        w("Grouped by symbol name (the kernel's `copy_user*` routines serve socket sends and reads alike, so the "
-          "first bucket also holds some of the upstream socket's and the disk reads' copies):")
+        if all(pr.get("operations") for pr in profiles):
+            w("By what the relay was doing (`perf script`: each sample by the first of these found on its kernel "
+              "call chain, so a copy or a page fault counts under the send or read it served; samples without a "
+              "kernel frame by their user-space symbol), % of samples:")
+            w("")
+            w("| operation | " + " | ".join(f"{pr['mode']} %" for pr in profiles) + " |")
+            w("|---|" + "---|" * len(profiles))
+            order = [name for name, _ in PROFILE_OPERATIONS] + ["kernel, other"] + \
+                [name for name, _ in USER_OPERATIONS] + ["relay user space, other"]
+            for name in order:
+                cells = [pr["operations"].get(name, 0) * 100 / max(1, sum(pr["operations"].values()))
+                         for pr in profiles]
+                if any(cells):
+                    w(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+            w("")
+            names = sorted({t for pr in profiles for t in pr.get("threads", {})},
+                           key=lambda t: -sum(pr["threads"].get(t, 0) for pr in profiles))
+            w("By thread: " + "; ".join(
+                f"{pr['mode']}: " + ", ".join(f"{t} {pr['threads'][t] * 100 / max(1, sum(pr['threads'].values())):.0f}%"
+                                            for t in names if pr["threads"].get(t))
+                for pr in profiles) + ".")
+            w("")
+        w("The same samples grouped by the name of the function they were in (`perf report` above; a copy counts "
+          "as a copy whichever call it served), % of samples:")
         w("")
         w("| bucket | " + " | ".join(f"{pr['mode']} %" for pr in profiles) + " |")
         w("|---|" + "---|" * len(profiles))
