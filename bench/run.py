@@ -2088,7 +2088,7 @@ def report(opts, results, machine, busy, started, finished, out_md):
                                             for t in names if pr["threads"].get(t))
                 for pr in profiles) + ".")
             w("")
-        w("The same samples grouped by the name of the function they were in (`perf report` above; a copy counts "
+        w("The same samples grouped by the name of the function they were in (`perf report`; a copy counts "
           "as a copy whichever call it served), % of samples:")
         w("")
         w("| bucket | " + " | ".join(f"{pr['mode']} %" for pr in profiles) + " |")
