@@ -1634,7 +1634,7 @@ def report(opts, results, machine, busy, started, finished, out_md):
       "`repl-diskless-sync no` (disk-based: replicas arriving during a BGSAVE share it), "
       "`repl-backlog-size 256mb`, `client-output-buffer-limit replica 0 0 0`, `maxclients 10100`, "
       "`rdbcompression no`; "
-      "redis-relay with its defaults (`--log-memory 64mb`, `--log-size 1gb`, `--appendfsync everysec`).")
+      "redis-relay with its defaults (`--log-memory 64mb`, `--log-size 1gb`, `--appendfsync everysec`, `--threads auto`).")
     w("")
     targets = []
 
