@@ -1774,10 +1774,18 @@ def report(opts, results, machine, busy, started, finished, out_md):
                                 r["cpu_ms_per_mb"] <= fs["cpu_ms_per_mb"],
                                 f"{r['cpu_ms_per_mb']:.3f} / {fs['cpu_ms_per_mb']:.3f} ms/MB = "
                                 f"{r['cpu_ms_per_mb'] / fs['cpu_ms_per_mb']:.2f}×" + c_part))
+            missing = [m for m, x in (("relay", r), ("chained", c), ("floor-write", fw), ("floor-sendfile", fs))
+                       if not x]
+            if missing:
+                targets.append((I14, f"master write, delivery and CPU-per-MB targets at N = {n}", None,
+                                f"not measured in this run: no {', '.join(missing)} result with {n} sinks"))
         for mode in ("relay", "relay-disk"):
             for n in (32, 64):
                 r = by.get((mode, "sink", n))
                 if not r or not r.get("middle_hwm"):
+                    if mode == "relay":
+                        targets.append((I14, f"relay: peak RSS and RSS after the burst at N = {n}", None,
+                                        f"not measured in this run: no relay result with {n} sinks"))
                     continue
                 limit = size_bytes(RELAY_LOG_MEMORY[mode]) + 32 * MB
                 targets.append((I14, f"{mode}: peak RSS ≤ --log-memory + 32 MB during the burst at N = {n}",
