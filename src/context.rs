@@ -33,6 +33,10 @@ pub struct ServedStats {
     pub stream_from_memory: AtomicU64,
     pub stream_from_disk: AtomicU64,
     pub stream_sendfile: AtomicU64,
+    /// Replica streams ended because reading the log from disk failed (I/O), or a record failed
+    /// its check (never served).
+    pub log_read_errors: AtomicU64,
+    pub log_read_corrupt: AtomicU64,
     /// rdb-only requests (`redis-cli --rdb`) answered with a snapshot taken for them.
     pub rdb_only_fresh: AtomicU64,
     /// rdb-only requests answered from the cache because no source could give a fresh snapshot.

@@ -910,6 +910,18 @@ fn bad_clients_do_not_disturb_real_replicas() {
 // 9. Replicas behind the memory tail: records checked once, then sent from the segment file.
 // ---------------------------------------------------------------------------------------------
 
+/// Writes `count` SETs of 4000-byte values over `keys` keys named `prefix:N`, pipelined by 100.
+fn write_4k_values(master: &RedisServer, prefix: &str, count: u64, keys: u64) {
+    let mut con = master.conn();
+    for batch in 0..count / 100 {
+        let mut pipe = redis::pipe();
+        for n in batch * 100..(batch + 1) * 100 {
+            pipe.cmd("SET").arg(format!("{prefix}:{}", n % keys)).arg(value_of(n, 4000)).ignore();
+        }
+        pipe.query::<()>(&mut con).unwrap();
+    }
+}
+
 /// Sends SIGSTOP or SIGCONT to a server.
 fn signal(server: &RedisServer, name: &str) {
     let status = Command::new("kill").arg(format!("-{name}")).arg(server.pid().to_string()).status().unwrap();
@@ -929,15 +941,7 @@ fn replicas_behind_the_memory_tail_get_checked_records_sent_from_the_file() {
     // tail and more than the socket buffers between them and the relay hold.
     signal(&first, "STOP");
     signal(&second, "STOP");
-    let mut con = master.conn();
-    for batch in 0..80u64 {
-        let mut pipe = redis::pipe();
-        for i in 0..100 {
-            let n = batch * 100 + i;
-            pipe.cmd("SET").arg(format!("big:{}", n % 3000)).arg(value_of(n, 4000)).ignore();
-        }
-        pipe.query::<()>(&mut con).unwrap();
-    }
+    write_4k_values(&master, "big", 8000, 3000);
     wait_in_sync(&master, &relay, DEADLINE);
 
     // The first catches up alone: it reads the records from disk and checks them.
@@ -967,15 +971,7 @@ fn the_memory_tail_is_kept_for_a_replica_behind_and_released_once_every_replica_
 
     // A replica that stopped reading holds the tail: 16 MB of stream stay in memory for it.
     signal(&replica, "STOP");
-    let mut con = master.conn();
-    for batch in 0..40u64 {
-        let mut pipe = redis::pipe();
-        for i in 0..100 {
-            let n = batch * 100 + i;
-            pipe.cmd("SET").arg(format!("tail:{}", n % 1000)).arg(value_of(n, 4000)).ignore();
-        }
-        pipe.query::<()>(&mut con).unwrap();
-    }
+    write_4k_values(&master, "tail", 4000, 1000);
     wait_in_sync(&master, &relay, DEADLINE);
     // The relay has gone 2 s without an ACK from it (release rounds run every second): its old
     // ACK keeps everything.

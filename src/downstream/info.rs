@@ -352,6 +352,9 @@ fn relay(context: &RelayContext, report: &RelayReport, out: &mut String) {
     line(out, "stream_sent_from_memory", ServedStats::get(&stats.stream_from_memory));
     line(out, "stream_sent_from_disk", ServedStats::get(&stats.stream_from_disk));
     line(out, "stream_sent_by_sendfile", ServedStats::get(&stats.stream_sendfile));
+    // Replica streams the log's disk failed: a read error, or a record that failed its check.
+    line(out, "log_read_errors", ServedStats::get(&stats.log_read_errors));
+    line(out, "log_read_corrupt", ServedStats::get(&stats.log_read_corrupt));
     line(out, "log_last_write_error", faults.last_error.replace(['\r', '\n'], " "));
     let keys = snapshot.as_ref().and_then(|s| s.keys);
     line(out, "snapshot_keys", report.snapshot_keys());

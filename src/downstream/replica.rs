@@ -62,6 +62,8 @@ enum Disconnect {
     #[error("{0}")]
     Corrupt(String),
     #[error("{0}")]
+    DiskRead(String),
+    #[error("{0}")]
     Send(#[from] SendError),
     #[error("shutting down")]
     Shutdown,
@@ -214,6 +216,10 @@ fn log_drop(result: Result<(), Disconnect>) {
     match result {
         Ok(()) | Err(Disconnect::Shutdown) | Err(Disconnect::Client(ClientError::Closed)) => {
             tracing::info!("replica connection closed")
+        }
+        // The log failed this replica (a bad disk, a record that failed its check): the operator's problem.
+        Err(reason @ (Disconnect::Corrupt(_) | Disconnect::DiskRead(_))) => {
+            tracing::error!("disconnecting replica: {reason}")
         }
         Err(reason) => tracing::warn!("disconnecting replica: {reason}"),
     }
@@ -568,7 +574,14 @@ async fn stream_halves<R: AsyncRead + Unpin, W: WriterKind>(
                 Ok(next) => next,
                 Err(ReadError::Trimmed(at)) => return Err(Disconnect::FellOff(at)),
                 Err(ReadError::EpochChanged(_)) => return Err(Disconnect::HistoryChanged),
-                Err(ReadError::Corrupt(reason)) => return Err(Disconnect::Corrupt(reason)),
+                Err(ReadError::Corrupt(reason)) => {
+                    ServedStats::add(&stats.log_read_corrupt, 1);
+                    return Err(Disconnect::Corrupt(reason));
+                }
+                Err(ReadError::Io(reason)) => {
+                    ServedStats::add(&stats.log_read_errors, 1);
+                    return Err(Disconnect::DiskRead(reason));
+                }
             };
             let (n, source) = match next {
                 ToSend::Memory(parts) if parts.is_empty() => {
@@ -587,7 +600,17 @@ async fn stream_halves<R: AsyncRead + Unpin, W: WriterKind>(
                     let (Some(sender), Some(tcp)) = (&file_sender, writer.tcp()) else {
                         return Err(Disconnect::Corrupt("a file run for a replica that cannot take one".into()));
                     };
-                    (sender.send(&context.log, tcp, run, repl_timeout).await?, &stats.stream_sendfile)
+                    let sent = match sender.send(&context.log, tcp, run, repl_timeout).await {
+                        Ok(sent) => sent,
+                        Err(SendError::File(error)) => {
+                            ServedStats::add(&stats.log_read_errors, 1);
+                            return Err(Disconnect::DiskRead(format!(
+                                "sending from the log's segment file failed: {error}"
+                            )));
+                        }
+                        Err(other) => return Err(other.into()),
+                    };
+                    (sent, &stats.stream_sendfile)
                 }
             };
             position += n;

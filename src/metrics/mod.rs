@@ -96,6 +96,16 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("redis_relay_replica_lag_bytes", Kind::Gauge, "Relay offset minus the replica's acknowledged offset"),
     ("redis_relay_replica_lag_seconds", Kind::Gauge, "Seconds since the replica's last ACK"),
     ("redis_relay_downstream_sent_bytes_total", Kind::Counter, "Bytes sent to replicas (RDB and stream)"),
+    (
+        "redis_relay_stream_sent_bytes_total",
+        Kind::Counter,
+        "Stream bytes sent to replicas by source (memory tail, disk read into memory, sendfile from the segment)",
+    ),
+    (
+        "redis_relay_log_read_errors_total",
+        Kind::Counter,
+        "Replica streams ended by the log's disk: a failed read (io) or a record that failed its check (corrupt)",
+    ),
     ("redis_relay_clients_memory_bytes", Kind::Gauge, "Memory of the clients' buffers (mem_clients_normal)"),
     ("redis_relay_evicted_clients_total", Kind::Counter, "Clients evicted at maxmemory-clients"),
     (
@@ -260,6 +270,10 @@ fn sample(context: &RelayContext) {
     {
         let labels = [("relay", relay.clone()), ("source", source.to_string())];
         counter!("redis_relay_stream_sent_bytes_total", &labels).absolute(ServedStats::get(value));
+    }
+    for (kind, value) in [("io", &stats.log_read_errors), ("corrupt", &stats.log_read_corrupt)] {
+        let labels = [("relay", relay.clone()), ("kind", kind.to_string())];
+        counter!("redis_relay_log_read_errors_total", &labels).absolute(ServedStats::get(value));
     }
     counter!("redis_relay_pubsub_limit_disconnections_total", &labels).absolute(context.pubsub.limit_disconnections());
     gauge!("redis_relay_clients_memory_bytes", &labels).set(context.client_memory.total() as f64);
