@@ -14,8 +14,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
-    connect, load_dataset, offset_of, parse_info_field, replid_of, run_with_deadline, stat_of, value_of, wait_for,
-    wait_in_sync, wait_link_up, wait_until, InfoSource, KillOnDrop, RedisServer, Relay, SYNC_TIMEOUT,
+    connect, load_dataset, offset_of, parse_info_field, replid_of, run_with_deadline, signal_server, stat_of, value_of,
+    wait_for, wait_in_sync, wait_link_up, wait_until, write_4k_values, InfoSource, KillOnDrop, RedisServer, Relay,
+    SYNC_TIMEOUT,
 };
 
 /// Deadline for replication conditions.
@@ -910,24 +911,6 @@ fn bad_clients_do_not_disturb_real_replicas() {
 // 9. Replicas behind the memory tail: records checked once, then sent from the segment file.
 // ---------------------------------------------------------------------------------------------
 
-/// Writes `count` SETs of 4000-byte values over `keys` keys named `prefix:N`, pipelined by 100.
-fn write_4k_values(master: &RedisServer, prefix: &str, count: u64, keys: u64) {
-    let mut con = master.conn();
-    for batch in 0..count / 100 {
-        let mut pipe = redis::pipe();
-        for n in batch * 100..(batch + 1) * 100 {
-            pipe.cmd("SET").arg(format!("{prefix}:{}", n % keys)).arg(value_of(n, 4000)).ignore();
-        }
-        pipe.query::<()>(&mut con).unwrap();
-    }
-}
-
-/// Sends SIGSTOP or SIGCONT to a server.
-fn signal(server: &RedisServer, name: &str) {
-    let status = Command::new("kill").arg(format!("-{name}")).arg(server.pid().to_string()).status().unwrap();
-    assert!(status.success(), "kill -{name} {}", server.pid());
-}
-
 #[test]
 fn replicas_behind_the_memory_tail_get_checked_records_sent_from_the_file() {
     let master = start_master();
@@ -939,20 +922,20 @@ fn replicas_behind_the_memory_tail_get_checked_records_sent_from_the_file() {
 
     // Both replicas stop reading; 32 MB of stream runs ahead of them, far past the 1 MB memory
     // tail and more than the socket buffers between them and the relay hold.
-    signal(&first, "STOP");
-    signal(&second, "STOP");
+    signal_server(&first, "STOP");
+    signal_server(&second, "STOP");
     write_4k_values(&master, "big", 8000, 3000);
     wait_in_sync(&master, &relay, DEADLINE);
 
     // The first catches up alone: it reads the records from disk and checks them.
-    signal(&first, "CONT");
+    signal_server(&first, "CONT");
     assert_converged(&master, &[("first", &first)]);
     let from_disk = relay.info_i64("relay", "stream_sent_from_disk");
     assert!(from_disk > 8 << 20, "the first replica read the log from disk: {from_disk} bytes");
     assert_eq!(relay.info_i64("relay", "stream_sent_by_sendfile"), 0, "nothing was checked before the first reader");
 
     // The second reads the same records: checked already, they go from the file by sendfile.
-    signal(&second, "CONT");
+    signal_server(&second, "CONT");
     assert_converged(&master, &[("first", &first), ("second", &second)]);
     let by_sendfile = relay.info_i64("relay", "stream_sent_by_sendfile");
     assert!(by_sendfile > 8 << 20, "the second replica got the checked records by sendfile: {by_sendfile} bytes");
@@ -970,7 +953,7 @@ fn the_memory_tail_is_kept_for_a_replica_behind_and_released_once_every_replica_
     let tail = || relay.info_i64("memory", "mem_replication_backlog");
 
     // A replica that stopped reading holds the tail: 16 MB of stream stay in memory for it.
-    signal(&replica, "STOP");
+    signal_server(&replica, "STOP");
     write_4k_values(&master, "tail", 4000, 1000);
     wait_in_sync(&master, &relay, DEADLINE);
     // The relay has gone 2 s without an ACK from it (release rounds run every second): its old
@@ -984,7 +967,7 @@ fn the_memory_tail_is_kept_for_a_replica_behind_and_released_once_every_replica_
     assert!(tail() >= 15 << 20, "the 16 MB are kept for the replica behind: {} bytes", tail());
 
     // Once it has caught up and acknowledged the end, nobody needs the tail: it is released.
-    signal(&replica, "CONT");
+    signal_server(&replica, "CONT");
     assert_converged(&master, &[("replica", &replica)]);
     wait_until(DEADLINE, "the memory tail to be released", || tail() == 0);
     assert_eq!(stat_of(&relay, "sync_full"), 1);

@@ -126,6 +126,16 @@ fn tls_master(certs: &Certs) -> (RedisServer, u16) {
 }
 
 fn relay_over_tls(certs: &Certs, master_tls_port: u16, ca: &str, auth_clients: &str) -> (Relay, u16) {
+    relay_over_tls_with(certs, master_tls_port, ca, auth_clients, &[])
+}
+
+fn relay_over_tls_with(
+    certs: &Certs,
+    master_tls_port: u16,
+    ca: &str,
+    auth_clients: &str,
+    extra: &[&str],
+) -> (Relay, u16) {
     // The listener's own copies, which a test may replace to renew them.
     for ext in ["crt", "key"] {
         std::fs::copy(certs.path(&format!("leaf.{ext}")), certs.path(&format!("listener.{ext}"))).expect("copy");
@@ -151,7 +161,10 @@ fn relay_over_tls(certs: &Certs, master_tls_port: u16, ca: &str, auth_clients: &
         &certs.file("ca.crt"),
         "--tls-auth-clients",
         auth_clients,
-    ] {
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
         builder = builder.arg(arg);
     }
     let relay = builder.start();
@@ -278,6 +291,29 @@ fn renewed_listener_certificates_are_loaded_on_sighup() {
 /// A redis-server replica over TLS below the relay: `tls-replication yes`, so it announces its TLS
 /// port as its listening port.
 /// Returns it with its TLS port.
+/// A TLS replica behind the memory tail reads the log from disk and gets it copied (a TLS stream is
+/// encrypted in user space: never sendfile), checked records read back, digest-equal.
+#[test]
+fn a_tls_replica_behind_the_memory_tail_gets_the_disk_records_copied_never_by_sendfile() {
+    let certs = Certs::new();
+    let (master, master_tls_port) = tls_master(&certs);
+    let (relay, relay_tls_port) =
+        relay_over_tls_with(&certs, master_tls_port, "ca.crt", "yes", &["--log-memory", "1mb"]);
+    wait_in_sync(&master, &relay, SYNC_TIMEOUT);
+    let (replica, _) = tls_replica(&certs, relay_tls_port);
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    signal_server(&replica, "STOP");
+    write_4k_values(&master, "tlsbig", 8000, 3000);
+    wait_in_sync(&master, &relay, SYNC_TIMEOUT);
+    signal_server(&replica, "CONT");
+    wait_in_sync(&master, &replica, SYNC_TIMEOUT);
+    assert_eq!(replica.digest(), master.digest());
+    let from_disk = relay.info_i64("relay", "stream_sent_from_disk");
+    assert!(from_disk > 8 << 20, "the TLS replica read the log from disk: {from_disk} bytes");
+    assert_eq!(relay.info_i64("relay", "stream_sent_by_sendfile"), 0, "a TLS replica never takes a file");
+    assert_eq!(stat_of(&relay, "sync_full"), 1);
+}
+
 fn tls_replica(certs: &Certs, relay_tls_port: u16) -> (RedisServer, u16) {
     let tls_port = free_port();
     let mut args = certs.server_args(tls_port);

@@ -63,8 +63,6 @@ enum Disconnect {
     Corrupt(String),
     #[error("{0}")]
     DiskRead(String),
-    #[error("{0}")]
-    Send(#[from] SendError),
     #[error("shutting down")]
     Shutdown,
 }
@@ -608,7 +606,8 @@ async fn stream_halves<R: AsyncRead + Unpin, W: WriterKind>(
                                 "sending from the log's segment file failed: {error}"
                             )));
                         }
-                        Err(other) => return Err(other.into()),
+                        Err(SendError::Timeout) => return Err(Disconnect::WriteTimeout),
+                        Err(SendError::Socket(error)) => return Err(Disconnect::Io(error)),
                     };
                     (sent, &stats.stream_sendfile)
                 }

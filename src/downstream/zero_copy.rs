@@ -33,14 +33,14 @@ impl WriterKind for tokio::net::tcp::WriteHalf<'_> {
 
 impl<T: AsyncRead + AsyncWrite> WriterKind for tokio::io::WriteHalf<T> {}
 
-/// Why sending a run ended the stream.
-#[derive(Debug, thiserror::Error)]
+/// Why sending a run ended the stream (the replica session maps each to its own disconnect reason).
+#[derive(Debug)]
 pub(super) enum SendError {
-    #[error("write stalled for longer than repl-timeout")]
+    /// No room in the socket for longer than repl-timeout.
     Timeout,
-    #[error("I/O error: {0}")]
+    /// Writing to the socket failed.
     Socket(io::Error),
-    #[error("reading a log segment failed: {0}")]
+    /// Reading the log segment failed.
     File(io::Error),
 }
 

@@ -1424,3 +1424,22 @@ pub fn read_command(reader: &mut std::io::BufReader<std::net::TcpStream>) -> Opt
     }
     Some(args)
 }
+
+/// Writes `count` SETs of 4000-byte values over `keys` keys named `prefix:N`, pipelined by 100.
+pub fn write_4k_values(master: &RedisServer, prefix: &str, count: u64, keys: u64) {
+    let mut con = master.conn();
+    for batch in 0..count / 100 {
+        let mut pipe = redis::pipe();
+        for n in batch * 100..(batch + 1) * 100 {
+            pipe.cmd("SET").arg(format!("{prefix}:{}", n % keys)).arg(value_of(n, 4000)).ignore();
+        }
+        pipe.query::<()>(&mut con).unwrap();
+    }
+}
+
+/// Sends SIGSTOP or SIGCONT to a server.
+pub fn signal_server(server: &RedisServer, name: &str) {
+    let status =
+        std::process::Command::new("kill").arg(format!("-{name}")).arg(server.pid().to_string()).status().unwrap();
+    assert!(status.success(), "kill -{name} {}", server.pid());
+}
