@@ -1052,6 +1052,16 @@ impl Relay {
         parse_info_field(&self.info(section), name)
     }
 
+    /// [`Self::info_field`] for polls that overlap a `CLIENT KILL TYPE normal` (Sentinel ends each
+    /// repoint with one, which closes every normal client, the poll's own included, as
+    /// redis-server does): a failed query is an `Err` to poll again, not a panic.
+    pub fn try_info_field(&self, section: &str, name: &str) -> Result<Option<String>, String> {
+        connect(self.port, None, self.options.requirepass.as_deref())
+            .and_then(|mut con| redis::cmd("INFO").arg(section).query::<String>(&mut con))
+            .map(|info| parse_info_field(&info, name))
+            .map_err(|e| format!("INFO {section}: {e}"))
+    }
+
     /// Everything the relay wrote to stderr/stdout so far (across restarts), ANSI colours removed.
     pub fn stderr(&self) -> String {
         let bytes = std::fs::read(&self.stderr_path).unwrap_or_default();
