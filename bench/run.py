@@ -716,7 +716,13 @@ def throughput_case(opts, mode, kind, n, profile=None):
             replicas.start_polling()
         scpu0 = proc_cpu(replicas.proc.pid) if kind == "sink" else None
         stat0 = cpu_stat()
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0, t1 = run_burst(opts, cl.master.port, opts.burst)
+        # CPU of every process during the master's write window: who took the cores from the master.
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        stat_w = cpu_stat()
+        cpu_w = proc_cpu(mid.pid) if mid else None
+        scpu_w = proc_cpu(replicas.proc.pid) if kind == "sink" else None
         final = cl.master.offset()
         mcpu1 = proc_cpu(cl.master.pid)
         times = replicas.wait_offset(final, opts.deliver_timeout)
@@ -740,6 +746,14 @@ def throughput_case(opts, mode, kind, n, profile=None):
             "delivered_mb": stream * n / MB,
             "sink_cpu_s": (scpu1 - scpu0) if kind == "sink" else None,
             "machine_busy": 1 - (stat1[1] - stat0[1]) / max(1, stat1[0] - stat0[0]),
+            "write_window": {
+                "master_cpu_s": mcpu1 - mcpu0,
+                "benchmark_cpu_s": (children1.ru_utime + children1.ru_stime)
+                - (children0.ru_utime + children0.ru_stime),
+                "middle_cpu_s": (cpu_w - cpu0) if mid else None,
+                "sink_cpu_s": (scpu_w - scpu0) if kind == "sink" else None,
+                "machine_busy": 1 - (stat_w[1] - stat0[1]) / max(1, stat_w[0] - stat0[0]),
+            },
         }
         if mid:
             result["cpu_ms_per_mb"] = result["middle_cpu_s"] * 1000 / result["delivered_mb"]
@@ -1691,6 +1705,29 @@ def report(opts, results, machine, busy, started, finished, out_md):
                     w(f"| {n} | {mode} | {r['deliver_s']:.2f} | {fmt(r.get('middle_cpu_s'))} | {r['master_cpu_s']:.2f} "
                       f"| {fmt(r.get('sink_cpu_s'))} | {r['machine_busy'] * 100:.0f}% |")
         w("")
+        windowed = [(kind, n) for kind, n in keys if kind == "sink"
+                    and any((by.get((m, kind, n)) or {}).get("write_window") for m in MODES + RELAY_MODES[1:])]
+        if windowed:
+            w("The same processes during the master's write window only (from the burst's start until "
+              "redis-benchmark ended): the master's write time is set by how much of the 2 CPUs the master and "
+              "redis-benchmark get while the middle node and the sinks also run. *Others' share*: the middle "
+              "node's and the sink process's CPU seconds over the 2 × write-s CPU seconds the window had.")
+            w("")
+            w("| N | middle | write s | master CPU s | redis-benchmark CPU s | middle CPU s | sink process CPU s "
+              "| others' share | machine busy |")
+            w("|---|---|---|---|---|---|---|---|---|")
+            cpus = os.cpu_count() or 1
+            for kind, n in windowed:
+                for mode in MODES + RELAY_MODES[1:]:
+                    r = by.get((mode, kind, n))
+                    ww = (r or {}).get("write_window")
+                    if not ww:
+                        continue
+                    others = (ww.get("middle_cpu_s") or 0) + (ww.get("sink_cpu_s") or 0)
+                    w(f"| {n} | {mode} | {r['write_s']:.2f} | {ww['master_cpu_s']:.2f} | "
+                      f"{ww['benchmark_cpu_s']:.2f} | {fmt(ww.get('middle_cpu_s'))} | {fmt(ww.get('sink_cpu_s'))} | "
+                      f"{others / (cpus * r['write_s']) * 100:.0f}% | {ww['machine_busy'] * 100:.0f}% |")
+            w("")
         relay_ns = [n for kind, n in keys if kind == "sink" and any(by.get((m, "sink", n)) for m in RELAY_MODES)]
         if relay_ns:
             w("The relay keeps the newest `--log-memory` bytes of the stream in memory (64 MB by default); replicas "
