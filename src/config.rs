@@ -209,6 +209,8 @@ pub struct Config {
     pub metrics_tls: Option<MetricsTls>,
     /// Worker threads of the runtime that serves every relay's clients and replicas (`threads`).
     pub threads: usize,
+    /// How the kernel schedules those threads beside the master (`fanout_priority`).
+    pub fanout_priority: FanoutPriority,
     pub relays: Vec<RelayConfig>,
 }
 
@@ -239,6 +241,50 @@ fn resolve_threads(flag: Option<&Text>, file: Option<&Text>) -> Result<usize, Co
                 Err(field_error(field, text, &format!("expected auto or a number of threads from 1 to {MAX_THREADS}")))
             }
         },
+    }
+}
+
+/// How the kernel schedules the threads that serve clients and replicas (the runtime's workers
+/// and its blocking pool, where the disk tier's reads and `sendfile`s run): `fanout_priority`.
+/// The upstream link and the log writers always keep the normal priority, so reading the master
+/// never waits behind the fan-out, whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FanoutPriority {
+    /// The kernel's default (`SCHED_OTHER`, nice 0): the fan-out competes with the master as an equal.
+    Normal,
+    /// `SCHED_OTHER` at nice 19: the fan-out gets a small share of a CPU the master wants.
+    Low,
+    /// `SCHED_IDLE`: the fan-out runs on the CPU time that nothing else on the host wants, so a
+    /// master's write burst on the same host runs first and the replicas catch up after it (from
+    /// the memory tail, or from disk). On a host that is busy all the time the replicas lag.
+    Idle,
+}
+
+impl FanoutPriority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FanoutPriority::Normal => "normal",
+            FanoutPriority::Low => "low",
+            FanoutPriority::Idle => "idle",
+        }
+    }
+}
+
+/// The default `fanout_priority` (see [`FanoutPriority`] and the README's benchmark figures).
+pub const DEFAULT_FANOUT_PRIORITY: FanoutPriority = FanoutPriority::Idle;
+
+/// `fanout_priority` from the flag or the file.
+fn resolve_fanout_priority(flag: Option<&Text>, file: Option<&Text>) -> Result<FanoutPriority, ConfigError> {
+    let (value, field) = match (flag, file) {
+        (Some(value), _) => (value, "--fanout-priority"),
+        (None, Some(value)) => (value, "fanout_priority"),
+        (None, None) => return Ok(DEFAULT_FANOUT_PRIORITY),
+    };
+    match value.as_str() {
+        "normal" => Ok(FanoutPriority::Normal),
+        "low" => Ok(FanoutPriority::Low),
+        "idle" => Ok(FanoutPriority::Idle),
+        text => Err(field_error(field, text, "expected normal, low or idle")),
     }
 }
 
@@ -475,6 +521,8 @@ pub struct Overrides {
     pub relay: RelaySettings,
     /// `--threads`.
     pub threads: Option<Text>,
+    /// `--fanout-priority`.
+    pub fanout_priority: Option<Text>,
 }
 
 /// The YAML file's shape.
@@ -485,6 +533,8 @@ struct FileConfig {
     metrics: MetricsSettings,
     #[serde(default)]
     threads: Option<Text>,
+    #[serde(default)]
+    fanout_priority: Option<Text>,
     #[serde(default)]
     data_dir: Option<Text>,
     #[serde(default)]
@@ -1185,11 +1235,16 @@ impl Config {
         validate(&relays, metrics.as_ref())?;
         let metrics_tls = metrics_tls(tls_cert, tls_key, tls_ca, metrics.as_ref())?;
         let threads = resolve_threads(overrides.threads.as_ref(), parsed.and_then(|p| p.threads.as_ref()))?;
+        let fanout_priority = resolve_fanout_priority(
+            overrides.fanout_priority.as_ref(),
+            parsed.and_then(|p| p.fanout_priority.as_ref()),
+        )?;
         Ok(Config {
             metrics: metrics.map(|m| m.value),
             metrics_auth,
             metrics_tls,
             threads,
+            fanout_priority,
             relays: relays.into_iter().map(|r| r.relay).collect(),
         })
     }
@@ -1455,7 +1510,7 @@ mod tests {
 
     /// The command line's layer as main.rs builds it, for the flag side of the tests.
     fn flags(relay: RelaySettings) -> Overrides {
-        Overrides { metrics: MetricsSettings::default(), relay, threads: None }
+        Overrides { metrics: MetricsSettings::default(), relay, threads: None, fanout_priority: None }
     }
 
     #[test]
@@ -1482,6 +1537,31 @@ mod tests {
         let many = Overrides { threads: text("many"), ..Overrides::default() };
         let message = Config::from_yaml_text("f.yaml", ONE_RELAY, &many).unwrap_err().to_string();
         assert!(message.starts_with("--threads: expected auto"), "{message}");
+    }
+
+    #[test]
+    fn fanout_priority_is_normal_low_or_idle_and_the_flag_wins() {
+        let priority = |yaml: &str, overrides: &Overrides| {
+            Config::from_yaml_text("f.yaml", yaml, overrides).map(|config| config.fanout_priority)
+        };
+        assert_eq!(priority(ONE_RELAY, &Overrides::default()).unwrap(), DEFAULT_FANOUT_PRIORITY);
+        let file = format!("fanout_priority: low\n{ONE_RELAY}");
+        assert_eq!(priority(&file, &Overrides::default()).unwrap(), FanoutPriority::Low);
+        let flag = Overrides { fanout_priority: text("normal"), ..Overrides::default() };
+        assert_eq!(priority(&file, &flag).unwrap(), FanoutPriority::Normal);
+        let idle = format!("fanout_priority: idle\n{ONE_RELAY}");
+        assert_eq!(priority(&idle, &Overrides::default()).unwrap(), FanoutPriority::Idle);
+        for name in ["normal", "low", "idle"] {
+            let flag = Overrides { fanout_priority: text(name), ..Overrides::default() };
+            assert_eq!(priority(ONE_RELAY, &flag).unwrap().as_str(), name);
+        }
+        let bad = format!("fanout_priority: realtime\n{ONE_RELAY}");
+        let message = priority(&bad, &Overrides::default()).unwrap_err().to_string();
+        assert!(message.starts_with("f.yaml: fanout_priority: expected normal, low or idle"), "{message}");
+        assert!(message.ends_with("(value: \"realtime\")"), "{message}");
+        let flag = Overrides { fanout_priority: text("high"), ..Overrides::default() };
+        let message = priority(ONE_RELAY, &flag).unwrap_err().to_string();
+        assert!(message.starts_with("--fanout-priority: expected normal"), "{message}");
     }
 
     fn text(value: &str) -> Option<Text> {
@@ -1543,6 +1623,7 @@ mod tests {
             metrics: MetricsSettings { tls_cert_file: text("/c"), tls_key_file: text("/k"), ..Default::default() },
             relay: one_relay_flags(),
             threads: None,
+            fanout_priority: None,
         };
         let message = Config::load(None, &overrides).unwrap_err().to_string();
         assert!(
@@ -1727,6 +1808,7 @@ mod tests {
             metrics: MetricsSettings { listen: text("127.0.0.1:7000"), auth: None, ..Default::default() },
             relay: one_relay_flags(),
             threads: None,
+            fanout_priority: None,
         };
         let message = Config::load(None, &overrides).unwrap_err().to_string();
         assert!(message.contains("--listen") && message.contains("duplicate of --metrics"), "{message}");

@@ -1,7 +1,8 @@
 //! Process-wide connection limits: the file-descriptor budget (`RLIMIT_NOFILE`, raised at start as
 //! redis-server's `adjustOpenFilesLimit` does) and the client slots every relay's listener takes
 //! from before it serves a connection, so clients can never use the descriptors reserved for the log,
-//! the snapshot cache and the upstream link.
+//! the snapshot cache and the upstream link. Also what the relay takes from its host's CPUs: the
+//! scheduling of its fan-out threads (`fanout_priority`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -198,4 +199,28 @@ pub fn trim_freed_memory_soon() {
             libc::malloc_trim(0);
         }
     });
+}
+
+/// Schedules the calling thread as `priority` says (Linux: a thread's policy and nice value are its
+/// own, so only this thread changes). Called by every thread of the runtime that serves clients
+/// and replicas as it starts; the upstream link's and the log writers' threads never call it.
+pub fn apply_fanout_priority(priority: crate::config::FanoutPriority) -> std::io::Result<()> {
+    use crate::config::FanoutPriority;
+    let (policy, nice) = match priority {
+        FanoutPriority::Normal => return Ok(()),
+        FanoutPriority::Low => (libc::SCHED_OTHER, 19),
+        FanoutPriority::Idle => (libc::SCHED_IDLE, 0),
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler only reads the struct we pass; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if nice != 0 {
+        // SAFETY: plain syscall on the calling thread (who 0 is this thread under Linux's NPTL).
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

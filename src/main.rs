@@ -41,6 +41,11 @@ struct Cli {
     /// CPUs, at least one, so the master beside the relay keeps its cores) [default: auto].
     #[arg(long, value_name = "N|auto")]
     threads: Option<Text>,
+    /// How the kernel schedules those threads beside the master on the same host: idle
+    /// (SCHED_IDLE: they run on CPU time nothing else wants, so the master's bursts go first),
+    /// low (nice 19) or normal; the upstream link and the log writer stay normal [default: idle].
+    #[arg(long, value_name = "idle|low|normal")]
+    fanout_priority: Option<Text>,
     /// Prometheus endpoint, HOST:PORT, serving /metrics (or set REDIS_RELAY_METRICS).
     #[arg(long, value_name = "HOST:PORT", env = "REDIS_RELAY_METRICS")]
     metrics: Option<Text>,
@@ -225,6 +230,7 @@ fn overrides(cli: Cli, matches: &ArgMatches, with_file: bool) -> config::Overrid
     };
     config::Overrides {
         threads: cli.threads,
+        fanout_priority: cli.fanout_priority,
         metrics: config::MetricsSettings {
             listen: keep("metrics", cli.metrics),
             auth: keep("metrics_auth", cli.metrics_auth),
@@ -389,16 +395,27 @@ fn main() -> anyhow::Result<()> {
     }
     init_tracing(&log_format)?;
     let config = Config::load(file.as_deref(), &overrides)?;
+    let fanout_priority = config.fanout_priority;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads)
         .thread_name("relay-worker")
         // Blocking-pool threads (disk reads, sendfile, snapshot files) end 2 s after their last
         // job instead of 10 s, so their stacks do not stay resident long after a burst.
         .thread_keep_alive(std::time::Duration::from_secs(2))
+        // Workers and blocking-pool threads alike: the disk tier's sendfiles are fan-out too.
+        .on_thread_start(move || {
+            // Blocking-pool threads come and go: say it once, not for each of them.
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if let Err(error) = redis_relay::limits::apply_fanout_priority(fanout_priority) {
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(fanout_priority = fanout_priority.as_str(), "fanout_priority not applied: {error}");
+                }
+            }
+        })
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    tracing::info!(threads = config.threads, "runtime started");
+    tracing::info!(threads = config.threads, fanout_priority = fanout_priority.as_str(), "runtime started");
     runtime.block_on(serve(config, file, overrides))
 }
 
@@ -450,6 +467,12 @@ async fn serve(mut config: Config, file: Option<PathBuf>, overrides: config::Ove
                         }
                         if new_config.threads != config.threads {
                             tracing::warn!(threads = new_config.threads, "threads changed: it takes effect at the next restart");
+                        }
+                        if new_config.fanout_priority != config.fanout_priority {
+                            tracing::warn!(
+                                fanout_priority = new_config.fanout_priority.as_str(),
+                                "fanout_priority changed: it takes effect at the next restart"
+                            );
                         }
                         tracing::info!(file = %file.display(), relays = new_config.relays.len(), "reloading the configuration");
                         adjust_open_files_limit(&new_config);

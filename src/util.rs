@@ -49,11 +49,18 @@ pub(crate) fn split_host_port(addr: &str) -> (String, u16) {
     }
 }
 
-/// Runs `task` on a thread of its own, on a single-threaded runtime there, and completes when it
-/// does. For work that must never queue behind the tasks of the shared runtime (the upstream
-/// link: reading the master is what keeps its output buffer for the relay small); the thread
-/// is scheduled by the kernel beside the runtime's workers, whatever they are busy with.
-pub(crate) async fn on_own_thread<F>(name: &str, task: F)
+/// Runs `task` on a thread of its own, on a single-threaded runtime there; the future returned
+/// completes when it does. For work that must never queue behind the tasks of the shared runtime
+/// (the upstream link: reading the master is what keeps its output buffer for the relay small, and
+/// its ACKs are what the master's `min-replicas-max-lag` counts); the thread is scheduled by the
+/// kernel beside the runtime's workers, whatever they are busy with.
+///
+/// The thread is started by this call, not when the future is first polled: a thread inherits
+/// the scheduling of the thread that starts it, and the runtime's threads may run at a lowered
+/// `fanout_priority` that an unprivileged process cannot raise again. Call it from the thread
+/// that starts the relay (the main thread), not from a task. The thread runs `task` even if the
+/// future is never polled.
+pub(crate) fn on_own_thread<F>(name: &str, task: F) -> impl std::future::Future<Output = ()> + Send + 'static
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -66,11 +73,13 @@ where
         }
         drop(done);
     });
-    match spawned {
+    if let Err(error) = &spawned {
+        tracing::error!(thread = name, "cannot start the thread: {error}");
+    }
+    async move {
         // Completes when the thread drops `done`: its task ended (or could not start).
-        Ok(_) => {
+        if spawned.is_ok() {
             let _ = finished.await;
         }
-        Err(error) => tracing::error!(thread = name, "cannot start the thread: {error}"),
     }
 }

@@ -393,3 +393,54 @@ fn log_lines_of_a_relay_carry_its_name_and_replicas_their_listening_port() {
     }
     assert!(replica_lines >= 1, "the replica's session logged in its span");
 }
+
+/// A thread's name, scheduling policy and nice value from its `stat` file (`man 5 proc`: nice is
+/// field 19, policy field 41, numbered from 1 with the name in parentheses as field 2).
+fn scheduling_of(stat: &str) -> Option<(String, i64, i64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    // After ") " comes field 3 (state), so field k is at index k - 3.
+    let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+    Some((stat[open + 1..close].to_string(), fields.get(41 - 3)?.parse().ok()?, fields.get(19 - 3)?.parse().ok()?))
+}
+
+/// Each thread of process `pid`: its name, scheduling policy and nice value.
+fn thread_scheduling(pid: u32) -> Vec<(String, i64, i64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the relay's threads");
+    // A thread that ended meanwhile has no stat to read.
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+        .filter_map(|s| scheduling_of(&s))
+        .collect()
+}
+
+#[test]
+fn fanout_priority_lowers_the_runtime_threads_and_never_the_upstream_link_or_the_log_writer() {
+    const SCHED_IDLE: i64 = 5;
+    // The relay starts with this process's scheduling (a `nice cargo test` one is niced too).
+    let own = std::fs::read_to_string("/proc/self/stat").expect("own stat");
+    let (_, policy, nice) = scheduling_of(&own).expect("own scheduling");
+    let master = RedisServer::start(&[]);
+    for (setting, worker_policy, worker_nice) in
+        [(None, SCHED_IDLE, nice), (Some("low"), policy, 19), (Some("normal"), policy, nice)]
+    {
+        let mut builder = Relay::builder(master.port());
+        if let Some(setting) = setting {
+            builder = builder.args(["--fanout-priority", setting]);
+        }
+        let relay = builder.start();
+        wait_link_up(&relay, Duration::from_secs(20));
+        // A replica streaming makes the runtime serve it; its blocking pool ran the log's opening.
+        let replica = RedisServer::builder().replica_of(relay.port()).start();
+        wait_in_sync(&master, &replica, Duration::from_secs(20));
+        let threads = thread_scheduling(relay.pid().expect("the relay runs"));
+        let of = |name: &str| threads.iter().filter(|t| t.0 == name).map(|t| (t.1, t.2)).collect::<Vec<_>>();
+        let workers = of("relay-worker");
+        assert!(!workers.is_empty(), "{setting:?}: no relay-worker thread in {threads:?}");
+        assert!(workers.iter().all(|w| *w == (worker_policy, worker_nice)), "{setting:?}: {threads:?}");
+        for ingest in ["upstream", "log-writer", "log-syncer"] {
+            let found = of(ingest);
+            assert!(!found.is_empty(), "{setting:?}: no {ingest} thread in {threads:?}");
+            assert!(found.iter().all(|t| *t == (policy, nice)), "{setting:?}: {ingest} lowered: {threads:?}");
+        }
+    }
+}
