@@ -224,3 +224,25 @@ pub fn apply_fanout_priority(priority: crate::config::FanoutPriority) -> std::io
     }
     Ok(())
 }
+
+/// Allocations at least this large get their own mapping, returned to the system when freed:
+/// above the fan-out's largest reused buffers (1 MiB disk-tier reads, 128 KiB upstream reads),
+/// which would otherwise be mapped and unmapped once per use (a fixed 256 KiB threshold made 64
+/// sinks behind the memory tail cost 9.3 CPU-seconds instead of 4.1 for a 199 MB burst).
+const MMAP_THRESHOLD: i32 = 4 << 20;
+/// Free memory above this at the top of a heap goes back to the system at once. glibc's default
+/// grows with the largest buffer freed (up to 64 MiB), and `malloc_trim` leaves the top of every
+/// heap but the main one to that rule: after a 199 MB burst to 64 sinks the relay stayed 3-5 MiB
+/// above its idle RSS with the default, 1 MiB with this (the threads' heaps returned their tops).
+const TRIM_THRESHOLD: i32 = 128 << 10;
+
+/// Fixes glibc's mmap and trim thresholds (see [`MMAP_THRESHOLD`], [`TRIM_THRESHOLD`]); fixing them
+/// also stops glibc from raising them after each large free. Call before any thread starts.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; it is called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
+}

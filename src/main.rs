@@ -396,6 +396,7 @@ fn main() -> anyhow::Result<()> {
     init_tracing(&log_format)?;
     let config = Config::load(file.as_deref(), &overrides)?;
     let fanout_priority = config.fanout_priority;
+    redis_relay::limits::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads)
         .thread_name("relay-worker")
