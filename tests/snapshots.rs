@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{
     load_dataset, parse_info_field, run_with_deadline, stat_of, wait_for, wait_in_sync, wait_until, write_stream,
-    InfoSource, RedisServer, Relay, SYNC_TIMEOUT,
+    write_stream_in_steps, InfoSource, RedisServer, Relay, SYNC_TIMEOUT,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -78,12 +78,9 @@ fn a_late_joiner_is_served_from_a_replica_snapshot_without_a_master_fork() {
     wait_digest_equal(&master, &online, "the replica online from the start");
     let online_addr = format!("127.0.0.1:{}", online.port());
 
-    // Three times log_size of stream in bursts: retention passes the first snapshot.
-    for round in 0..6 {
-        write_stream(&master, 4 << 20, &format!("b{round}"));
-    }
-    wait_in_sync(&master, &relay, DEADLINE);
-    wait_in_sync(&master, &online, DEADLINE);
+    // Three times log_size of stream in bursts: retention passes the first snapshot. The replica
+    // keeps up burst by burst, so it stays online as a source.
+    write_stream_in_steps(&master, 24 << 20, 2 << 20, "b", &[&relay, &online], DEADLINE);
     assert!(log_passed(&relay, first_snapshot), "24 MB of stream should have passed the first snapshot");
     // The relay refreshed its snapshot from the online replica before the log dropped it.
     wait_until(DEADLINE, "a snapshot refreshed from the online replica, covered by the log", || {
@@ -110,7 +107,7 @@ fn a_late_joiner_is_served_from_a_replica_snapshot_without_a_master_fork() {
     wait_until(DEADLINE, "the relay to drop the killed replica", || {
         relay.info_field("replication", "connected_slaves").as_deref() == Some("1")
     });
-    write_stream(&master, 12 << 20, "after");
+    write_stream_in_steps(&master, 12 << 20, 2 << 20, "after", &[&relay, &late], DEADLINE);
     let restarted = start_replica(relay.port());
     wait_digest_equal(&master, &restarted, "the replica restarted without data");
     wait_digest_equal(&master, &late, "the late joiner");

@@ -344,10 +344,9 @@ fn a_late_joiner_is_served_from_a_tls_replica_snapshot_without_a_master_fork() {
     assert!(replication.contains(&format!("ip=127.0.0.1,port={online_tls_port},")), "{replication}");
 
     // Three times log_size of stream: the relay refreshes its snapshot from the TLS replica before
-    // retention drops the stream after the first one.
-    write_stream(&master, 12 << 20, "tls");
-    wait_in_sync(&master, &relay, SYNC_TIMEOUT);
-    wait_in_sync(&master, &online, SYNC_TIMEOUT);
+    // retention drops the stream after the first one. The replica keeps up step by step, so it stays
+    // connected and online as a source.
+    write_stream_in_steps(&master, 12 << 20, 1 << 20, "tls", &[&relay, &online], SYNC_TIMEOUT);
     assert!(
         relay.info_i64("replication", "repl_backlog_first_byte_offset") > first_snapshot + 1,
         "12 MB of stream should have passed the first snapshot"

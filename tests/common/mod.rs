@@ -200,7 +200,7 @@ pub fn wait_link_up(replica: &impl InfoSource, timeout: Duration) {
 
 /// Waits until `replica` has the link up, the master's replication id, and the master's offset.
 /// Returns the common offset.
-pub fn wait_in_sync(master: &impl InfoSource, replica: &impl InfoSource, timeout: Duration) -> i64 {
+pub fn wait_in_sync(master: &impl InfoSource, replica: &(impl InfoSource + ?Sized), timeout: Duration) -> i64 {
     wait_for(timeout, "the replica to reach the master's replid and offset", || {
         let master_info = master.info("replication");
         let replica_info = replica.info("replication");
@@ -1232,6 +1232,28 @@ pub fn write_stream(master: &RedisServer, bytes: usize, tag: &str) {
         }
         pipe.cmd("INCR").arg(format!("{tag}:bursts")).ignore();
         pipe.query::<()>(&mut con).expect("write burst");
+    }
+}
+
+/// [`write_stream`] in steps of `step` bytes, waiting after each for `master` and then every one of
+/// `followers` to reach the master's offset. A test whose replicas must stay connected through more
+/// stream than the relay's `log_size` uses it: a replica more than `log_size` behind is dropped and
+/// full-syncs, by design (as a Redis master drops a replica past its output-buffer limit), and how far
+/// one burst lets a replica fall behind depends on the CPU the fan-out gets, not on the relay's
+/// correctness.
+pub fn write_stream_in_steps(
+    master: &RedisServer,
+    bytes: usize,
+    step: usize,
+    tag: &str,
+    followers: &[&dyn InfoSource],
+    timeout: Duration,
+) {
+    for start in (0..bytes).step_by(step) {
+        write_stream(master, step.min(bytes - start), tag);
+        for follower in followers {
+            wait_in_sync(master, *follower, timeout);
+        }
     }
 }
 
