@@ -10,7 +10,7 @@ redis-server replicas or lightweight sink replicas (examples/bench_sink.rs). Sce
 
   throughput  a burst of SETs (redis-benchmark) until it reached all N replicas; master write time;
               middle node CPU seconds and peak RSS; for the relay also with --log-memory 4mb (relay-disk)
-              and 1gb (relay-1gb) and with --fanout-priority low / idle (relay-low, relay-idle) at the larger N, the bytes it sent by source (INFO stream_sent_*), its
+              and 1gb (relay-1gb) and with --fanout-priority normal / idle (relay-normal, relay-idle) at the larger N, the bytes it sent by source (INFO stream_sent_*), its
               idle RSS and how soon after the burst RSS is back under 2x idle; the kernel's copy floor
               (examples/copy_floor.rs, write() and sendfile()) for the same bytes and sinks
   profile     (--profile, on in the full run when perf is installed) perf record of the relay during
@@ -634,11 +634,11 @@ MODES = ["direct", "chained", "relay"]
 # The relay's throughput modes by --log-memory: the default (64 MB: a 200 MB burst leaves the sinks on
 # the disk tier for most of it), a 4 MB tail (nearly all of it from disk), and a 1 GB tail (all from
 # memory), so the disk tier's cost shows against the all-memory tail.
-RELAY_LOG_MEMORY = {"relay": "64mb", "relay-disk": "4mb", "relay-1gb": "1gb", "relay-low": "64mb",
+RELAY_LOG_MEMORY = {"relay": "64mb", "relay-disk": "4mb", "relay-1gb": "1gb", "relay-normal": "64mb",
                     "relay-idle": "64mb"}
-# relay-low / relay-idle: the default tail with --fanout-priority low / idle instead of the default
-# normal, so the master's write time shows what the fan-out's scheduling buys.
-RELAY_EXTRA = {"relay-low": ["--fanout-priority", "low"], "relay-idle": ["--fanout-priority", "idle"]}
+# relay-normal / relay-idle: the default tail with --fanout-priority normal / idle instead of the
+# default low, so the master's write time shows what the fan-out's scheduling buys.
+RELAY_EXTRA = {"relay-normal": ["--fanout-priority", "normal"], "relay-idle": ["--fanout-priority", "idle"]}
 RELAY_MODES = list(RELAY_LOG_MEMORY)
 SENT_SOURCES = (("memory", "stream_sent_from_memory"), ("disk", "stream_sent_from_disk"),
                 ("sendfile", "stream_sent_by_sendfile"))
@@ -1454,7 +1454,7 @@ def ensure_matplotlib():
 
 
 COLORS = {"direct": "#888888", "chained": "#d62728", "relay": "#1f77b4", "relay-1gb": "#17becf", "relay-disk": "#9467bd",
-          "relay-low": "#ff7f0e", "relay-idle": "#bcbd22", "floor-write": "#2ca02c", "floor-sendfile": "#98df8a"}
+          "relay-normal": "#ff7f0e", "relay-idle": "#bcbd22", "floor-write": "#2ca02c", "floor-sendfile": "#98df8a"}
 
 
 def profile_gap(profiles):
@@ -1655,7 +1655,7 @@ def report(opts, results, machine, busy, started, finished, out_md):
     w("A real master on loopback and, in turn, **direct** (replicas on the master), **chained** (a")
     w("redis-server replica in the middle, replicas below it) and **relay** (redis-relay in the middle;")
     w("in the throughput section also **relay-disk**, `--log-memory 4mb`, **relay-1gb**, `--log-memory 1gb`, and "
-      "**relay-low** / **relay-idle**, `--fanout-priority low` / `idle` instead of the default `normal`).")
+      "**relay-normal** / **relay-idle**, `--fanout-priority normal` / `idle` instead of the default `low`).")
     w("Replicas are real redis-server processes or sink replicas (`examples/bench_sink.rs`: handshake,")
     w("discard the RDB, count stream bytes, ACK every second and on GETACK; many per process).")
     w("")
@@ -1682,7 +1682,7 @@ def report(opts, results, machine, busy, started, finished, out_md):
       "`repl-diskless-sync no` (disk-based: replicas arriving during a BGSAVE share it), "
       "`repl-backlog-size 256mb`, `client-output-buffer-limit replica 0 0 0`, `maxclients 10100`, "
       "`rdbcompression no`; "
-      "redis-relay with its defaults (`--log-memory 64mb`, `--log-size 1gb`, `--appendfsync everysec`, `--threads auto`, `--fanout-priority normal`).")
+      "redis-relay with its defaults (`--log-memory 64mb`, `--log-size 1gb`, `--appendfsync everysec`, `--threads auto`, `--fanout-priority low`).")
     w("")
     targets = []
 

@@ -272,12 +272,11 @@ impl FanoutPriority {
     }
 }
 
-/// The default `fanout_priority` (see [`FanoutPriority`] and the README's benchmark figures):
-/// `normal`. `low` and `idle` shorten a co-located master's write bursts, but under the test
-/// suite's load (nine TLS tests at once on 2 CPUs) a lowered relay missed its 30 s deadline for a
-/// snapshot refresh from a replica in 2 runs of 3 (and, with `idle`, a Sentinel repoint), so they
-/// are the operator's choice until that is understood.
-pub const DEFAULT_FANOUT_PRIORITY: FanoutPriority = FanoutPriority::Normal;
+/// The default `fanout_priority` (see [`FanoutPriority`] and the README's benchmark figures): `low`,
+/// not `idle`. A `SCHED_IDLE` fan-out gets nothing while normal tasks fill every CPU: under the test
+/// suite's load a relay then missed a Sentinel repoint for 30 s. At nice 19 it still gets a small
+/// share, and the master's write bursts measured the same.
+pub const DEFAULT_FANOUT_PRIORITY: FanoutPriority = FanoutPriority::Low;
 
 /// `fanout_priority` from the flag or the file.
 fn resolve_fanout_priority(flag: Option<&Text>, file: Option<&Text>) -> Result<FanoutPriority, ConfigError> {

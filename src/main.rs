@@ -41,9 +41,9 @@ struct Cli {
     /// CPUs, at least one, so the master beside the relay keeps its cores) [default: auto].
     #[arg(long, value_name = "N|auto")]
     threads: Option<Text>,
-    /// How the kernel schedules those threads beside the master on the same host: normal, low
-    /// (nice 19: the master's bursts go first) or idle (SCHED_IDLE: only CPU time nothing else
-    /// wants); the upstream link and the log writer stay normal [default: normal].
+    /// How the kernel schedules those threads beside the master on the same host: low (nice 19:
+    /// the master's bursts go first), idle (SCHED_IDLE: only CPU time nothing else wants) or
+    /// normal; the upstream link and the log writer stay normal [default: low].
     #[arg(long, value_name = "idle|low|normal")]
     fanout_priority: Option<Text>,
     /// Prometheus endpoint, HOST:PORT, serving /metrics (or set REDIS_RELAY_METRICS).

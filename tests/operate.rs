@@ -421,7 +421,7 @@ fn fanout_priority_lowers_the_runtime_threads_and_never_the_upstream_link_or_the
     let (_, policy, nice) = scheduling_of(&own).expect("own scheduling");
     let master = RedisServer::start(&[]);
     for (setting, worker_policy, worker_nice) in
-        [(None, policy, nice), (Some("low"), policy, 19), (Some("idle"), SCHED_IDLE, nice)]
+        [(None, policy, 19), (Some("idle"), SCHED_IDLE, nice), (Some("normal"), policy, nice)]
     {
         let mut builder = Relay::builder(master.port());
         if let Some(setting) = setting {
