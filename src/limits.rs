@@ -225,6 +225,21 @@ pub fn apply_fanout_priority(priority: crate::config::FanoutPriority) -> std::io
     Ok(())
 }
 
+/// The `fanout_priority` the calling thread runs at, as the kernel reports it (`idle` for
+/// `SCHED_IDLE`, `low` at nice 19, else `normal`): INFO asks it on the worker serving the command,
+/// so it shows what was applied, not what was configured.
+pub(crate) fn current_thread_priority() -> &'static str {
+    // SAFETY: plain syscalls on the calling thread; they read no memory of ours.
+    let (policy, nice) = unsafe { (libc::sched_getscheduler(0), libc::getpriority(libc::PRIO_PROCESS, 0)) };
+    if policy == libc::SCHED_IDLE {
+        "idle"
+    } else if nice == 19 {
+        "low"
+    } else {
+        "normal"
+    }
+}
+
 /// Allocations at least this large get their own mapping, returned to the system when freed:
 /// above the fan-out's largest reused buffers (1 MiB disk-tier reads, 128 KiB upstream reads),
 /// which would otherwise be mapped and unmapped once per use (a fixed 256 KiB threshold made 64

@@ -442,5 +442,8 @@ fn fanout_priority_lowers_the_runtime_threads_and_never_the_upstream_link_or_the
             assert!(!found.is_empty(), "{setting:?}: no {ingest} thread in {threads:?}");
             assert!(found.iter().all(|t| *t == (policy, nice)), "{setting:?}: {ingest} lowered: {threads:?}");
         }
+        // INFO reads it from the worker that serves the command: what the kernel applied.
+        let shown = relay.info_field("server", "fanout_priority");
+        assert_eq!(shown.as_deref(), Some(setting.unwrap_or("low")), "{setting:?}: INFO fanout_priority");
     }
 }
