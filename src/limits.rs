@@ -227,16 +227,17 @@ pub fn apply_fanout_priority(priority: crate::config::FanoutPriority) -> std::io
 
 /// The `fanout_priority` the calling thread runs at, as the kernel reports it (`idle` for
 /// `SCHED_IDLE`, `low` at nice 19, else `normal`): INFO asks it on the worker serving the command,
-/// so it shows what was applied, not what was configured.
-pub(crate) fn current_thread_priority() -> &'static str {
+/// so it shows what was applied, not what was configured. The inverse of [`apply_fanout_priority`].
+pub(crate) fn current_thread_priority() -> crate::config::FanoutPriority {
+    use crate::config::FanoutPriority;
     // SAFETY: plain syscalls on the calling thread; they read no memory of ours.
     let (policy, nice) = unsafe { (libc::sched_getscheduler(0), libc::getpriority(libc::PRIO_PROCESS, 0)) };
     if policy == libc::SCHED_IDLE {
-        "idle"
+        FanoutPriority::Idle
     } else if nice == 19 {
-        "low"
+        FanoutPriority::Low
     } else {
-        "normal"
+        FanoutPriority::Normal
     }
 }
 

@@ -209,7 +209,7 @@ fn server(context: &RelayContext, out: &mut String) {
     line(out, "server_time_usec", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0));
     line(out, "uptime_in_seconds", uptime);
     line(out, "uptime_in_days", uptime / 86400);
-    line(out, "fanout_priority", crate::limits::current_thread_priority());
+    line(out, "fanout_priority", crate::limits::current_thread_priority().as_str());
     line(out, "executable", std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default());
 }
 
