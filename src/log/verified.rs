@@ -63,6 +63,12 @@ pub struct FileRun {
     pub path: Arc<Path>,
     pub file: FileId,
     pub extents: Vec<Extent>,
+    /// The segment, opened (and its identity checked) by the run's first send and kept for the
+    /// sends after it: a run goes out in as many sends as the socket has room for (tens of KiB each
+    /// on loopback), and opening the file again for each cost more than the copy. A history change
+    /// meanwhile is found by the reader's next read, as before; a segment cut since (a reset) ends
+    /// the file before the extent and stops the run.
+    opened: std::sync::OnceLock<Arc<File>>,
 }
 
 impl FileRun {
@@ -134,7 +140,12 @@ impl VerifiedRecords {
         if first + first_place.len <= position {
             return None;
         }
-        let mut run = FileRun { path: first_place.path.clone(), file: first_place.file, extents: Vec::new() };
+        let mut run = FileRun {
+            path: first_place.path.clone(),
+            file: first_place.file,
+            extents: Vec::new(),
+            opened: std::sync::OnceLock::new(),
+        };
         let mut next = first;
         let mut taken = 0u64;
         for (&(record_epoch, start), place) in self.records.range((epoch, first)..) {
@@ -178,16 +189,13 @@ pub fn send_run(
     run: &FileRun,
     skip: u64,
 ) -> (u64, Option<SendStop>) {
-    let file = match fs.open_read(&run.path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return (0, Some(SendStop::Gone)),
-        Err(e) => return (0, Some(SendStop::File(e))),
+    let file = match run.opened.get() {
+        Some(file) => file.clone(),
+        None => match open_checked(fs, run) {
+            Ok(file) => run.opened.get_or_init(|| file).clone(),
+            Err(stop) => return (0, Some(stop)),
+        },
     };
-    match FileId::of(&file) {
-        Ok(id) if id == run.file => {}
-        Ok(_) => return (0, Some(SendStop::Gone)),
-        Err(e) => return (0, Some(SendStop::File(e))),
-    }
     let mut sent = 0u64;
     for extent in run.remaining(skip) {
         let mut offset = extent.file_offset;
@@ -209,6 +217,20 @@ pub fn send_run(
         }
     }
     (sent, None)
+}
+
+/// Opens the run's segment and checks that it is the file the records were verified in.
+fn open_checked(fs: &dyn crate::fs::FileSystem, run: &FileRun) -> Result<Arc<File>, SendStop> {
+    let file = match fs.open_read(&run.path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SendStop::Gone),
+        Err(e) => return Err(SendStop::File(e)),
+    };
+    match FileId::of(&file) {
+        Ok(id) if id == run.file => Ok(Arc::new(file)),
+        Ok(_) => Err(SendStop::Gone),
+        Err(e) => Err(SendStop::File(e)),
+    }
 }
 
 /// `sendfile` errors that come from the socket side (the peer went away), not from the file.
