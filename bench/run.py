@@ -631,11 +631,11 @@ class Cluster:
 
 
 MODES = ["direct", "chained", "relay"]
-# The relay's throughput modes by --log-memory: the default (64 MB: a 200 MB burst leaves the sinks on
-# the disk tier for most of it), a 4 MB tail (nearly all of it from disk), and a 1 GB tail (all from
-# memory), so the disk tier's cost shows against the all-memory tail.
-RELAY_LOG_MEMORY = {"relay": "64mb", "relay-disk": "4mb", "relay-1gb": "1gb", "relay-normal": "64mb",
-                    "relay-idle": "64mb"}
+# The relay's throughput modes by --log-memory: the default (256 MB: a 200 MB burst fits, the sinks
+# that trail stay in memory), a 4 MB tail (nearly all of it from disk), and a 1 GB tail (all from
+# memory whatever the burst), so the disk tier's cost shows against the all-memory tail.
+RELAY_LOG_MEMORY = {"relay": "256mb", "relay-disk": "4mb", "relay-1gb": "1gb", "relay-normal": "256mb",
+                    "relay-idle": "256mb"}
 # relay-normal / relay-idle: the default tail with --fanout-priority normal / idle instead of the
 # default low, so the master's write time shows what the fan-out's scheduling buys.
 RELAY_EXTRA = {"relay-normal": ["--fanout-priority", "normal"], "relay-idle": ["--fanout-priority", "idle"]}
@@ -1682,7 +1682,7 @@ def report(opts, results, machine, busy, started, finished, out_md):
       "`repl-diskless-sync no` (disk-based: replicas arriving during a BGSAVE share it), "
       "`repl-backlog-size 256mb`, `client-output-buffer-limit replica 0 0 0`, `maxclients 10100`, "
       "`rdbcompression no`; "
-      "redis-relay with its defaults (`--log-memory 64mb`, `--log-size 1gb`, `--appendfsync everysec`, `--threads auto`, `--fanout-priority low`).")
+      "redis-relay with its defaults (`--log-memory 256mb`, `--log-size 1gb`, `--appendfsync everysec`, `--threads auto`, `--fanout-priority low`).")
     w("")
     targets = []
 
@@ -1764,7 +1764,7 @@ def report(opts, results, machine, busy, started, finished, out_md):
             w("")
         relay_ns = [n for kind, n in keys if kind == "sink" and any(by.get((m, "sink", n)) for m in RELAY_MODES)]
         if relay_ns:
-            w("The relay keeps the newest `--log-memory` bytes of the stream in memory (64 MB by default); replicas "
+            w("The relay keeps the newest `--log-memory` bytes of the stream in memory (256 MB by default); replicas "
               "that trail by more are served from the disk log, where each record is checked (CRC-32C) once, by "
               "its first reader, and then sent to plain-TCP replicas from the segment file with `sendfile`. The "
               "same bursts with a 4 MB tail (*relay-disk*: nearly all of it behind the tail) and a 1 GB tail "
@@ -2227,7 +2227,7 @@ def report(opts, results, machine, busy, started, finished, out_md):
         for group in sorted(groups, key=lambda g: g != "issue 14"):
             if group == "issue 14":
                 w("Issue 14 (performance): same run, same machine, N = 32 and 64 sinks; the relay with its default "
-                  "`--log-memory 64mb` unless named.")
+                  "`--log-memory 256mb` unless named.")
             else:
                 w("Targets of earlier issues:")
             w("")

@@ -65,7 +65,10 @@ pub struct Defaults {
 
 pub const DEFAULTS: Defaults = Defaults {
     log_size: 1 << 30,
-    log_memory: 64 << 20,
+    // redis-server's default hard output-buffer limit for a replica (`client-output-buffer-limit
+    // replica 256mb`): a master already holds that much for each slow replica; the relay holds it once
+    // for all of them, and only while some replica has not acknowledged it.
+    log_memory: 256 << 20,
     log_segment_size: 64 << 20,
     appendfsync: FsyncPolicy::EverySec,
     repl_timeout: std::time::Duration::from_secs(60),

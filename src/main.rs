@@ -71,7 +71,7 @@ struct Cli {
     /// Replication log retention on disk, in Redis units (64mb, 1gb; a bare number is bytes) [default: 1gb].
     #[arg(long, value_name = "SIZE")]
     log_size: Option<Size>,
-    /// Newest part of the log also kept in memory for live fan-out (at most --log-size) [default: 64mb].
+    /// Newest part of the log also kept in memory for live fan-out (at most --log-size) [default: 256mb].
     #[arg(long, value_name = "SIZE")]
     log_memory: Option<Size>,
     /// Size of one log segment file [default: 64mb].
