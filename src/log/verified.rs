@@ -297,4 +297,57 @@ mod tests {
         assert_eq!(table.records.len(), MAX_RECORDS);
         assert!(table.run_from(1, 5, 100).is_none(), "the oldest went first");
     }
+
+    #[test]
+    fn a_run_opens_its_file_once_and_a_file_cut_or_replaced_stops_it() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path: Arc<Path> = Arc::from(dir.path().join("segment").as_path());
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
+        let id = FileId::of(&File::open(&path).unwrap()).unwrap();
+        let run_of = |len: u64| FileRun {
+            path: path.clone(),
+            file: id,
+            extents: vec![Extent { file_offset: 0, len }],
+            opened: std::sync::OnceLock::new(),
+        };
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let fs = crate::fs::RealFs;
+
+        // The socket fills long before 4 MiB: the run stops short and keeps its file open.
+        let run = run_of(data.len() as u64);
+        let (sent, stop) = send_run(&fs, ours.as_fd(), &run, 0);
+        assert!(matches!(stop, Some(SendStop::WouldBlock)) && sent > 0 && sent < data.len() as u64, "{sent} {stop:?}");
+        let mut received = vec![0u8; sent as usize];
+        theirs.read_exact(&mut received).unwrap();
+        assert!(received[..] == data[..sent as usize]);
+        // The file is removed: the run goes on from the file it opened, with the same bytes.
+        std::fs::remove_file(&path).unwrap();
+        let (more, _) = send_run(&fs, ours.as_fd(), &run, sent);
+        assert!(more > 0, "the open file still serves the verified bytes");
+        let mut received = vec![0u8; more as usize];
+        theirs.read_exact(&mut received).unwrap();
+        assert!(received[..] == data[sent as usize..(sent + more) as usize]);
+        // A new run of the removed file cannot open it.
+        assert!(matches!(send_run(&fs, ours.as_fd(), &run_of(10), 0), (0, Some(SendStop::Gone))));
+
+        // Another file under the same name (a reset to a new history) is not the run's file.
+        std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
+        assert!(matches!(send_run(&fs, ours.as_fd(), &run_of(10), 0), (0, Some(SendStop::Gone))));
+        // A file cut short since the run opened it ends the run where the file ends.
+        let run = FileRun { file: FileId::of(&File::open(&path).unwrap()).unwrap(), ..run_of(data.len() as u64) };
+        // Empty the socket (non-blocking reads until none is ready) so the run's first send has room.
+        theirs.set_nonblocking(true).unwrap();
+        let mut drained = vec![0u8; 1 << 16];
+        let mut drain = || while matches!(theirs.read(&mut drained), Ok(n) if n > 0) {};
+        drain();
+        let (first, _) = send_run(&fs, ours.as_fd(), &run, 0);
+        assert!(first > 0);
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(first).unwrap();
+        drain();
+        assert!(matches!(send_run(&fs, ours.as_fd(), &run, first), (0, Some(SendStop::Gone))));
+    }
 }
