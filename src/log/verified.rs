@@ -64,10 +64,10 @@ pub struct FileRun {
     pub file: FileId,
     pub extents: Vec<Extent>,
     /// The segment, opened (and its identity checked) by the run's first send and kept for the
-    /// sends after it: a run goes out in as many sends as the socket has room for (tens of KiB each
-    /// on loopback), and opening the file again for each cost more than the copy. A history change
-    /// meanwhile is found by the reader's next read, as before; a segment cut since (a reset) ends
-    /// the file before the extent and stops the run.
+    /// sends after it: a run goes out in as many sends as the socket has room for (about 34 KiB
+    /// each on loopback, measured), and each of them opened, fstat'ed and closed the file again. A
+    /// history change meanwhile is found by the reader's next read, as before; a segment cut since
+    /// (a reset) ends the file before the extent and stops the run.
     opened: std::sync::OnceLock<Arc<File>>,
 }
 
