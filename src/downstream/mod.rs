@@ -82,6 +82,9 @@ pub struct ReplicaEntry {
     pub state: ReplicaState,
     /// The last `REPLCONF ACK <offset>`: the position the replica holds.
     pub ack_offset: Position,
+    /// The position the replica's cursor has sent up to (never behind `ack_offset` once streaming):
+    /// the memory tail is released behind the lowest of these ([`tail`]).
+    pub sent_offset: Position,
     pub ack_time: Instant,
     /// Whether the replica ACKed on this link yet: a replica still loading its RDB does not, and
     /// cannot serve a snapshot either.

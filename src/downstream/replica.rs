@@ -129,6 +129,7 @@ async fn replicate(
                 port,
                 state: ReplicaState::Online,
                 ack_offset: position,
+                sent_offset: position,
                 ack_time: Instant::now(),
                 acked: false,
                 tls: session.conn.stream.is_tls(),
@@ -165,6 +166,7 @@ async fn replicate(
         port,
         state: ReplicaState::WaitBgsave,
         ack_offset: Position::ZERO,
+        sent_offset: Position::ZERO,
         ack_time: Instant::now(),
         acked: false,
         tls: session.conn.stream.is_tls(),
@@ -344,6 +346,7 @@ async fn full_sync(
     }
     row.update(|r| {
         r.state = ReplicaState::Online;
+        r.sent_offset = snapshot.offset;
         r.ack_time = Instant::now();
     });
     stream(session, row, epoch, snapshot.offset, !is_psync, shutdown).await
@@ -613,6 +616,7 @@ async fn stream_halves<R: AsyncRead + Unpin, W: WriterKind>(
                 }
             };
             position += n;
+            row.update(|r| r.sent_offset = position);
             ServedStats::add(source, n);
             ServedStats::add(&stats.repl_output_bytes, n);
         }

@@ -1,11 +1,16 @@
-//! Keeps the log's memory tail to what the replicas still need: the chunks every replica has
-//! acknowledged are released (they stay on disk), so the relay's memory falls back after a burst
-//! instead of holding `log_memory` for good.
+//! Keeps the log's memory tail to what the replicas' cursors still have to send: the chunks every
+//! replica has been sent are released (they stay on disk), so the relay's memory falls back after a
+//! burst instead of holding `log_memory` for good.
 //!
-//! A replica's cursor is never behind its last ACK (it acknowledges what it received, and it
-//! received what the cursor sent), so nothing a cursor will read is released. While a replica is
-//! in a full sync the tail is kept whole: it will stream from its snapshot's offset. A replica that
-//! comes back later for released bytes reads them from disk, like any replica behind the tail.
+//! A cursor only reads forward, so nothing a cursor will read is released. Releasing behind what was
+//! sent rather than behind the replicas' ACKs (which come once a second) keeps the tail short while
+//! the replicas keep up, and the allocator then hands the freed buffers to the next reads from the
+//! master instead of fresh pages. Measured (bench, 199 MB burst, 3 rounds each): to one sink
+//! replica 0.26-0.37 relay CPU seconds and 29-36 MB peak RSS, against 0.50-0.52 s and 152-182 MB
+//! released behind the ACKs; to 32 sinks, which trail the tip during the burst, within noise.
+//! While a replica is in a full sync the tail is kept whole: it will stream from its snapshot's
+//! offset. A replica that reconnects and asks for released bytes (from its last ACK) reads them from
+//! disk, like any replica behind the tail.
 
 use std::time::Duration;
 
@@ -14,8 +19,8 @@ use crate::context::RelayContext;
 use crate::offset::Position;
 use crate::shutdown::Shutdown;
 
-/// How often the tail is checked: replicas ACK once a second.
-const PERIOD: Duration = Duration::from_secs(1);
+/// How often the tail is checked: a tenth of a second's stream is what a keeping-up tail holds.
+const PERIOD: Duration = Duration::from_millis(100);
 
 /// Released bytes after which the allocator is asked to give freed memory back to the system.
 const TRIM_AFTER: u64 = 8 << 20;
@@ -42,15 +47,15 @@ pub async fn release_behind_replicas(context: std::sync::Arc<RelayContext>, mut 
     }
 }
 
-/// The position after which some replica may still read: the lowest ACK of the replicas, the
-/// log's end when there are none; `None` (keep everything) while a replica is in a full sync.
+/// The position after which some replica may still read: the lowest position the replicas' cursors
+/// have sent up to, the log's end when there are none; `None` (keep everything) while a replica is in a full sync.
 fn needed_from(context: &RelayContext) -> Option<Position> {
     let mut lowest = context.log.summary().end;
     for replica in context.replicas.snapshot() {
         if replica.state != ReplicaState::Online {
             return None;
         }
-        lowest = lowest.min(replica.ack_offset);
+        lowest = lowest.min(replica.sent_offset);
     }
     Some(lowest)
 }
