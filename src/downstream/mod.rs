@@ -83,8 +83,9 @@ pub struct ReplicaEntry {
     /// The last `REPLCONF ACK <offset>`: the position the replica holds.
     pub ack_offset: Position,
     /// The position the replica's cursor has sent up to (never behind `ack_offset` once streaming):
-    /// the memory tail is released behind the lowest of these ([`tail`]).
-    pub sent_offset: Position,
+    /// the memory tail is released behind the lowest of these ([`tail`]). Its own atomic, shared
+    /// with the replica's task, so a send does not take the table's lock.
+    pub sent: Arc<AtomicU64>,
     pub ack_time: Instant,
     /// Whether the replica ACKed on this link yet: a replica still loading its RDB does not, and
     /// cannot serve a snapshot either.
@@ -114,6 +115,18 @@ impl Default for ReplicaTable {
 /// must see the relay fall silent when its replicas do (`min-replicas-max-lag`). Redis replicas ACK
 /// every second.
 pub const ACK_FRESHNESS: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl ReplicaEntry {
+    /// A new row's `sent`: the cursor starts at `position`.
+    pub fn sent_from(position: Position) -> Arc<AtomicU64> {
+        Arc::new(AtomicU64::new(position.get()))
+    }
+
+    /// Where the replica's cursor is ([`ReplicaEntry::sent`]).
+    pub fn sent_offset(&self) -> Position {
+        Position::new(self.sent.load(Ordering::Relaxed))
+    }
+}
 
 impl ReplicaTable {
     fn rows(&self) -> MutexGuard<'_, BTreeMap<u64, ReplicaEntry>> {

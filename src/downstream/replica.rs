@@ -129,7 +129,7 @@ async fn replicate(
                 port,
                 state: ReplicaState::Online,
                 ack_offset: position,
-                sent_offset: position,
+                sent: ReplicaEntry::sent_from(position),
                 ack_time: Instant::now(),
                 acked: false,
                 tls: session.conn.stream.is_tls(),
@@ -166,7 +166,7 @@ async fn replicate(
         port,
         state: ReplicaState::WaitBgsave,
         ack_offset: Position::ZERO,
-        sent_offset: Position::ZERO,
+        sent: ReplicaEntry::sent_from(Position::ZERO),
         ack_time: Instant::now(),
         acked: false,
         tls: session.conn.stream.is_tls(),
@@ -346,7 +346,6 @@ async fn full_sync(
     }
     row.update(|r| {
         r.state = ReplicaState::Online;
-        r.sent_offset = snapshot.offset;
         r.ack_time = Instant::now();
     });
     stream(session, row, epoch, snapshot.offset, !is_psync, shutdown).await
@@ -566,6 +565,9 @@ async fn stream_halves<R: AsyncRead + Unpin, W: WriterKind>(
     let write_stream = async {
         let mut tip = context.log.subscribe();
         let mut position = position;
+        // The tail task reads where this cursor is from the shared atomic (no lock per send).
+        let sent = row.entry().map_or_else(|| ReplicaEntry::sent_from(position), |entry| entry.sent);
+        sent.store(position.get(), Ordering::Relaxed);
         // Disk records checked before go to a plain-TCP replica straight from the file.
         let file_sender = writer.tcp().map(FileSender::new).transpose()?;
         let stats = &context.stats;
@@ -616,7 +618,7 @@ async fn stream_halves<R: AsyncRead + Unpin, W: WriterKind>(
                 }
             };
             position += n;
-            row.update(|r| r.sent_offset = position);
+            sent.store(position.get(), Ordering::Relaxed);
             ServedStats::add(source, n);
             ServedStats::add(&stats.repl_output_bytes, n);
         }

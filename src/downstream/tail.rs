@@ -55,7 +55,7 @@ fn needed_from(context: &RelayContext) -> Option<Position> {
         if replica.state != ReplicaState::Online {
             return None;
         }
-        lowest = lowest.min(replica.sent_offset);
+        lowest = lowest.min(replica.sent_offset());
     }
     Some(lowest)
 }
