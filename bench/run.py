@@ -194,6 +194,40 @@ def proc_cpu(pid):
         return None
 
 
+def proc_schedstat(pid):
+    """(seconds on a CPU, seconds runnable but waiting for one) of the process's main thread
+    (/proc/PID/schedstat), or None."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            run_ns, wait_ns, _ = (int(x) for x in f.read().split())
+        return run_ns / 1e9, wait_ns / 1e9
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return None
+
+
+def threads_cpu_by_priority(pid):
+    """The process's CPU seconds so far split by its threads' scheduling now: (threads at the
+    default priority, threads below it: nice > 0 or SCHED_IDLE), or None."""
+    normal = lowered = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        nice, policy = int(fields[16]), int(fields[38])
+        if nice > 0 or policy == 5:  # SCHED_IDLE
+            lowered += cpu
+        else:
+            normal += cpu
+    return normal, lowered
+
+
 def proc_mem(pid):
     """(VmRSS, VmHWM) in bytes."""
     rss = hwm = None
@@ -640,6 +674,11 @@ RELAY_LOG_MEMORY = {"relay": "256mb", "relay-disk": "4mb", "relay-1gb": "1gb", "
 # default low, so the master's write time shows what the fan-out's scheduling buys.
 RELAY_EXTRA = {"relay-normal": ["--fanout-priority", "normal"], "relay-idle": ["--fanout-priority", "idle"]}
 RELAY_MODES = list(RELAY_LOG_MEMORY)
+# The same middle nodes with the sink process stopped (SIGSTOP) during the master's write and
+# continued after it: the fan-out stalls once the sockets fill, so beside the master only the middle
+# node's ingest runs. The master's write time then shows what ingest alone costs it, apart from the
+# fan-out and the sinks sharing its CPUs.
+HELD_MODES = {"chained-held": "chained", "relay-held": "relay"}
 SENT_SOURCES = (("memory", "stream_sent_from_memory"), ("disk", "stream_sent_from_disk"),
                 ("sendfile", "stream_sent_by_sendfile"))
 RSS_WATCH_S, RSS_WATCH_STEP = 10.0, 0.2
@@ -698,7 +737,9 @@ def throughput_case(opts, mode, kind, n, profile=None):
     """One burst to n replicas below `mode`. With `profile` (a file path), perf records the middle node
     from just before the burst to the end of delivery (the result then goes to the profile section,
     not to the throughput tables: perf costs the relay CPU)."""
-    with Cluster(opts, mode) as cl:
+    hold_sinks = mode in HELD_MODES
+    base_mode = HELD_MODES.get(mode, mode)
+    with Cluster(opts, base_mode) as cl:
         if kind == "real":
             replicas = ReplicaSet(cl.upstream, n)
             cl.others.append(replicas.stop)
@@ -709,22 +750,32 @@ def throughput_case(opts, mode, kind, n, profile=None):
             replicas.wait_online(120)
         time.sleep(1.0)
         mid = cl.middle
-        relay = mode in RELAY_MODES
+        relay = base_mode in RELAY_MODES
         idle_rss = proc_mem(mid.pid)[0] if relay else None
         sent0 = sent_counters(mid) if relay else None
         perf = start_perf(mid.pid, profile) if profile else None
         cpu0 = proc_cpu(mid.pid) if mid else None
         mcpu0 = proc_cpu(cl.master.pid)
+        msched0 = proc_schedstat(cl.master.pid)
+        mid_prio0 = threads_cpu_by_priority(mid.pid) if mid else None
         start_offset = cl.master.offset()
         if kind == "real":
             replicas.start_polling()
         scpu0 = proc_cpu(replicas.proc.pid) if kind == "sink" else None
         stat0 = cpu_stat()
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0, t1 = run_burst(opts, cl.master.port, opts.burst)
+        if hold_sinks:
+            os.kill(replicas.proc.pid, signal.SIGSTOP)
+        try:
+            t0, t1 = run_burst(opts, cl.master.port, opts.burst)
+        finally:
+            if hold_sinks:
+                os.kill(replicas.proc.pid, signal.SIGCONT)
         # CPU of every process during the master's write window: who took the cores from the master.
         children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         stat_w = cpu_stat()
+        msched_w = proc_schedstat(cl.master.pid)
+        mid_prio_w = threads_cpu_by_priority(mid.pid) if mid else None
         cpu_w = proc_cpu(mid.pid) if mid else None
         scpu_w = proc_cpu(replicas.proc.pid) if kind == "sink" else None
         final = cl.master.offset()
@@ -757,12 +808,21 @@ def throughput_case(opts, mode, kind, n, profile=None):
                 "middle_cpu_s": (cpu_w - cpu0) if mid else None,
                 "sink_cpu_s": (scpu_w - scpu0) if kind == "sink" else None,
                 "machine_busy": 1 - (stat_w[1] - stat0[1]) / max(1, stat_w[0] - stat0[0]),
+                # The master's event loop thread: on a CPU, and runnable but waiting for one (the
+                # rest of the window it slept, waiting for its clients).
+                "master_thread_run_s": (msched_w[0] - msched0[0]) if msched0 and msched_w else None,
+                "master_thread_wait_s": (msched_w[1] - msched0[1]) if msched0 and msched_w else None,
+                # The middle node's threads at the master's priority, and below it (the relay's
+                # fan-out with --fanout-priority low / idle). Threads that ended in the window are
+                # not counted.
+                "middle_normal_cpu_s": (mid_prio_w[0] - mid_prio0[0]) if mid_prio0 and mid_prio_w else None,
+                "middle_lowered_cpu_s": (mid_prio_w[1] - mid_prio0[1]) if mid_prio0 and mid_prio_w else None,
             },
         }
         if mid:
             result["cpu_ms_per_mb"] = result["middle_cpu_s"] * 1000 / result["delivered_mb"]
         if relay:
-            result["log_memory"] = size_bytes(RELAY_LOG_MEMORY[mode])
+            result["log_memory"] = size_bytes(RELAY_LOG_MEMORY[base_mode])
             result["sent_bytes"] = {k: sent1[k] - sent0[k] for k in sent1}
             result["idle_rss"] = idle_rss
             result["rss_under_2x_idle_s"] = under_2x_s
@@ -1042,6 +1102,24 @@ def ccdf(sorted_values, points=160):
         out.append((sorted_values[k], max(frac, 0.5 / n)))
     out.append((sorted_values[-1], 0.5 / n))
     return out
+
+
+def write_gap(relay, chained, relay_held, chained_held):
+    """Where the master's extra write time went, from the write-window accounting: how long its
+    thread waited for a CPU beside each middle node, and the write time with the sinks held."""
+    def waited(r):
+        return ((r or {}).get("write_window") or {}).get("master_thread_wait_s")
+
+    parts = []
+    if waited(relay) is not None and waited(chained) is not None:
+        parts.append(f"the master's thread waited for a CPU {waited(relay):.2f} s beside the relay and "
+                     f"{waited(chained):.2f} s beside the chained replica, while the sinks (on the same 2 CPUs) "
+                     f"took {fmt(relay['write_window'].get('sink_cpu_s'))} s / "
+                     f"{fmt(chained['write_window'].get('sink_cpu_s'))} s")
+    if relay_held and chained_held:
+        parts.append(f"with the sinks held during the write (ingest alone): {relay_held['write_s']:.2f} s / "
+                     f"{chained_held['write_s']:.2f} s = {relay_held['write_s'] / chained_held['write_s']:.2f}×")
+    return ("; " + "; ".join(parts)) if parts else ""
 
 
 def median_runs(runs):
@@ -1655,7 +1733,8 @@ def report(opts, results, machine, busy, started, finished, out_md):
     w("A real master on loopback and, in turn, **direct** (replicas on the master), **chained** (a")
     w("redis-server replica in the middle, replicas below it) and **relay** (redis-relay in the middle;")
     w("in the throughput section also **relay-disk**, `--log-memory 4mb`, **relay-1gb**, `--log-memory 1gb`, and "
-      "**relay-normal** / **relay-idle**, `--fanout-priority normal` / `idle` instead of the default `low`).")
+      "**relay-normal** / **relay-idle**, `--fanout-priority normal` / `idle` instead of the default `low`, and "
+      "**chained-held** / **relay-held**, the sink process stopped during the master's write).")
     w("Replicas are real redis-server processes or sink replicas (`examples/bench_sink.rs`: handshake,")
     w("discard the RDB, count stream bytes, ACK every second and on GETACK; many per process).")
     w("")
@@ -1741,26 +1820,41 @@ def report(opts, results, machine, busy, started, finished, out_md):
         w("")
         windowed = [(kind, n) for kind, n in keys if kind == "sink"
                     and any((by.get((m, kind, n)) or {}).get("write_window") for m in MODES + RELAY_MODES[1:])]
+        window_modes = MODES + RELAY_MODES[1:] + list(HELD_MODES)
         if windowed:
             cpus = machine.get("nproc") or 1
             w("The same processes during the master's write window only (from the burst's start until "
               f"redis-benchmark ended): the master's write time is set by how much of the {cpus} CPUs the master "
               "and redis-benchmark get while the middle node and the sinks also run. *Others' share*: the middle "
-              f"node's and the sink process's CPU seconds over the {cpus} × write-s CPU seconds the window had.")
+              f"node's and the sink process's CPU seconds over the {cpus} × write-s CPU seconds the window had. "
+              "*Middle CPU s at the master's priority / below it*: the middle node's threads by their "
+              "scheduling (below: nice > 0 or SCHED_IDLE, the relay's fan-out). "
+              "*Master thread on CPU / waiting / asleep*: the master's event-loop thread over the window "
+              "(`/proc/PID/schedstat`): running, runnable but waiting for a CPU, and neither (waiting for its "
+              "clients' next requests). *chained-held* / *relay-held*: the same middle nodes with the sink "
+              "process stopped (SIGSTOP) during the write and continued after it, so the fan-out stalls once "
+              "the sockets are full and only the middle node's ingest runs beside the master: what ingest alone "
+              "costs the master's write.")
             w("")
-            w("| N | middle | write s | master CPU s | redis-benchmark CPU s | middle CPU s | sink process CPU s "
-              "| others' share | machine busy |")
-            w("|---|---|---|---|---|---|---|---|---|")
+            w("| N | middle | write s | master CPU s | redis-benchmark CPU s | middle CPU s "
+              "| middle CPU s at the master's priority / below it | sink process CPU s "
+              "| others' share | machine busy | master thread on CPU / waiting / asleep s |")
+            w("|---|---|---|---|---|---|---|---|---|---|---|")
             for kind, n in windowed:
-                for mode in MODES + RELAY_MODES[1:]:
+                for mode in window_modes:
                     r = by.get((mode, kind, n))
                     ww = (r or {}).get("write_window")
                     if not ww:
                         continue
                     others = (ww.get("middle_cpu_s") or 0) + (ww.get("sink_cpu_s") or 0)
+                    run, wait = ww.get("master_thread_run_s"), ww.get("master_thread_wait_s")
+                    normal, lowered = ww.get("middle_normal_cpu_s"), ww.get("middle_lowered_cpu_s")
+                    split = f"{normal:.2f} / {lowered:.2f}" if normal is not None and lowered is not None else "–"
+                    sched = (f"{run:.2f} / {wait:.2f} / {max(0.0, r['write_s'] - run - wait):.2f}"
+                             if run is not None and wait is not None else "–")
                     w(f"| {n} | {mode} | {r['write_s']:.2f} | {r['master_cpu_s']:.2f} | "
-                      f"{ww['benchmark_cpu_s']:.2f} | {fmt(ww.get('middle_cpu_s'))} | {fmt(ww.get('sink_cpu_s'))} | "
-                      f"{others / (cpus * r['write_s']) * 100:.0f}% | {ww['machine_busy'] * 100:.0f}% |")
+                      f"{ww['benchmark_cpu_s']:.2f} | {fmt(ww.get('middle_cpu_s'))} | {split} | {fmt(ww.get('sink_cpu_s'))} | "
+                      f"{others / (cpus * r['write_s']) * 100:.0f}% | {ww['machine_busy'] * 100:.0f}% | {sched} |")
             w("")
         relay_ns = [n for kind, n in keys if kind == "sink" and any(by.get((m, "sink", n)) for m in RELAY_MODES)]
         if relay_ns:
@@ -1826,9 +1920,12 @@ def report(opts, results, machine, busy, started, finished, out_md):
             r, c = by.get(("relay", "sink", n)), by.get(("chained", "sink", n))
             fw, fs = by.get(("floor-write", "sink", n)), by.get(("floor-sendfile", "sink", n))
             if r and c:
+                write_met = r["write_s"] <= 1.1 * c["write_s"]
                 targets.append((I14, f"master write time with the relay ≤ 1.1× with the chained replica at N = {n}",
-                                r["write_s"] <= 1.1 * c["write_s"],
-                                f"{r['write_s']:.2f} s / {c['write_s']:.2f} s = {r['write_s'] / c['write_s']:.2f}×"))
+                                write_met,
+                                f"{r['write_s']:.2f} s / {c['write_s']:.2f} s = {r['write_s'] / c['write_s']:.2f}×"
+                                + ("" if write_met else write_gap(r, c, by.get(("relay-held", "sink", n)),
+                                                                  by.get(("chained-held", "sink", n))))))
                 delivered_met = r["deliver_s"] <= 0.6 * c["deliver_s"]
                 gap = ""
                 if not delivered_met:
@@ -2414,6 +2511,10 @@ def main():
                     if "relay" in modes and n in opts.mem_ns:
                         for mode in RELAY_MODES[1:]:
                             if mode not in modes:
+                                attempt("throughput", throughput_case, opts, mode, "sink", n)
+                    if n in opts.mem_ns:
+                        for mode in HELD_MODES:
+                            if HELD_MODES[mode] in modes:
                                 attempt("throughput", throughput_case, opts, mode, "sink", n)
                     for how in FLOORS:
                         attempt("throughput", floor_case, opts, how, n)
