@@ -33,10 +33,12 @@ the end, on errors and on Ctrl-C; data directories are temporary directories und
 
 import argparse
 import atexit
+import datetime
 import json
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -1219,6 +1221,34 @@ def steady_writer(opts, port, name):
     )
 
 
+REDIS_LOG_TIME = re.compile(r"^\d+:[A-Z] (\d+ \w+ \d+ \d+:\d+:\d+\.\d+) ")
+
+
+def sync_phases(logfile):
+    """From a replica's log, its first full sync in seconds: (waiting: from its start until its
+    upstream answered +FULLRESYNC, receiving: the RDB transfer, loading: until the sync finished),
+    or None when the log does not show all of them."""
+    marks = {}
+    steps = (("start", "Server initialized"), ("fullresync", "Full resync from master"),
+             ("received", "MASTER <-> REPLICA sync: Flushing old data"),
+             ("loaded", "MASTER <-> REPLICA sync: Finished with success"))
+    try:
+        with open(logfile, errors="replace") as f:
+            for line in f:
+                m = REDIS_LOG_TIME.match(line)
+                if not m:
+                    continue
+                for key, text in steps:
+                    if key not in marks and text in line:
+                        marks[key] = datetime.datetime.strptime(m.group(1), "%d %b %Y %H:%M:%S.%f").timestamp()
+    except FileNotFoundError:
+        return None
+    if len(marks) < len(steps):
+        return None
+    return (marks["fullresync"] - marks["start"], marks["received"] - marks["fullresync"],
+            marks["loaded"] - marks["received"])
+
+
 def storm_case(opts, mode, order):
     with Cluster(opts, mode, populate=(opts.storm_keys, opts.storm_value)) as cl:
         load = steady_writer(opts, cl.master.port, "storm")
@@ -1252,6 +1282,9 @@ def storm_case(opts, mode, order):
             "middle_forks": (int(mid1.get("total_forks", 0)) - int(mid0.get("total_forks", 0))) if mid1 else None,
             "middle_sync_full": (int(mid1["sync_full"]) - int(mid0["sync_full"])) if mid1 else None,
             "ping": ping, "middle_rss": rss, "middle_hwm": hwm,
+            # Summed over the replicas: where the time until they were online went.
+            "replica_phases": [sum(p[i] for p in phases) for i in range(3)]
+            if (phases := [sync_phases(node.logfile) for node in replicas.nodes]) and all(phases) else None,
             "rdb_bytes": os.path.getsize(os.path.join(replicas.nodes[0].dir, "dump.rdb"))
             if os.path.exists(os.path.join(replicas.nodes[0].dir, "dump.rdb")) else None,
         }
@@ -2046,24 +2079,30 @@ def report(opts, results, machine, busy, started, finished, out_md):
           + (f"(RDB {s0['rdb_bytes'] / MB:.0f} MB) " if s0.get("rdb_bytes") else "")
           + f"on the master, 500 SETs/s of background writes; {s0['replicas']} redis-server replicas "
           "full-sync through the middle node all at once, then (fresh cluster) one by one. The middle node's own "
-          "initial sync happened before and is not counted. Master PING latency sampled every 5 ms meanwhile.")
+          "initial sync happened before and is not counted. Master PING latency sampled every 5 ms meanwhile. "
+          "*Replica s waiting / receiving / loading*: from the replicas' logs, summed over them: from each "
+          "replica's start until its upstream answered `+FULLRESYNC` (a replica connects from its once-a-second "
+          "cron), the RDB transfer, and the replica loading it; one by one, the time until all were online is "
+          "about their sum.")
         w("")
         w("| middle | order | seconds until all online | master forks | master sync_full | middle forks | "
-          "middle full syncs served | master PING p50 / p99 / max ms | middle RSS MiB after |")
-        w("|---|---|---|---|---|---|---|---|---|")
+          "middle full syncs served | master PING p50 / p99 / max ms | middle RSS MiB after "
+          "| replica s waiting / receiving / loading |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
         for r in storm:
             p = r["ping"] or {}
             w(f"| {r['mode']} | {r['order']} | {r['seconds']:.1f} | {r['master_forks']} | {r['master_sync_full']} | "
               f"{fmt(r['middle_forks'], 'd')} | {fmt(r['middle_sync_full'], 'd')} | "
               f"{p.get('p50_us', 0) / 1000:.2f} / {p.get('p99_us', 0) / 1000:.2f} / {p.get('max_us', 0) / 1000:.1f} | "
-              f"{fmt(r['middle_rss'] and r['middle_rss'] / MB, '.0f')} |")
+              f"{fmt(r['middle_rss'] and r['middle_rss'] / MB, '.0f')} | "
+              + (" / ".join(f"{x:.1f}" for x in r["replica_phases"]) if r.get("replica_phases") else "–") + " |")
         by = {(r["mode"], r["order"]): r for r in storm}
         for order in ("at once", "one by one"):
             c, r = by.get(("chained", order)), by.get(("relay", order))
             if c and r:
                 w(f"| **relay ÷ chained** | {order} | {ratio(r['seconds'], c['seconds'])} | | | | | "
                   f"p99 {ratio(r['ping']['p99_us'], c['ping']['p99_us'])} | "
-                  f"{ratio(r['middle_rss'], c['middle_rss'])} |")
+                  f"{ratio(r['middle_rss'], c['middle_rss'])} | |")
         w("")
         if "storm" in files:
             w(f"![storm]({files['storm']})")
