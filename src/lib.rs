@@ -29,6 +29,7 @@
 //!   table of `downstream::clients`) and replicas served from the snapshot and the log;
 //!   `downstream::guard` is the RDB version guard (full syncs refused to replicas that cannot load
 //!   the snapshot's RDB version, announced or caught in a failure loop).
+//!   `downstream::glob`: redis-server's glob matching, bounded, for `PSUBSCRIBE` and `CONFIG GET`;
 //!   `downstream::users`: the `default` user and the named users with roles, `AUTH` and the
 //!   `NOPERM` check; `downstream::zero_copy`: checked disk records sent to plain-TCP replicas with
 //!   `sendfile`; `downstream::tail`: the memory tail released behind the slowest replica's ACK.

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -792,4 +792,27 @@ fn eleven_thousand_connections_at_the_default_maxclients() {
     assert_eq!(stat_of(&master, "sync_full"), 1);
     drop(held);
     eprintln!("whole test body in {:?}", started.elapsed());
+}
+
+/// A glob pattern is client input: `CONFIG GET` with 200,000 `*`s, deep `a*a*…` nesting or
+/// `*?*?…x` backtracking is answered (nothing matches) in bounded time, and the relay, its
+/// replication and the client's own connection carry on. The recursive matcher this replaced
+/// overflowed its stack on the first one, which killed the whole process.
+#[test]
+fn hostile_config_get_patterns_cost_only_bounded_time() {
+    let master = RedisServer::start(&[]);
+    let relay = Relay::start(&master);
+    let hostile = ["*".repeat(200_000) + "x", "a*".repeat(100_000) + "b", "*?".repeat(30) + "x"];
+    let mut con = relay.conn();
+    for pattern in &hostile {
+        let started = Instant::now();
+        let config: Vec<String> =
+            redis::cmd("CONFIG").arg("GET").arg(pattern).query(&mut con).expect("CONFIG GET with a hostile pattern");
+        assert!(config.is_empty(), "nothing matches {}…: {config:?}", &pattern[..20]);
+        assert!(started.elapsed() < Duration::from_secs(5), "answered in {:?}", started.elapsed());
+    }
+    let port: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("POR*").query(&mut con).expect("CONFIG GET POR*");
+    assert_eq!(port, ["port".to_string(), relay.port().to_string()]);
+    let _: () = master.query(redis::cmd("SET").arg("after-the-patterns").arg("1"));
+    wait_until(SYNC_TIMEOUT, "replication to go on", || offset_of(&relay) == offset_of(&master));
 }

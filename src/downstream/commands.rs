@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::clients::{ClientType, ReplyMode};
+use super::glob::glob_match_nocase;
 use super::{wrong_arity, Session};
 use crate::context::RelayContext;
 use crate::protocol::{string2ll, ClientCommand, Reply};
@@ -580,7 +581,7 @@ fn config_command(context: &RelayContext, command: &ClientCommand, resp: u8, adm
         "GET" if argc >= 3 => {
             let fields = config_values(context, admin)
                 .into_iter()
-                .filter(|(name, _)| command.args[2..].iter().any(|p| glob_match(p, name.as_bytes())))
+                .filter(|(name, _)| command.args[2..].iter().any(|p| glob_match_nocase(p, name.as_bytes())))
                 .map(|(name, value)| (Reply::bulk(name), Reply::bulk(value)))
                 .collect();
             map_reply(fields, resp)
@@ -604,52 +605,6 @@ fn config_command(context: &RelayContext, command: &ClientCommand, resp: u8, adm
     }
 }
 
-/// redis-server's `stringmatchlen` rules, case-insensitive (as `CONFIG GET` matches): `*`, `?`,
-/// `[abc]`, `[^a-z]`, `\` escapes.
-pub(crate) fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    let lower = |b: u8| b.to_ascii_lowercase();
-    match pattern.split_first() {
-        None => text.is_empty(),
-        Some((b'*', rest)) => (0..=text.len()).any(|skip| glob_match(rest, &text[skip..])),
-        Some((b'?', rest)) => !text.is_empty() && glob_match(rest, &text[1..]),
-        Some((b'[', rest)) => {
-            let Some((&c, text_rest)) = text.split_first() else { return false };
-            let (negate, mut class) = match rest.split_first() {
-                Some((b'^', after)) => (true, after),
-                _ => (false, rest),
-            };
-            let mut matched = false;
-            loop {
-                match class {
-                    [] => break,
-                    [b']', after @ ..] => {
-                        class = after;
-                        break;
-                    }
-                    [b'\\', escaped, after @ ..] => {
-                        matched |= lower(*escaped) == lower(c);
-                        class = after;
-                    }
-                    [start, b'-', end, after @ ..] if *end != b']' => {
-                        let (lo, hi) = if start <= end { (*start, *end) } else { (*end, *start) };
-                        matched |= (lower(lo)..=lower(hi)).contains(&lower(c));
-                        class = after;
-                    }
-                    [one, after @ ..] => {
-                        matched |= lower(*one) == lower(c);
-                        class = after;
-                    }
-                }
-            }
-            matched != negate && glob_match(class, text_rest)
-        }
-        Some((b'\\', [escaped, rest @ ..])) => {
-            text.first().is_some_and(|&c| lower(c) == lower(*escaped)) && glob_match(rest, &text[1..])
-        }
-        Some((&p, rest)) => text.first().is_some_and(|&c| lower(c) == lower(p)) && glob_match(rest, &text[1..]),
-    }
-}
-
 /// `SLOWLOG`: nothing the relay runs is slow enough to be logged, so the log is empty.
 fn slowlog_command(command: &ClientCommand) -> Reply {
     let argc = command.args.len();
@@ -670,21 +625,6 @@ fn slowlog_command(command: &ClientCommand) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn glob_matches_like_redis() {
-        assert!(glob_match(b"*", b"maxclients"));
-        assert!(glob_match(b"repl-*", b"repl-timeout"));
-        assert!(glob_match(b"REPL-*", b"repl-timeout"));
-        assert!(!glob_match(b"repl-*", b"port"));
-        assert!(glob_match(b"p?rt", b"port"));
-        assert!(glob_match(b"[pq]ort", b"port"));
-        assert!(!glob_match(b"[^p]ort", b"port"));
-        assert!(glob_match(b"[a-z]ort", b"port"));
-        assert!(glob_match(b"\\*", b"*"));
-        assert!(!glob_match(b"\\*", b"x"));
-        assert!(!glob_match(b"port", b"ports"));
-    }
 
     #[test]
     fn command_table_is_sorted_and_unique() {

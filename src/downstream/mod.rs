@@ -8,6 +8,7 @@
 pub mod clients;
 mod commands;
 mod connection;
+mod glob;
 pub mod guard;
 pub mod info;
 pub mod memory;

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::clients::Killer;
+use super::glob::glob_match;
 
 /// `client-output-buffer-limit` for one client class: disconnect at `hard` bytes pending, or after
 /// more than `soft` bytes pending for longer than `soft_seconds`. Zero disables a limit.
@@ -303,158 +304,9 @@ fn frame(parts: &[&[u8]]) -> Bytes {
     out.freeze()
 }
 
-/// Glob matching as redis-server's `stringmatchlen` (case-sensitive): `*`, `?`, `[...]` with ranges
-/// and `^` negation, `\\` escaping the next character. Same semantics, including its corners: an
-/// empty string matches no pattern, an unterminated `[` class ends the pattern.
-pub fn glob_match(pattern: &[u8], string: &[u8]) -> bool {
-    let mut string_exhausted = false;
-    glob_from(pattern, string, &mut string_exhausted, 0)
-}
-
-/// One level of the match. `string_exhausted` is set when a `*` has tried every split of the rest of
-/// the string: no outer `*` can do better by consuming more, which keeps `*a*a*a…` polynomial.
-fn glob_from(mut pattern: &[u8], mut string: &[u8], string_exhausted: &mut bool, nesting: usize) -> bool {
-    // redis-server's cap on recursion depth.
-    if nesting > 1000 {
-        return false;
-    }
-    while !pattern.is_empty() && !string.is_empty() {
-        match pattern[0] {
-            b'*' => {
-                while pattern.len() > 1 && pattern[1] == b'*' {
-                    pattern = &pattern[1..];
-                }
-                if pattern.len() == 1 {
-                    return true;
-                }
-                while !string.is_empty() {
-                    if glob_from(&pattern[1..], string, string_exhausted, nesting + 1) {
-                        return true;
-                    }
-                    if *string_exhausted {
-                        return false;
-                    }
-                    string = &string[1..];
-                }
-                *string_exhausted = true;
-                return false;
-            }
-            b'?' => string = &string[1..],
-            b'[' => {
-                let c = string[0];
-                pattern = &pattern[1..];
-                let negate = pattern.first() == Some(&b'^');
-                if negate {
-                    pattern = &pattern[1..];
-                }
-                let mut matched = false;
-                loop {
-                    match pattern {
-                        // Unterminated: stop here; the outer step consumes nothing more.
-                        [] => break,
-                        [b'\\', escaped, ..] => {
-                            matched |= *escaped == c;
-                            pattern = &pattern[2..];
-                        }
-                        [b']', ..] => {
-                            pattern = &pattern[1..];
-                            break;
-                        }
-                        [low, b'-', high, ..] => {
-                            let (low, high) = if low <= high { (*low, *high) } else { (*high, *low) };
-                            matched |= (low..=high).contains(&c);
-                            pattern = &pattern[3..];
-                        }
-                        [single, ..] => {
-                            matched |= *single == c;
-                            pattern = &pattern[1..];
-                        }
-                    }
-                }
-                if matched == negate {
-                    return false;
-                }
-                string = &string[1..];
-                if string.is_empty() {
-                    while pattern.first() == Some(&b'*') {
-                        pattern = &pattern[1..];
-                    }
-                    break;
-                }
-                continue;
-            }
-            first => {
-                let literal = if first == b'\\' && pattern.len() >= 2 {
-                    pattern = &pattern[1..];
-                    pattern[0]
-                } else {
-                    first
-                };
-                if string[0] != literal {
-                    return false;
-                }
-                string = &string[1..];
-            }
-        }
-        pattern = &pattern[1..];
-        if string.is_empty() {
-            while pattern.first() == Some(&b'*') {
-                pattern = &pattern[1..];
-            }
-            break;
-        }
-    }
-    pattern.is_empty() && string.is_empty()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn glob_matches_like_stringmatchlen() {
-        let cases: &[(&str, &str, bool)] = &[
-            ("*", "", false),
-            ("*", "anything", true),
-            ("__sentinel__:*", "__sentinel__:hello", true),
-            ("__sentinel__:*", "__sentinel__", false),
-            ("h?llo", "hello", true),
-            ("h?llo", "hllo", false),
-            ("h*llo", "hllo", true),
-            ("h*llo", "heeeello", true),
-            ("h[ae]llo", "hallo", true),
-            ("h[ae]llo", "hillo", false),
-            ("h[^e]llo", "hallo", true),
-            ("h[^e]llo", "hello", false),
-            ("h[a-b]llo", "hbllo", true),
-            ("h[b-a]llo", "hallo", true),
-            ("h[a-b]llo", "hcllo", false),
-            ("h\\*llo", "h*llo", true),
-            ("h\\*llo", "hello", false),
-            ("h[\\]]llo", "h]llo", true),
-            ("a*b*c", "aXbYc", true),
-            ("a*b*c", "aXbY", false),
-            ("abc", "ab", false),
-            ("ab", "abc", false),
-            ("a**", "a", true),
-            ("[abc", "a", true),
-            ("[abc", "ab", false),
-            ("a[", "ab", false),
-            ("\\", "\\", true),
-        ];
-        for (pattern, string, expected) in cases {
-            assert_eq!(glob_match(pattern.as_bytes(), string.as_bytes()), *expected, "{pattern:?} vs {string:?}");
-        }
-    }
-
-    #[test]
-    fn backtracking_is_bounded() {
-        let pattern = "*a".repeat(40) + "b";
-        let string = "a".repeat(20_000);
-        let started = std::time::Instant::now();
-        assert!(!glob_match(pattern.as_bytes(), string.as_bytes()));
-        assert!(started.elapsed() < Duration::from_secs(1));
-    }
 
     #[test]
     fn output_buffer_limit_parses_redis_form() {
