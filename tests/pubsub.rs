@@ -129,14 +129,17 @@ fn messages_reach_channel_and_pattern_subscribers_as_on_redis_server() {
 fn redis_cli_subscribe_receives_what_redis_cli_publishes_on_the_relay() {
     let master = RedisServer::start(&[]);
     let relay = Relay::start(&master);
-    let mut child = Command::new("redis-cli")
-        .args(["-p", &relay.port().to_string(), "SUBSCRIBE", "__sentinel__:hello"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-cli");
+    // Killed on drop, so a failure before the CLIENT KILL below leaves no redis-cli behind.
+    let mut child = KillOnDrop(
+        Command::new("redis-cli")
+            .args(["-p", &relay.port().to_string(), "SUBSCRIBE", "__sentinel__:hello"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli"),
+    );
     let (lines, receiver) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().expect("stdout");
+    let stdout = child.0.stdout.take().expect("stdout");
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if lines.send(line).is_err() {
@@ -171,7 +174,7 @@ fn redis_cli_subscribe_receives_what_redis_cli_publishes_on_the_relay() {
     // Sentinel's reconfiguration ends pub/sub clients with CLIENT KILL TYPE pubsub.
     let killed: i64 = relay.query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
     assert_eq!(killed, 1);
-    wait_for(SYNC_TIMEOUT, "redis-cli to see its connection closed", || match child.try_wait() {
+    wait_for(SYNC_TIMEOUT, "redis-cli to see its connection closed", || match child.0.try_wait() {
         Ok(Some(_)) => Ok(()),
         other => Err(format!("{other:?}")),
     });

@@ -9,6 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
@@ -477,13 +478,13 @@ fn a_relay_with_only_a_tls_listener_serves_a_tls_replica() {
 #[test]
 fn a_relay_needs_a_listener_and_tls_alone_is_one() {
     let work = tempfile::tempdir().expect("temp dir");
-    let output = Command::new(relay_bin())
-        .args(["--upstream", "127.0.0.1:6379", "--dir"])
-        .arg(work.path())
-        .output()
-        .expect("run redis-relay");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "started without a listener");
+    // A port of our own, with nothing on it: a relay that wrongly started would only retry it, and
+    // the deadline turns that into a failure instead of a hang.
+    let upstream = format!("127.0.0.1:{}", free_port());
+    let mut command = Command::new(relay_bin());
+    command.args(["--upstream", &upstream, "--dir"]).arg(work.path());
+    let (success, _, stderr) = run_with_deadline(command, Duration::from_secs(10), work.path());
+    assert!(!success, "started without a listener");
     assert!(stderr.contains("--listen") && stderr.contains("--tls-listen"), "{stderr}");
     let yaml = work.path().join("relay.yaml");
     std::fs::write(
