@@ -550,11 +550,6 @@ fn replica_link_killed_resumes_from_relay_log() {
     assert_eq!(stat_of(&relay, "sync_full"), full_before, "no full sync served for the reconnect");
     assert_eq!(stat_of(&relay, "sync_partial_err"), 0);
     assert_eq!(stat_of(&master, "sync_full"), 1);
-    assert!(
-        relay.stderr().contains("partial resynchronization accepted"),
-        "relay stderr lacks the partial resync:\n{}",
-        relay.stderr()
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -661,11 +656,6 @@ fn stale_snapshot_is_refetched_on_side_connection() {
     assert_eq!(relay.info_field("relay", "upstream_reconnects").as_deref(), Some("0"));
     assert_eq!(relay.info_field("replication", "master_link_status").as_deref(), Some("up"));
     assert_eq!(stat_of(&relay, "sync_full"), 1);
-    assert!(
-        relay.stderr().contains("fetching a fresh RDB on a side connection"),
-        "relay stderr lacks the side fetch:\n{}",
-        relay.stderr()
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -902,7 +892,6 @@ fn bad_clients_do_not_disturb_real_replicas() {
     let exists: i64 = replica.query(redis::cmd("EXISTS").arg("written-by-a-replica"));
     assert_eq!(exists, 0, "a command from a replica reached the stream");
     assert_eq!(stat_of(&master, "sync_full"), 1);
-    assert!(relay.stderr().contains("disconnecting replica"), "relay stderr:\n{}", relay.stderr());
     drop(stalled);
     drop(junk);
 }
