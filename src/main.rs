@@ -458,7 +458,18 @@ async fn serve(mut config: Config, file: Option<PathBuf>, overrides: config::Ove
                     tracing::info!("SIGHUP: certificates reloaded; no --config file to reload");
                     continue;
                 };
-                match Config::load(Some(file), &overrides) {
+                // The YAML file and the users' password files are read on the blocking pool, not on
+                // a worker that serves replicas.
+                let (path, layer) = (file.clone(), overrides.clone());
+                let loaded = tokio::task::spawn_blocking(move || Config::load(Some(&path), &layer)).await;
+                let loaded = match loaded {
+                    Ok(loaded) => loaded,
+                    Err(error) => {
+                        tracing::error!("reload: the configuration task failed: {error}");
+                        continue;
+                    }
+                };
+                match loaded {
                     Ok(new_config) => {
                         if new_config.metrics != config.metrics
                             || new_config.metrics_auth != config.metrics_auth
