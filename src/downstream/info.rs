@@ -124,6 +124,9 @@ struct ProcessMemory {
 
 impl ProcessMemory {
     fn read() -> ProcessMemory {
+        // procfs is rendered from kernel memory, never from a device: read on the worker like
+        // redis-server reads it in its event loop (the rule against file I/O on a worker is about
+        // disks that can stall).
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let kib = |name: &str| {
             status
@@ -163,6 +166,7 @@ fn persistence(context: &RelayContext, out: &mut String) {
 /// CPU time from /proc/self/stat (user and system, own and of waited-for children), in seconds
 /// as redis-server prints them.
 fn cpu(out: &mut String) {
+    // procfs, from kernel memory: see `ProcessMemory::read`.
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces: the 14th to
     // 17th fields of the line are utime, stime, cutime, cstime.
