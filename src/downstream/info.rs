@@ -339,6 +339,8 @@ fn relay(context: &RelayContext, report: &RelayReport, out: &mut String) {
     line(out, "sync_refused_resync_loop", guard.refused_resync_loop.load(std::sync::atomic::Ordering::Relaxed));
     line(out, "replicas_in_resync_backoff", guard.in_backoff());
     line(out, "snapshot_age_seconds", report.snapshot_age_seconds());
+    // What an ACK may cover under the fsync policy, live (the metric is sampled once a second).
+    line(out, "log_durable_offset", context.log.durable_offset().get());
     let recovery = &context.log_recovery;
     line(out, "log_recovered_offset", recovery.history.as_ref().map(|_| recovery.end as i64).unwrap_or(-1));
     line(out, "log_recovery_dropped", recovery.dropped.as_ref().map(|d| d.kind.name()).unwrap_or("none"));
