@@ -43,16 +43,6 @@ fn fack_acks_make_wait_fast_on_redis_7_0() {
     assert_eq!(stat_of(&master, "sync_full"), 1);
 }
 
-/// The relay's ACKed offset as the master lists it (`slaveN:...,offset=`).
-fn acked_by_relay(master: &RedisServer, relay_port: u16) -> Option<u64> {
-    let needle = format!("port={relay_port},");
-    master
-        .info("replication")
-        .lines()
-        .filter(|line| line.starts_with("slave") && line.contains(&needle))
-        .find_map(|line| line.split(',').find_map(|field| field.strip_prefix("offset=")).and_then(|v| v.parse().ok()))
-}
-
 /// `upstream_ack: durable` ACKs only what the log's fsync covered: after every write, the offset
 /// the master has from the relay is never past the log's durable offset (read after it; the
 /// durable offset only grows), and `WAIT` returns once the once-a-second fsync covered the write.
@@ -68,7 +58,7 @@ fn durable_acks_never_pass_the_fsync_and_wait_counts_the_relay() {
         let _: () = redis::cmd("SET").arg("k").arg(i).query(&mut con).unwrap();
         // Each WAIT asks the relay for an ACK (GETACK); the fsync runs once a second.
         assert_eq!(wait_one(&mut con, 5000), 1, "WAIT counts the relay once the fsync covered the write");
-        let acked = acked_by_relay(&master, relay.port()).expect("the master lists the relay");
+        let acked = acked_on_master(&master, relay.port()).expect("the master lists the relay");
         let durable_after = durable();
         assert!(acked <= durable_after, "the master has ACK {acked} beyond the durable offset {durable_after}");
         assert_eq!(acked as i64, offset_of(&master), "the ACK covers the write WAIT waited for");

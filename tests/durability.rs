@@ -252,13 +252,6 @@ fn count(text: &str, needle: &str) -> usize {
     text.lines().filter(|line| line.contains(needle)).count()
 }
 
-/// The number after `key` in `line` (e.g. `" offset="`).
-fn number_after(line: &str, key: &str) -> Option<u64> {
-    let rest = &line[line.find(key)? + key.len()..];
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-}
-
-/// The `offset` of every "replication log recovered" line of the relay's stderr, in order.
 /// What the relay's log recovery found at its last start (`INFO relay`).
 #[derive(Debug)]
 struct LogRecovery {
@@ -278,16 +271,6 @@ fn recovery_of(relay: &Relay) -> LogRecovery {
         dropped: field("log_recovery_dropped"),
         dropped_bytes: field("log_recovery_dropped_bytes").parse().expect("log_recovery_dropped_bytes is a number"),
     }
-}
-
-/// The offset the master last saw ACKed by the replica listening on `port` (its `slaveN:` line).
-fn acked_on_master(master: &RedisServer, port: u16) -> Option<u64> {
-    let needle = format!("port={port},");
-    master
-        .info("replication")
-        .lines()
-        .filter(|line| line.starts_with("slave") && line.contains(&needle))
-        .find_map(|line| number_after(line, "offset="))
 }
 
 /// `INFO relay` counter of the relay (since its process started).

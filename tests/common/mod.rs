@@ -163,6 +163,14 @@ pub fn offset_of(source: &impl InfoSource) -> i64 {
     source.info_i64("replication", "master_repl_offset")
 }
 
+/// The offset the master last saw ACKed by the replica listening on `port` (its `slaveN:` line).
+pub fn acked_on_master(master: &RedisServer, port: u16) -> Option<u64> {
+    let needle = format!("port={port},");
+    let info = master.info("replication");
+    let line = info.lines().find(|line| line.starts_with("slave") && line.contains(&needle))?;
+    line.split(',').find_map(|field| field.strip_prefix("offset="))?.parse().ok()
+}
+
 /// `master_replid` from `INFO replication`.
 pub fn replid_of(source: &impl InfoSource) -> String {
     source.info_field("replication", "master_replid").expect("INFO replication has master_replid")
