@@ -52,6 +52,9 @@ fn stop_gracefully(relay: &mut Relay) {
     let pid = relay.pid().expect("the relay is running");
     send_signal(pid, "TERM");
     wait_until(Duration::from_secs(20), "the relay to exit after SIGTERM", || !relay.is_running());
+    // A graceful stop: the relay handled the signal and exited 0 (not killed by it).
+    let status = relay.exit_status().expect("the relay exited");
+    assert!(status.success(), "the relay's exit after SIGTERM: {status}\n{}", relay.stderr());
 }
 
 /// How the relay is stopped before a restart.
@@ -531,7 +534,6 @@ fn sigkill_mid_stream_resumes_with_partial_resyncs_everywhere() {
 
     assert_all_equal(&master, &relay, &[("replica", &replica)]);
     assert_eq!(stat_of(&master, "sync_full"), master_full, "master sync_full");
-    assert_eq!(count(&relay.stderr(), "relay starting"), 4, "one start plus three restarts");
 }
 
 #[test]
@@ -636,11 +638,10 @@ fn sigterm_restart_loses_nothing() {
     let (master, mut relay, master_full, replica) = master_relay_replica();
 
     let writer = Writer::start(master.port(), 4);
-    for round in 1..=2 {
+    for _ in 1..=2 {
         wait_stream_progress(&relay, 256 * 1024);
         restart_and_check_resume(&master, &mut relay, &[&replica], StopBy::Sigterm, &mut || {});
         assert_eq!(stat_of(&relay, "sync_full"), 0, "the restarted relay served a full sync");
-        assert_eq!(count(&relay.stderr(), "relay stopped"), round, "the graceful stop should be logged");
         assert_eq!(stat_of(&master, "sync_full"), master_full, "master sync_full grew after a relay restart");
     }
     wait_stream_progress(&relay, 64 * 1024);
