@@ -451,8 +451,7 @@ fn five_replicas_join_under_writes_master_syncs_once() {
     let named: Vec<(String, &RedisServer)> =
         replicas.iter().enumerate().map(|(i, r)| (format!("replica {i}"), r)).collect();
     let named: Vec<(&str, &RedisServer)> = named.iter().map(|(n, r)| (n.as_str(), *r)).collect();
-    let offset = assert_converged(&master, &named);
-    assert!(offset > 0);
+    assert_converged(&master, &named);
     for (name, replica) in &named {
         assert_eq!(replica.dbsize(9), master.dbsize(9), "{name}: DBSIZE of db 9");
     }
@@ -845,14 +844,11 @@ fn bad_clients_do_not_disturb_real_replicas() {
         slave_lines(&relay.info("replication")).iter().any(|l| l.contains("port=7001"))
     });
     let writer = Writer::start(master.port(), 100_000, 1_500);
-    let mut pings = 0;
     wait_until(DEADLINE, "the writer to finish while the relay answers PING", || {
         assert!(relay.ping(), "PING while a replica is stalled");
-        pings += 1;
         writer.written() == 1_500
     });
     writer.finish();
-    assert!(pings > 0);
     assert_converged(&master, &[("replica", &replica)]);
     // The scenario really stalled: the relay is still sending it the RDB.
     let stalled_line = slave_lines(&relay.info("replication")).into_iter().find(|l| l.contains("port=7001"));
