@@ -1501,11 +1501,21 @@ def cpu_stat():
     return sum(v), v[3] + v[4]
 
 
+def steal_jiffies():
+    """CPU time the hypervisor gave to others while this machine's CPUs wanted it (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[7] if len(v) > 7 else 0
+
+
 def usage_snapshot():
-    """(wall, machine busy CPU s, CPU s of this driver and its reaped children)."""
+    """(wall, machine busy CPU s without steal, CPU s of this driver and its reaped children, steal
+    CPU s)."""
     total, idle = cpu_stat()
+    steal = steal_jiffies()
     t = os.times()
-    return time.time(), (total - idle) / CLK_TCK, t.user + t.system + t.children_user + t.children_system
+    return (time.time(), (total - idle - steal) / CLK_TCK,
+            t.user + t.system + t.children_user + t.children_system, steal / CLK_TCK)
 
 
 def foreign_load(before, after):
@@ -1787,13 +1797,19 @@ def report(opts, results, machine, busy, started, finished, out_md):
     if loads:
         parts = []
         busiest = 0.0
-        for name, (cpu, wall) in loads.items():
+        steals = []
+        for name, (cpu, wall, *steal) in loads.items():
             share = cpu / max(1e-9, wall * (machine["nproc"] or 1))
             busiest = max(busiest, share)
             parts.append(f"{name} {cpu:.0f} CPU·s in {wall:.0f} s ({share * 100:.0f}% of the machine)")
+            if steal:
+                steals.append(f"{name} {steal[0] / max(1e-9, wall * (machine['nproc'] or 1)) * 100:.1f}%")
         w("- other processes on the machine (not started by this run) during each scenario: " + ", ".join(parts)
           + (" — **the machine was shared with other jobs during the run: timing and CPU figures are noisy**"
              if busiest > 0.05 else " — the machine was otherwise idle"))
+        if steals:
+            w("- CPU steal (time the hypervisor ran something else while this machine's CPUs were runnable), "
+              "share of the machine's CPU time per scenario: " + ", ".join(steals))
     w("- redis-server settings (master, chained replica, replicas): `save \"\"`, `appendonly no`, "
       "`repl-diskless-sync no` (disk-based: replicas arriving during a BGSAVE share it), "
       "`repl-backlog-size 256mb`, `client-output-buffer-limit replica 0 0 0`, `maxclients 10100`, "
@@ -2549,9 +2565,12 @@ def main():
         finally:
             after = usage_snapshot()
             cpu, _ = foreign_load(before, after)
-            acc = loads.setdefault(name, [0.0, 0.0])
+            acc = loads.setdefault(name, [0.0, 0.0, 0.0])
             acc[0] += cpu
             acc[1] += after[0] - before[0]
+            if len(acc) < 3:
+                acc.append(0.0)
+            acc[2] += after[3] - before[3]
 
     try:
         if "throughput" in scenarios:
