@@ -1115,7 +1115,7 @@ def write_gap(relay, chained, relay_held, chained_held):
     parts = []
     if waited(relay) is not None and waited(chained) is not None:
         parts.append(f"the master's thread waited for a CPU {waited(relay):.2f} s beside the relay and "
-                     f"{waited(chained):.2f} s beside the chained replica, while the sinks (on the same 2 CPUs) "
+                     f"{waited(chained):.2f} s beside the chained replica, while the sinks (on the same CPUs) "
                      f"took {fmt(relay['write_window'].get('sink_cpu_s'))} s / "
                      f"{fmt(chained['write_window'].get('sink_cpu_s'))} s")
     if relay_held and chained_held:
@@ -1495,24 +1495,17 @@ def machine_info():
 
 
 def cpu_stat():
-    """(total, idle) jiffies of all CPUs, from /proc/stat."""
+    """(total, idle, steal) jiffies of all CPUs, from /proc/stat; steal is the time the hypervisor
+    gave to others while this machine's CPUs wanted it."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    return sum(v), v[3] + v[4]
-
-
-def steal_jiffies():
-    """CPU time the hypervisor gave to others while this machine's CPUs wanted it (/proc/stat)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return v[7] if len(v) > 7 else 0
+    return sum(v), v[3] + v[4], (v[7] if len(v) > 7 else 0)
 
 
 def usage_snapshot():
     """(wall, machine busy CPU s without steal, CPU s of this driver and its reaped children, steal
     CPU s)."""
-    total, idle = cpu_stat()
-    steal = steal_jiffies()
+    total, idle, steal = cpu_stat()
     t = os.times()
     return (time.time(), (total - idle - steal) / CLK_TCK,
             t.user + t.system + t.children_user + t.children_system, steal / CLK_TCK)
@@ -1529,15 +1522,9 @@ def foreign_load(before, after):
 def cpu_busy_fraction(seconds):
     """Share of all CPUs busy over `seconds` (system-wide), to tell whether the machine was idle."""
 
-    def snap():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        idle = v[3] + v[4]
-        return sum(v), idle
-
-    t0, i0 = snap()
+    t0, i0, _ = cpu_stat()
     time.sleep(seconds)
-    t1, i1 = snap()
+    t1, i1, _ = cpu_stat()
     return 1 - (i1 - i0) / max(1, t1 - t0)
 
 

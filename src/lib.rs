@@ -32,7 +32,7 @@
 //!   `downstream::glob`: redis-server's glob matching, bounded, for `PSUBSCRIBE` and `CONFIG GET`;
 //!   `downstream::users`: the `default` user and the named users with roles, `AUTH` and the
 //!   `NOPERM` check; `downstream::zero_copy`: checked disk records sent to plain-TCP replicas with
-//!   `sendfile`; `downstream::tail`: the memory tail released behind the slowest replica's ACK.
+//!   `sendfile`; `downstream::tail`: the memory tail released behind what the slowest replica was sent.
 //! - [`tls`]: TLS both ways (rustls): certificates from PEM files, the one `Stream` type of plain
 //!   and TLS connections.
 //! - [`relay`]: only composes: wires one relay's pieces together and stops them; `context`: the
